@@ -52,3 +52,7 @@ class CheckpointError(WsiatsError):
 
 class ModelError(WsiatsError):
     """A network could not be built: unknown name, missing optional package, bad weights."""
+
+
+class Interrupted(WsiatsError):
+    """The user pressed Ctrl-C; the message says what was saved and how to continue."""

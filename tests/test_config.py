@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from wsiats.config import CONFIG_VERSION, Config, load_run_config, load_yaml, resolve
+from wsiats.errors import CheckpointError, ConfigError
+
+
+def test_defaults_are_the_official_hyperparameters() -> None:
+    cfg = Config()
+    assert cfg.lr == 1e-3 and cfg.clip_norm == 1.0 and cfg.entropy_weight == 1e-4
+    assert cfg.replace is False and cfg.attention == "learned"
+
+
+def test_flags_override_file_override_defaults(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 7\nlr: 0.01\nreplace: true\n")
+    cfg = resolve(config_file=f, overrides={"lr": 0.5, "epochs": None})
+    assert (cfg.epochs, cfg.lr, cfg.replace) == (7, 0.5, True)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("epoch: 3\n", "unknown key(s) epoch"),
+        ("epochs: three\n", "epochs must be int"),
+        ("replace: 1\n", "replace must be bool"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("lr: [1\n", "not a readable YAML file"),
+    ],
+)
+def test_bad_config_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        load_yaml(f)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("lr", -1.0, r"lr \(flag --lr\) must be a positive number"),
+        ("n_patches", 0, r"n_patches \(flag --n-patches\) must be an integer >= 1"),
+        ("val_fraction", 1.5, r"val_fraction \(flag --val-fraction\) must be in \[0, 1\)"),
+        ("attention", "random", r"attention \(flag --attention\) must be 'learned' or 'uniform'"),
+        ("device", "tpu", r"device \(flag --device\) must be auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_out_of_range_values_name_the_flag(key: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve(overrides={key: value})
+
+
+def test_run_config_round_trip_and_version_check(tmp_path: Path) -> None:
+    cfg = Config(epochs=3, classes=["a", "b"])
+    cfg.save(tmp_path / "config.yaml")
+    assert load_run_config(tmp_path) == cfg
+    text = (tmp_path / "config.yaml").read_text().replace(f"version: {CONFIG_VERSION}", "version: 99")
+    (tmp_path / "config.yaml").write_text(text)
+    with pytest.raises(CheckpointError, match="config version 99 is not supported"):
+        load_run_config(tmp_path)
+    with pytest.raises(CheckpointError, match="not a wsiats run folder"):
+        load_run_config(tmp_path / "nope")

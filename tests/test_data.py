@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from wsiats.data import build_cohort, find_slides, read_labels, slide_id, split_items
+from wsiats.errors import LabelsError, SlideNotFoundError
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("a.svs", "a"), ("case.01.ome.tif", "case.01"), ("x.OME.TIFF", "x"), ("y.ndpi", "y"), ("z.tiff", "z")],
+)
+def test_slide_id_strips_slide_extensions(name: str, expected: str) -> None:
+    assert slide_id(name) == expected
+
+
+def _write(tmp: Path, text: str) -> Path:
+    p = tmp / "labels.csv"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "labels file is empty"),
+        ("slide_id,diagnosis\na,x\n", "missing column(s) label"),
+        ("slide_id;label\na;x\n", "separated by ';'"),
+        ("slide_id\tlabel\na\tx\n", "separated by '\\t'"),
+        ("slide_id,label\na,x\na,y\n", "duplicate slide_id 'a' (first on line 2)"),
+        ("slide_id,label\n", "no rows below the header"),
+        ("slide_id,label\n../evil,x\n", "must be a file name without folders"),
+        ("slide_id,label,split\na,x,training\n", "split 'training' must be one of"),
+        ("slide_id,label\na\n", "expected 2 fields, found 1"),
+    ],
+)
+def test_bad_labels_are_named(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(LabelsError) as info:
+        read_labels(_write(tmp_path, text))
+    assert message in str(info.value)
+    assert str(tmp_path / "labels.csv") in str(info.value)
+
+
+def test_missing_labels_file(tmp_path: Path) -> None:
+    with pytest.raises(LabelsError, match="labels file not found"):
+        read_labels(tmp_path / "none.csv")
+
+
+def _cohort(tmp: Path, ids: list[str]) -> Path:
+    d = tmp / "slides"
+    d.mkdir()
+    for i in ids:
+        (d / f"{i}.tif").write_bytes(b"x")
+    return d
+
+
+def test_cohort_matches_ids_and_rejects_unknown_and_single_class(tmp_path: Path) -> None:
+    d = _cohort(tmp_path, ["a", "b", "c"])
+    items, classes = build_cohort(d, _write(tmp_path, "slide_id,label\na,pos\nb,neg\nc,pos\n"))
+    assert classes == ["neg", "pos"] and [it.label for it in items] == [1, 0, 1]
+    with pytest.raises(LabelsError, match="no slide file in .* for slide_id zz"):
+        build_cohort(d, _write(tmp_path, "slide_id,label\na,pos\nzz,neg\n"))
+    with pytest.raises(LabelsError, match="only one class"):
+        build_cohort(d, _write(tmp_path, "slide_id,label\na,pos\nb,pos\n"))
+
+
+def test_split_column_decides_and_stratified_val_otherwise(tmp_path: Path) -> None:
+    ids = [f"s{i}" for i in range(20)]
+    d = _cohort(tmp_path, ids)
+    text = "slide_id,label\n" + "".join(f"{s},{'ab'[i % 2]}\n" for i, s in enumerate(ids))
+    items, _ = build_cohort(d, _write(tmp_path, text))
+    train, val, test = split_items(items, val_fraction=0.2, seed=0)
+    assert len(val) == 4 and not test and {it.label for it in val} == {0, 1}
+    assert split_items(items, val_fraction=0.2, seed=0) == (train, val, test)
+    text = "slide_id,label,split\n" + "".join(f"{s},{'ab'[i % 2]},{'test' if i < 4 else 'train'}\n" for i, s in enumerate(ids))
+    items, _ = build_cohort(d, _write(tmp_path, text))
+    train, val, test = split_items(items, val_fraction=0.0, seed=0)
+    assert [it.slide_id for it in test] == ids[:4] and len(train) == 16 and not val
+
+
+def test_find_slides_expands_folders_and_globs(tmp_path: Path) -> None:
+    d = _cohort(tmp_path, ["a", "b"])
+    (d / "notes.txt").write_text("x")
+    assert [p.name for p in find_slides([d])] == ["a.tif", "b.tif"]
+    assert [p.name for p in find_slides([str(d / "a*"), d / "a.tif"])] == ["a.tif"]
+    with pytest.raises(SlideNotFoundError, match="no file matches"):
+        find_slides([str(d / "q*.svs")])
+
+
+_ids = st.text(alphabet=string.ascii_letters + string.digits + "_-.", min_size=1, max_size=12).filter(
+    lambda s: s not in (".", "..")
+)
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(rows=st.lists(st.tuples(_ids, st.sampled_from(["pos", "neg", "x y"])), min_size=1, max_size=8, unique_by=lambda r: r[0]))
+def test_labels_round_trip_property(tmp_path: Path, rows: list[tuple[str, str]]) -> None:
+    text = "slide_id,label\n" + "".join(f"{a},{b}\n" for a, b in rows)
+    parsed = read_labels(_write(tmp_path, text))
+    assert [(r["slide_id"], r["label"]) for r in parsed] == rows

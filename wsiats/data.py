@@ -1,0 +1,231 @@
+"""Cohorts: a slide folder plus a labels CSV becomes a list of labelled items.
+
+Slide ids are file names without their extension(s) (`case_01.ome.tif` -> `case_01`).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from wsiats.errors import LabelsError, SlideNotFoundError
+
+#: File endings wsiats treats as slides when it scans a folder (OpenSlide's and the TIFF family).
+SLIDE_SUFFIXES = (
+    ".ome.tiff", ".ome.tif", ".svs", ".tif", ".tiff", ".btf", ".ndpi", ".vms", ".vmu",
+    ".mrxs", ".scn", ".bif", ".svslide", ".dcm",
+)
+SPLITS = ("train", "val", "test")
+
+
+def slide_id(path: str | Path) -> str:
+    """File name without its slide extension(s)."""
+    name = Path(path).name
+    lower = name.lower()
+    for suffix in SLIDE_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+@dataclass(frozen=True)
+class Item:
+    slide_id: str
+    path: Path
+    label: int
+    split: str | None = None
+
+
+def find_slides(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand files, folders (their slides, not recursive) and glob patterns, in order, once each."""
+    found: list[Path] = []
+    for raw in inputs:
+        text = str(raw)
+        path = Path(text)
+        if any(ch in text for ch in "*?[") and not path.exists():
+            matches = [Path(p) for p in sorted(glob.glob(text))]
+            if not matches:
+                raise SlideNotFoundError(path, "no file matches this pattern")
+            found.extend(matches)
+        elif path.is_dir() and not _is_dicom_folder(path):
+            slides = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(SLIDE_SUFFIXES))
+            if not slides:
+                raise SlideNotFoundError(path, f"folder holds no slides ({', '.join(SLIDE_SUFFIXES[:6])} ...)")
+            found.extend(slides)
+        else:
+            found.append(path)
+    seen: set[Path] = set()
+    unique = []
+    for p in found:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
+
+
+def _is_dicom_folder(path: Path) -> bool:
+    files = [p for p in path.iterdir() if p.is_file()]
+    return bool(files) and all(p.suffix.lower() == ".dcm" for p in files)
+
+
+def read_labels(csv_path: str | Path) -> list[dict[str, str]]:
+    """Parse a labels CSV (`slide_id,label[,split]`) with checks; rows as dicts."""
+    csv_path = Path(csv_path)
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise LabelsError(f"{csv_path}: labels file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LabelsError(f"{csv_path}: cannot read labels file ({type(exc).__name__})") from None
+    if not text.strip():
+        raise LabelsError(f"{csv_path}: labels file is empty; expected a header slide_id,label")
+    reader = csv.reader(io.StringIO(text))
+    header = [h.strip() for h in next(reader)]
+    if len(header) == 1 and any(d in header[0] for d in (";", "\t", "|")):
+        delim = next(d for d in (";", "\t", "|") if d in header[0])
+        raise LabelsError(
+            f"{csv_path}: columns are separated by {delim!r}; wsiats reads comma-separated files (slide_id,label)"
+        )
+    missing = [c for c in ("slide_id", "label") if c not in header]
+    if missing:
+        raise LabelsError(f"{csv_path}: missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'}")
+    rows: list[dict[str, str]] = []
+    seen: dict[str, int] = {}
+    for lineno, values in enumerate(reader, start=2):
+        if not values or all(not v.strip() for v in values):
+            continue
+        if len(values) != len(header):
+            raise LabelsError(f"{csv_path}:{lineno}: expected {len(header)} fields, found {len(values)}")
+        row = {k: v.strip() for k, v in zip(header, values)}
+        sid = row["slide_id"]
+        if not sid:
+            raise LabelsError(f"{csv_path}:{lineno}: empty slide_id")
+        if "/" in sid or "\\" in sid or sid in (".", ".."):
+            raise LabelsError(f"{csv_path}:{lineno}: slide_id {sid!r} must be a file name without folders")
+        if not row["label"]:
+            raise LabelsError(f"{csv_path}:{lineno}: empty label for {sid}")
+        if sid in seen:
+            raise LabelsError(f"{csv_path}:{lineno}: duplicate slide_id {sid!r} (first on line {seen[sid]})")
+        seen[sid] = lineno
+        split = row.get("split", "")
+        if split and split not in SPLITS:
+            raise LabelsError(f"{csv_path}:{lineno}: split {split!r} must be one of {', '.join(SPLITS)} or empty")
+        rows.append(row)
+    if not rows:
+        raise LabelsError(f"{csv_path}: no rows below the header")
+    return rows
+
+
+def build_cohort(
+    slide_dir: str | Path,
+    labels_csv: str | Path,
+    *,
+    classes: Sequence[str] | None = None,
+) -> tuple[list[Item], list[str]]:
+    """Match labels to slide files. Returns items and class names (sorted, unless given)."""
+    slide_dir = Path(slide_dir)
+    if not slide_dir.is_dir():
+        raise SlideNotFoundError(slide_dir, "slide folder not found")
+    rows = read_labels(labels_csv)
+    files = {}
+    for p in sorted(slide_dir.iterdir()):
+        if p.name.lower().endswith(SLIDE_SUFFIXES) or (p.is_dir() and _is_dicom_folder(p)):
+            files.setdefault(slide_id(p), p)
+    unknown = [r["slide_id"] for r in rows if r["slide_id"] not in files]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise LabelsError(f"{labels_csv}: no slide file in {slide_dir} for slide_id {shown}")
+    names = list(classes) if classes is not None else sorted({r["label"] for r in rows})
+    if classes is None and len(names) < 2:
+        raise LabelsError(f"{labels_csv}: only one class ({names[0]!r}); training needs at least two")
+    index = {c: i for i, c in enumerate(names)}
+    bad = sorted({r["label"] for r in rows} - set(index))
+    if bad:
+        raise LabelsError(f"{labels_csv}: label(s) {', '.join(bad)} not among the model's classes {', '.join(names)}")
+    items = [Item(r["slide_id"], files[r["slide_id"]], index[r["label"]], r.get("split") or None) for r in rows]
+    return items, names
+
+
+def split_items(items: Sequence[Item], *, val_fraction: float, seed: int) -> tuple[list[Item], list[Item], list[Item]]:
+    """Train / val / test. A split column decides; otherwise a stratified random val split."""
+    if any(it.split for it in items):
+        train = [it for it in items if it.split in (None, "train")]
+        val = [it for it in items if it.split == "val"]
+        test = [it for it in items if it.split == "test"]
+        if not val and val_fraction > 0:
+            train, val = _stratified(train, val_fraction, seed)
+        return train, val, test
+    train, val = _stratified(list(items), val_fraction, seed)
+    return train, val, []
+
+
+def _stratified(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    if fraction <= 0:
+        return items, []
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in sorted({it.label for it in items}):
+        group = [it for it in items if it.label == label]
+        order = rng.permutation(len(group))
+        k = int(round(fraction * len(group)))
+        k = min(max(k, 1), len(group) - 1) if len(group) > 1 else 0
+        val += [group[i] for i in order[:k]]
+        train += [group[i] for i in order[k:]]
+    return train, val
+
+
+def label_counts(items: Sequence[Item], classes: Sequence[str]) -> dict[str, int]:
+    counts = Counter(it.label for it in items)
+    return {c: counts.get(i, 0) for i, c in enumerate(classes)}
+
+
+class ViewDataset(Dataset):
+    """Loads the low-resolution view and tissue mask of each slide (inside DataLoader workers).
+
+    Views are cached per worker process, so after the first epoch a slide is read once.
+    """
+
+    def __init__(self, items: Sequence[Item], cfg: object, *, backend: str = "auto", mpp: float | None = None) -> None:
+        self.items = list(items)
+        self.cfg = cfg
+        self.backend = backend
+        self.mpp = mpp
+        self._cache: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, object]:
+        from wsiats.pipeline import prepare_view
+        from wsiats.slide import open_slide
+
+        if i not in self._cache:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with open_slide(self.items[i].path, backend=self.backend, mpp=self.mpp) as slide:
+                    self._cache[i] = prepare_view(slide, self.cfg)  # type: ignore[arg-type]
+        return i, self._cache[i]
+
+
+def collate_views(batch: list[tuple[int, object]]) -> list[tuple[int, object]]:
+    """Keep views as a list: slides differ in size."""
+    return batch
+
+
+def seeded_generator(*parts: int) -> torch.Generator:
+    """A CPU generator whose seed depends only on `parts` (seed, epoch, ...): resumable runs."""
+    g = torch.Generator()
+    g.manual_seed(int(np.random.SeedSequence(list(parts)).generate_state(1)[0]))
+    return g

@@ -1,0 +1,225 @@
+"""The networks: attention network, feature networks (a registry) and the linear classifier.
+
+`ATSModel` holds the three and the pieces of the forward pass that do not touch a file;
+`wsiats.pipeline` composes them with the slide reader (view -> attention -> sample -> read ->
+features -> expectation -> logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wsiats.errors import ModelError
+
+# ImageNet statistics: the convention of every pretrained backbone, harmless for the small CNN.
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(images: Tensor) -> Tensor:
+    """uint8 or [0, 1] float images [B, 3, H, W] -> float normalised with ImageNet statistics."""
+    x = images.float()
+    if images.dtype == torch.uint8:
+        x = x / 255.0
+    mean = torch.tensor(_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class AttentionNet(nn.Module):
+    """Official megapixel-MNIST attention network: three 3x3 convs (8, 8, 1 channels), tanh.
+
+    Padding is 'replicate' and stride 1, so the map has the view's shape and cell (r, c) is
+    centred on view pixel (r, c); replicate padding avoids the artificial edge that zero
+    padding puts at the slide border (attention collapsing onto edges, official issues).
+    The receptive field is `receptive_field` view pixels, centred on the cell.
+    """
+
+    receptive_field = 7  # three 3x3 convolutions, stride 1
+
+    def __init__(self, *, channels: int = 8) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, channels, 3, padding=1, padding_mode="replicate"),
+            nn.Tanh(),
+            nn.Conv2d(channels, channels, 3, padding=1, padding_mode="replicate"),
+            nn.Tanh(),
+            nn.Conv2d(channels, 1, 3, padding=1, padding_mode="replicate"),
+        )
+
+    def forward(self, view: Tensor) -> Tensor:
+        """view [B, 3, h, w] (uint8 or float) -> attention logits [B, h*w]."""
+        return self.net(normalize_images(view)).flatten(1)
+
+
+class SmallCNN(nn.Module):
+    """A feature network that trains from scratch on a CPU.
+
+    After the official megapixel-MNIST feature net (7x7 conv then three 3x3 convs, ReLU, global
+    max pool), with strides to keep it cheap on 64-128 px patches.
+    """
+
+    def __init__(self, *, width: int = 64) -> None:
+        super().__init__()
+        self.out_dim = width
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 32, 7, stride=2, padding=3),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(32, width, 3, stride=2, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.amax(self.net(x), dim=(2, 3))
+
+
+class L2Normalized(nn.Module):
+    """Wrap a backbone: normalise its input, L2-normalise its output (paper eq. 9 needs it)."""
+
+    def __init__(self, backbone: nn.Module, out_dim: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.out_dim = out_dim
+
+    def forward(self, patches: Tensor) -> Tensor:
+        """patches [M, 3, p, p] uint8 -> unit-norm features [M, D]."""
+        feats = self.backbone(normalize_images(patches))
+        return F.normalize(feats.float(), dim=-1, eps=1e-6)
+
+
+FeatureFactory = Callable[..., "tuple[nn.Module, int]"]
+_FEATURE_NETS: dict[str, FeatureFactory] = {}
+
+
+def register_feature_net(name: str) -> Callable[[FeatureFactory], FeatureFactory]:
+    """Decorator: make a feature-network factory available to `create_feature_net(name)`."""
+
+    def deco(fn: FeatureFactory) -> FeatureFactory:
+        _FEATURE_NETS[name] = fn
+        return fn
+
+    return deco
+
+
+def list_feature_nets() -> list[str]:
+    """Registered names; any timm model is also accepted as `timm:<name>` or `hf-hub:<repo>`."""
+    return sorted(_FEATURE_NETS)
+
+
+@register_feature_net("small-cnn")
+def _small_cnn(*, width: int = 64) -> tuple[nn.Module, int]:
+    net = SmallCNN(width=width)
+    return net, net.out_dim
+
+
+def _timm_model(name: str) -> tuple[nn.Module, int]:
+    try:
+        import timm
+    except ImportError:
+        raise ModelError(
+            f"feature net {name!r} needs the optional package timm: pip install 'wsiats[timm]'"
+        ) from None
+    try:
+        # num_classes=0 returns pooled features; pretrained weights come from --feature-weights,
+        # or from the Hugging Face hub for 'hf-hub:' names (needs network access).
+        model = timm.create_model(name, pretrained=name.startswith("hf-hub:"), num_classes=0)
+    except Exception as exc:  # timm raises RuntimeError for unknown names
+        raise ModelError(f"feature net {name!r}: timm could not create it ({exc})") from None
+    return model, int(model.num_features)
+
+
+@register_feature_net("resnet18")
+def _resnet18(**_: object) -> tuple[nn.Module, int]:
+    return _timm_model("resnet18")
+
+
+@register_feature_net("resnet50")
+def _resnet50(**_: object) -> tuple[nn.Module, int]:
+    return _timm_model("resnet50")
+
+
+def create_feature_net(name: str, *, width: int = 64, weights: str | Path | None = None) -> L2Normalized:
+    """Build a feature network by name, L2-normalised, optionally loading local weights.
+
+    Names: the registry (`list_feature_nets()`), `timm:<any timm model>`, or `hf-hub:<repo>`.
+    """
+    if name in _FEATURE_NETS:
+        backbone, dim = _FEATURE_NETS[name](width=width)
+    elif name.startswith("timm:"):
+        backbone, dim = _timm_model(name[len("timm:"):])
+    elif name.startswith("hf-hub:"):
+        backbone, dim = _timm_model(name)
+    else:
+        raise ModelError(
+            f"unknown feature net {name!r}; valid: {', '.join(list_feature_nets())}, "
+            "timm:<model name> or hf-hub:<repo>"
+        )
+    if weights is not None:
+        load_weights(backbone, weights)
+    return L2Normalized(backbone, dim)
+
+
+def load_weights(module: nn.Module, path: str | Path) -> None:
+    """Load a state dict from .safetensors or a weights-only torch file; never unpickle code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(
+            f"{path}: not a loadable weights file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "only safetensors and weights-only torch files are accepted"
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"{path}: expected a state dict of tensors")
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    # A backbone's classifier head is dropped (num_classes=0): ignore 'fc.'/'head.' leftovers.
+    unexpected = [k for k in unexpected if not k.split(".")[0] in ("fc", "head", "classifier")]
+    if missing or unexpected:
+        raise ModelError(
+            f"{path}: weights do not match the feature net (missing {len(missing)} e.g. {missing[:3]}, "
+            f"unexpected {len(unexpected)} e.g. {unexpected[:3]})"
+        )
+
+
+class ATSModel(nn.Module):
+    """Attention network + feature network + linear classifier g."""
+
+    def __init__(
+        self,
+        *,
+        n_classes: int,
+        feature_net: str = "small-cnn",
+        feature_dim: int = 64,
+        feature_weights: str | Path | None = None,
+        freeze_features: bool = False,
+    ) -> None:
+        super().__init__()
+        self.attention_net = AttentionNet()
+        self.feature_net = create_feature_net(feature_net, width=feature_dim, weights=feature_weights)
+        self.classifier = nn.Linear(self.feature_net.out_dim, n_classes)
+        self.freeze_features = freeze_features
+        if freeze_features:
+            self.feature_net.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> ATSModel:
+        super().train(mode)
+        if self.freeze_features:
+            self.feature_net.eval()
+        return self

@@ -1,0 +1,177 @@
+"""Prediction over many slides: one row per slide, failures recorded and skipped past.
+
+Memory per slide is the low-resolution view plus N patches per pass, whatever the slide's size.
+While one slide is in the networks, the views of the next ones are read by a thread pool.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wsiats._io import atomic_open
+from wsiats.checkpoint import load_model
+from wsiats.config import Config
+from wsiats.data import seeded_generator, slide_id
+from wsiats.errors import ConfigError, WsiatsError
+from wsiats.models import ATSModel
+from wsiats.pipeline import PreparedView, SlideBatchItem, SlidePool, forward_batch, prepare_view
+from wsiats.runtime import autocast_factory, select_device
+from wsiats.slide import open_slide
+
+
+@dataclass
+class Prediction:
+    slide_id: str
+    path: Path
+    probs: list[float] = field(default_factory=list)
+    spread: float = 0.0  # std over Monte-Carlo passes of the predicted class's probability
+    passes: list[list[float]] = field(default_factory=list)
+    n_patches: int = 0
+    seconds: float = 0.0
+    error: str = ""
+    patches: list[dict[str, Any]] = field(default_factory=list)
+    fell_back: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+class Predictor:
+    """A trained model ready to classify slides."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        device: str = "auto",
+        mc: int = 1,
+        topk: bool = False,
+        seed: int = 0,
+        workers: int = 2,
+        backend: str = "auto",
+        mpp: float | None = None,
+        n_patches: int | None = None,
+    ) -> None:
+        if mc < 1:
+            raise ConfigError(f"--mc must be >= 1, got {mc}")
+        model, cfg = load_model(run_dir)
+        if n_patches is not None:
+            cfg.n_patches = n_patches
+            cfg.check()
+        self.cfg: Config = cfg
+        self.classes = list(cfg.classes)
+        self.device = select_device(device)
+        self.model: ATSModel = model.to(self.device)
+        self.autocast = autocast_factory(self.device, cfg.amp)
+        self.mc, self.topk, self.seed, self.workers = (1 if topk else mc), topk, seed, workers
+        self.backend, self.mpp = backend, mpp
+
+    def view(self, path: Path) -> PreparedView:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with open_slide(path, backend=self.backend, mpp=self.mpp) as slide:
+                return prepare_view(slide, self.cfg)
+
+    def predict_view(self, path: Path, view: PreparedView, pool: SlidePool) -> Prediction:
+        """Run the passes on one slide's prepared view."""
+        pred = Prediction(slide_id(path), path, fell_back=view.fell_back)
+        passes = []
+        with torch.no_grad():
+            for k in range(self.mc):
+                out = forward_batch(
+                    self.model, [SlideBatchItem(path, view)], cfg=self.cfg, pool=pool,
+                    mode="topk" if self.topk else "sample", generator=seeded_generator(self.seed, k),
+                    device=self.device, workers=self.workers or None, autocast=self.autocast,
+                )
+                probs = torch.softmax(out.logits.float(), -1)[0].cpu().tolist()
+                passes.append(probs)
+                for box, a, w in zip(out.boxes[0], out.sampled_attention[0].tolist(), out.weights[0].tolist()):
+                    x, y, bw, bh = (int(v) for v in box)
+                    pred.patches.append({"pass": k, "x": x, "y": y, "width": bw, "height": bh,
+                                         "attention": a, "weight": w})
+                pred.n_patches += len(out.boxes[0])
+        arr = np.asarray(passes)
+        pred.passes = passes
+        pred.probs = arr.mean(0).tolist()
+        pred.spread = float(arr[:, int(arr.mean(0).argmax())].std()) if len(passes) > 1 else 0.0
+        return pred
+
+    def predict(self, paths: Sequence[Path], *, lookahead: int = 2) -> Iterator[Prediction]:
+        """Yield one Prediction per path, in order; a failing slide yields its error."""
+        pool = SlidePool(capacity=4, backend=self.backend, mpp=self.mpp)
+        executor = ThreadPoolExecutor(max_workers=max(1, min(lookahead, len(paths))))
+        futures: dict[int, Future[PreparedView]] = {}
+        try:
+            for i, path in enumerate(paths):
+                for j in range(i, min(i + lookahead + 1, len(paths))):
+                    if j not in futures:
+                        futures[j] = executor.submit(self.view, paths[j])
+                t0 = time.perf_counter()
+                try:
+                    view = futures.pop(i).result()
+                    pred = self.predict_view(path, view, pool)
+                except WsiatsError as exc:
+                    pred = Prediction(slide_id(path), path, error=str(exc))
+                except (OSError, RuntimeError, ValueError, MemoryError) as exc:
+                    pred = Prediction(slide_id(path), path, error=f"{path}: {type(exc).__name__}: {exc}")
+                pred.seconds = time.perf_counter() - t0
+                yield pred
+        finally:
+            for fut in futures.values():
+                fut.cancel()
+            executor.shutdown(wait=True, cancel_futures=True)
+            pool.close()
+
+
+def prediction_label(pred: Prediction, classes: Sequence[str]) -> str:
+    return classes[int(np.argmax(pred.probs))] if pred.ok else ""
+
+
+def csv_columns(classes: Sequence[str]) -> list[str]:
+    return ["slide_id", "path", "prediction", *[f"p_{c}" for c in classes], "spread", "n_patches", "seconds", "error"]
+
+
+def _row(pred: Prediction, classes: Sequence[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {"slide_id": pred.slide_id, "path": str(pred.path), "prediction": prediction_label(pred, classes)}
+    for c, p in zip(classes, pred.probs or [math.nan] * len(classes)):
+        row[f"p_{c}"] = "" if math.isnan(p) else round(p, 6)
+    row.update(spread=round(pred.spread, 6) if pred.ok else "", n_patches=pred.n_patches,
+               seconds=round(pred.seconds, 4), error=pred.error)
+    return row
+
+
+def write_predictions(path: str | Path, preds: Sequence[Prediction], classes: Sequence[str], *, extra: dict[str, Any] | None = None) -> None:
+    """CSV (one row per slide) or JSON (rows plus sampled patches), chosen by the suffix; atomic."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=csv_columns(classes))
+            writer.writeheader()
+            for pred in preds:
+                writer.writerow(_row(pred, classes))
+    elif path.suffix.lower() == ".json":
+        slides = []
+        for pred in preds:
+            rec = _row(pred, classes)
+            rec["passes"] = pred.passes
+            rec["patches"] = pred.patches
+            rec["tissue_fallback"] = pred.fell_back
+            slides.append(rec)
+        doc = {"classes": list(classes), **(extra or {}), "slides": slides}
+        with atomic_open(path, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh, indent=1)
+    else:
+        raise ConfigError(f"{path}: --out must end in .csv or .json")

@@ -1,0 +1,315 @@
+"""Training: AdamW on the attention-sampling estimator, with validation, checkpoints and resume.
+
+Every random choice of epoch e (shuffling, sampling, augmentation) comes from generators seeded
+by (seed, e, stream), so a run resumed from the checkpoint of epoch e-1 continues exactly as the
+uninterrupted run would have (on the CPU, where kernels are deterministic).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from wsiats._io import atomic_open
+from wsiats._progress import track
+from wsiats.checkpoint import (
+    LAST_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    build_model,
+    load_state,
+    load_weights_into,
+    save_state,
+    save_weights,
+)
+from wsiats.config import Config, load_run_config
+from wsiats.data import Item, ViewDataset, build_cohort, collate_views, seeded_generator, split_items
+from wsiats.errors import CheckpointError, ConfigError, Interrupted, SlideError, WsiatsError
+from wsiats.metrics import classification_metrics
+from wsiats.models import ATSModel
+from wsiats.pipeline import (
+    Augment,
+    PreparedView,
+    SlideBatchItem,
+    SlidePool,
+    class_weights,
+    forward_batch,
+    loss_fn,
+)
+from wsiats.runtime import autocast_factory, grad_scaler, select_device
+from wsiats.slide import open_slide
+
+METRIC_COLUMNS = (
+    "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc",
+    "attention_entropy", "seconds_per_slide", "lr",
+)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epochs_run: int
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    n_train: int = 0
+    n_val: int = 0
+    n_test: int = 0
+
+
+def check_slides(items: Sequence[Item], *, backend: str = "auto", mpp: float | None = None) -> list[tuple[Item, str]]:
+    """Open every slide; return (item, reason) for each that cannot be opened."""
+    bad = []
+    for item in items:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                open_slide(item.path, backend=backend, mpp=mpp).close()
+        except SlideError as exc:
+            bad.append((item, exc.reason))
+    return bad
+
+
+def _lr_factor(epoch: int, cfg: Config) -> float:
+    """Linear warm-up for `warmup_epochs`, then cosine decay to 5% at the last epoch."""
+    if epoch < cfg.warmup_epochs:
+        return (epoch + 1) / (cfg.warmup_epochs + 1)
+    span = max(cfg.epochs - cfg.warmup_epochs, 1)
+    t = (epoch - cfg.warmup_epochs) / span
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _loader(ds: ViewDataset, cfg: Config, order: list[int], pin: bool) -> DataLoader:
+    return DataLoader(
+        torch.utils.data.Subset(ds, order),
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=cfg.workers,
+        collate_fn=collate_views,
+        pin_memory=False,  # views stay numpy; patches are pinned in forward_batch on CUDA
+        persistent_workers=False,
+    )
+
+
+def _views_of(batch: list[tuple[int, Any]], items: Sequence[Item]) -> list[tuple[int, PreparedView]]:
+    return [(i, v) for i, v in batch if isinstance(v, PreparedView)]
+
+
+def evaluate(
+    model: ATSModel,
+    items: Sequence[Item],
+    views: Callable[[int], PreparedView],
+    *,
+    cfg: Config,
+    pool: SlidePool,
+    device: torch.device,
+    seed: int,
+    autocast: Callable[[], object],
+) -> dict[str, float]:
+    """Loss, accuracy and AUC of one sampling pass (seeded: repeatable) over `items`."""
+    model.eval()
+    gen = seeded_generator(seed, 10**6)
+    probs, targets, losses, entropies = [], [], [], []
+    with torch.no_grad():
+        for start in range(0, len(items), cfg.batch_size):
+            chunk = list(range(start, min(start + cfg.batch_size, len(items))))
+            batch = [SlideBatchItem(items[i].path, views(i)) for i in chunk]
+            out = forward_batch(model, batch, cfg=cfg, pool=pool, generator=gen, device=device, autocast=autocast)
+            y = torch.tensor([items[i].label for i in chunk], device=out.logits.device)
+            _, ce = loss_fn(out, y, cfg=cfg, weight=None)
+            losses.append(float(ce) * len(chunk))
+            probs.append(torch.softmax(out.logits.float(), -1).cpu().numpy())
+            targets += [items[i].label for i in chunk]
+            entropies += out.entropy.tolist()
+    p = np.concatenate(probs)
+    m = classification_metrics(np.asarray(targets), p, n_classes=len(cfg.classes))
+    return {"loss": sum(losses) / len(items), "acc": m["accuracy"], "auc": m["auc"], "entropy": float(np.mean(entropies))}
+
+
+def train(
+    slide_dir: str | Path,
+    labels_csv: str | Path,
+    out_dir: str | Path,
+    cfg: Config,
+    *,
+    resume: bool = False,
+    skip_bad: bool = False,
+    backend: str = "auto",
+    mpp: float | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train an ATS model on the labelled slides of `slide_dir`; write the run to `out_dir`."""
+    out_dir = Path(out_dir)
+    if resume:
+        saved = load_run_config(out_dir)
+        cfg = saved
+        if not (out_dir / STATE_FILE).is_file():
+            raise CheckpointError(f"{out_dir}: nothing to resume (no {STATE_FILE}); start without --resume")
+    items, classes = build_cohort(slide_dir, labels_csv, classes=cfg.classes or None)
+    cfg.classes = classes
+    bad = check_slides(items, backend=backend, mpp=mpp)
+    skipped = []
+    if bad:
+        listing = "; ".join(f"{it.path}: {why}" for it, why in bad)
+        if not skip_bad:
+            raise SlideError(
+                bad[0][0].path,
+                f"{len(bad)} unreadable slide(s) in the cohort: {listing}. Fix or remove them, or pass --skip-bad",
+            ) if len(bad) == 1 else WsiatsError(
+                f"{len(bad)} unreadable slides in the cohort: {listing}. Fix or remove them, or pass --skip-bad"
+            )
+        skipped = [str(it.path) for it, _ in bad]
+        items = [it for it in items if str(it.path) not in skipped]
+    train_items, val_items, test_items = split_items(items, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    if len({it.label for it in train_items}) < 2:
+        raise ConfigError(f"{labels_csv}: the training split holds fewer than two classes")
+
+    device = select_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: _lr_factor(e, cfg))
+    scaler = grad_scaler(device, cfg.amp)
+    autocast = autocast_factory(device, cfg.amp)
+    weight = class_weights([it.label for it in train_items], len(classes)).to(device) if cfg.class_weighting else None
+
+    history: list[dict[str, float]] = []
+    start_epoch, best_epoch, best_key = 0, -1, (-math.inf, -math.inf)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        load_weights_into(model, out_dir / LAST_FILE)
+        state = load_state(out_dir / STATE_FILE)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch = int(state["epoch"]) + 1
+        best_epoch = int(state["best_epoch"])
+        best_key = (float(state["best_acc"]), float(state["best_neg_loss"]))
+        history = [dict(zip(METRIC_COLUMNS, row.tolist())) for row in state["history"]]
+    else:
+        cfg.save(out_dir / "config.yaml")
+
+    train_ds = ViewDataset(train_items, cfg, backend=backend, mpp=mpp)
+    val_ds = ViewDataset(val_items, cfg, backend=backend, mpp=mpp)
+    pool = SlidePool(backend=backend, mpp=mpp)
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            row = _train_epoch(
+                model, train_ds, cfg=cfg, epoch=epoch, optimizer=optimizer, scaler=scaler, autocast=autocast,
+                weight=weight, pool=pool, device=device, progress=progress,
+            )
+            row["lr"] = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            if val_items:
+                v = evaluate(model, val_items, lambda i: val_ds[i][1], cfg=cfg, pool=pool, device=device,
+                             seed=cfg.seed, autocast=autocast)
+                row.update(val_loss=v["loss"], val_acc=v["acc"], val_auc=v["auc"])
+                key = (v["acc"], -v["loss"])
+            else:
+                row.update(val_loss=math.nan, val_acc=math.nan, val_auc=math.nan)
+                key = (float(epoch), 0.0)  # no validation: the latest epoch is the best
+            history.append(row)
+            if key > best_key:
+                best_key, best_epoch = key, epoch
+                save_weights(model, out_dir / MODEL_FILE, metadata={"epoch": str(epoch)})
+            save_weights(model, out_dir / LAST_FILE, metadata={"epoch": str(epoch)})
+            save_state(out_dir / STATE_FILE, {
+                "epoch": epoch,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "best_epoch": best_epoch,
+                "best_acc": best_key[0],
+                "best_neg_loss": best_key[1],
+                "history": torch.tensor([[r[c] for c in METRIC_COLUMNS] for r in history], dtype=torch.float64),
+            })
+            _write_metrics(out_dir / "metrics.csv", history)
+            if on_epoch is not None:
+                on_epoch(row)
+    except KeyboardInterrupt:
+        done = epoch - 1
+        saved = f"epoch {done + 1} of {cfg.epochs} was saved in {out_dir / LAST_FILE}" if done >= 0 else "nothing was saved"
+        raise Interrupted(f"training interrupted during epoch {epoch + 1}; {saved}; continue with --resume") from None
+    finally:
+        pool.close()
+    return TrainResult(out_dir, len(history), best_epoch, history, skipped, len(train_items), len(val_items), len(test_items))
+
+
+def _train_epoch(
+    model: ATSModel,
+    ds: ViewDataset,
+    *,
+    cfg: Config,
+    epoch: int,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    autocast: Callable[[], object],
+    weight: torch.Tensor | None,
+    pool: SlidePool,
+    device: torch.device,
+    progress: bool,
+) -> dict[str, float]:
+    model.train()
+    order = torch.randperm(len(ds), generator=seeded_generator(cfg.seed, epoch, 0)).tolist()
+    sample_gen = seeded_generator(cfg.seed, epoch, 1)
+    aug_gen = seeded_generator(cfg.seed, epoch, 2)
+    loader = _loader(ds, cfg, order, pin=device.type == "cuda")
+    t0 = time.perf_counter()
+    total_loss, correct, seen, entropies = 0.0, 0, 0, []
+    n_steps = math.ceil(len(order) / cfg.batch_size)
+    for batch in track(loader, total=n_steps, description=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress):
+        items = [
+            SlideBatchItem(ds.items[i].path, view, Augment.draw(aug_gen) if cfg.augment else Augment())
+            for i, view in batch
+        ]
+        y = torch.tensor([ds.items[i].label for i, _ in batch], device=device)
+        out = forward_batch(model, items, cfg=cfg, pool=pool, generator=sample_gen, device=device,
+                            workers=cfg.workers or None, autocast=autocast)
+        loss, ce = loss_fn(out, y, cfg=cfg, weight=weight)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        total_loss += float(ce) * len(batch)
+        correct += int((out.logits.argmax(-1) == y).sum())
+        seen += len(batch)
+        entropies += out.entropy.detach().tolist()
+    seconds = time.perf_counter() - t0
+    return {
+        "epoch": float(epoch + 1),
+        "train_loss": total_loss / max(seen, 1),
+        "train_acc": correct / max(seen, 1),
+        "attention_entropy": float(np.mean(entropies)) if entropies else math.nan,
+        "seconds_per_slide": seconds / max(seen, 1),
+    }
+
+
+def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
+    with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(METRIC_COLUMNS)
+        for row in history:
+            writer.writerow([_fmt(row.get(c, math.nan)) for c in METRIC_COLUMNS])
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.6g}"
