@@ -241,11 +241,24 @@ def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | 
 
     if out.suffix.lower() not in (".csv", ".json"):
         raise ConfigError(f"{out}: --out must end in .csv or .json")
+    from wsiats import distributed
+
     paths = find_slides(slides)
-    predictor = Predictor(model_dir, device=device, mc=mc, topk=topk, seed=seed, workers=workers,
-                          backend=backend, mpp=mpp, n_patches=n_patches)
-    preds = list(track(predictor.predict(paths), total=len(paths), description="predicting", disable=quiet))
-    write_predictions(out, preds, predictor.classes, extra={"model": str(model_dir), "mc": predictor.mc, "topk": topk})
+    ctx, dev = distributed.setup(device)
+    try:
+        predictor = Predictor(model_dir, device=dev, mc=mc, topk=topk, seed=seed, workers=workers,
+                              backend=backend, mpp=mpp, n_patches=n_patches)
+        mine = distributed.shard(ctx, len(paths))  # under torchrun each rank takes every world_size-th slide
+        done = list(zip(mine, track(predictor.predict([paths[i] for i in mine]), total=len(mine),
+                                    description="predicting", disable=quiet or not ctx.is_main)))
+        preds = [p for _, p in sorted((pair for part in distributed.gather(ctx, done) for pair in part),
+                                      key=lambda pair: pair[0])]
+        if not ctx.is_main:
+            return
+        write_predictions(out, preds, predictor.classes,
+                          extra={"model": str(model_dir), "mc": predictor.mc, "topk": topk})
+    finally:
+        distributed.teardown(ctx)
     failed = [p for p in preds if not p.ok]
     summary: dict[str, Any] = {"slides": len(preds), "failed": len(failed), "out": str(out)}
     if labels is not None:

@@ -26,7 +26,7 @@ class Config:
     """Everything that defines a run. Field docstrings are the CLI help texts."""
 
     # --- the low-resolution view and the patches
-    view_downsample: float = 16.0
+    view_downsample: float = 32.0
     """Level-0 pixels per pixel of the low-resolution view the attention network sees."""
     view_mpp: float | None = None
     """Microns per pixel of the view (overrides view_downsample; needs slide mpp)."""
@@ -50,7 +50,7 @@ class Config:
     """Feature network name (see `wsiats.models.list_feature_nets`)."""
     feature_weights: str | None = None
     """Local weights for the feature network (.safetensors, or a weights-only torch file)."""
-    feature_dim: int = 64
+    feature_dim: int = 32
     """Width of the small CNN feature network."""
     freeze_features: bool = False
     """Keep the feature network's weights fixed; train attention and classifier only."""

@@ -67,7 +67,8 @@ def prepare_view(slide: Slide, cfg: Config) -> PreparedView:
     if fell_back:
         warnings.warn(f"{slide.path}: no tissue found in the view; sampling from the whole slide", stacklevel=2)
         mask = np.ones((h, w), dtype=bool)
-    return PreparedView(image=view.image, mask=mask, downsample=view.downsample, fell_back=fell_back)
+    image = np.require(view.image, dtype=np.uint8, requirements=["C", "W"])  # torch wants writable arrays
+    return PreparedView(image=image, mask=mask, downsample=view.downsample, fell_back=fell_back)
 
 
 def cell_centers(indices: np.ndarray, view_shape: tuple[int, int], downsample: tuple[float, float]) -> np.ndarray:
@@ -174,17 +175,6 @@ class SlidePool:
         self._open.clear()
 
 
-def estimate_weights(sampled_attention: Tensor, replace: bool) -> Tensor:
-    """Coefficient of each sampled patch's features in the estimate (they sum to 1)."""
-    a = sampled_attention.detach().double()
-    n = a.shape[-1]
-    if replace:
-        return torch.full_like(a, 1.0 / n)
-    pm = 1.0 - (torch.cumsum(a, -1) - a)  # exclusive cumulative sum
-    k = torch.arange(n, dtype=a.dtype, device=a.device)
-    return (pm + (n - 1 - k) * a) / n
-
-
 def forward_batch(
     model: ATSModel,
     items: Sequence[SlideBatchItem],
@@ -212,7 +202,7 @@ def forward_batch(
     for item in items:
         view = item.view
         h, w = view.image.shape[:2]
-        image = torch.from_numpy(np.ascontiguousarray(view.image)).permute(2, 0, 1)
+        image = torch.from_numpy(view.image).permute(2, 0, 1)
         image = item.augment.images(image)
         mask = torch.from_numpy(view.mask)
         if item.augment.flip_h:
@@ -258,7 +248,7 @@ def forward_batch(
             pooled.append(sampling.estimate_topk(a_k[None], f)[0])
         else:
             pooled.append(sampling.expectation(a_k[None], f, replace)[0])
-        weights.append(estimate_weights(a_k, replace))
+        weights.append(sampling.estimate_weights(a_k[None], replace)[0])
     logits = model.classifier(torch.stack(pooled))
     entropy = torch.stack([sampling.entropy(a[None])[0] for a in attentions])
     return ForwardResult(logits, attentions, indices, sampled, weights, boxes, entropy)
@@ -278,7 +268,7 @@ def attention_map(model: ATSModel, view: PreparedView, cfg: Config, *, device: t
     if cfg.attention == "uniform":
         att = sampling.uniform_attention(mask, mask.shape)
     else:
-        image = torch.from_numpy(np.ascontiguousarray(view.image)).permute(2, 0, 1)[None].to(device)
+        image = torch.from_numpy(view.image).permute(2, 0, 1)[None].to(device)
         with torch.no_grad():
             att = sampling.smooth_attention(model.attention_net(image).float(), mask=mask, eps=cfg.attention_eps)
     return att.reshape(h, w).cpu().numpy()
@@ -297,3 +287,14 @@ def loss_fn(result: ForwardResult, targets: Tensor, *, cfg: Config, weight: Tens
     """Cross-entropy minus entropy_weight * attention entropy. Returns (loss, ce)."""
     ce = F.cross_entropy(result.logits, targets, weight=weight)
     return ce - cfg.entropy_weight * result.entropy.mean(), ce
+
+
+class ATSForward(torch.nn.Module):
+    """`forward_batch` as a module, so that DistributedDataParallel can wrap the whole pass."""
+
+    def __init__(self, model: ATSModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, items: Sequence[SlideBatchItem], **kwargs: object) -> ForwardResult:
+        return forward_batch(self.model, items, **kwargs)  # type: ignore[arg-type]

@@ -56,7 +56,7 @@ class Predictor:
         self,
         run_dir: str | Path,
         *,
-        device: str = "auto",
+        device: str | torch.device = "auto",
         mc: int = 1,
         topk: bool = False,
         seed: int = 0,
@@ -73,7 +73,7 @@ class Predictor:
             cfg.check()
         self.cfg: Config = cfg
         self.classes = list(cfg.classes)
-        self.device = select_device(device)
+        self.device = device if isinstance(device, torch.device) else select_device(device)
         self.model: ATSModel = model.to(self.device)
         self.autocast = autocast_factory(self.device, cfg.amp)
         self.mc, self.topk, self.seed, self.workers = (1 if topk else mc), topk, seed, workers

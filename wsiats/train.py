@@ -18,7 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from wsiats import distributed
+from wsiats.distributed import DistContext
 
 from wsiats._io import atomic_open
 from wsiats._progress import track
@@ -38,6 +42,7 @@ from wsiats.errors import CheckpointError, ConfigError, Interrupted, SlideError,
 from wsiats.metrics import classification_metrics
 from wsiats.models import ATSModel
 from wsiats.pipeline import (
+    ATSForward,
     Augment,
     PreparedView,
     SlideBatchItem,
@@ -46,7 +51,7 @@ from wsiats.pipeline import (
     forward_batch,
     loss_fn,
 )
-from wsiats.runtime import autocast_factory, grad_scaler, select_device
+from wsiats.runtime import autocast_factory, grad_scaler
 from wsiats.slide import open_slide
 
 METRIC_COLUMNS = (
@@ -89,20 +94,16 @@ def _lr_factor(epoch: int, cfg: Config) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _loader(ds: ViewDataset, cfg: Config, order: list[int], pin: bool) -> DataLoader:
+def _loader(ds: ViewDataset, cfg: Config, sampler: DistributedSampler) -> DataLoader:
     return DataLoader(
-        torch.utils.data.Subset(ds, order),
+        ds,
         batch_size=cfg.batch_size,
-        shuffle=False,
+        sampler=sampler,
         num_workers=cfg.workers,
         collate_fn=collate_views,
         pin_memory=False,  # views stay numpy; patches are pinned in forward_batch on CUDA
-        persistent_workers=False,
+        persistent_workers=cfg.workers > 0,  # keeps each worker's view cache between epochs
     )
-
-
-def _views_of(batch: list[tuple[int, Any]], items: Sequence[Item]) -> list[tuple[int, PreparedView]]:
-    return [(i, v) for i, v in batch if isinstance(v, PreparedView)]
 
 
 def evaluate(
@@ -115,25 +116,29 @@ def evaluate(
     device: torch.device,
     seed: int,
     autocast: Callable[[], object],
+    ctx: DistContext = DistContext(),
 ) -> dict[str, float]:
-    """Loss, accuracy and AUC of one sampling pass (seeded: repeatable) over `items`."""
+    """Loss, accuracy and AUC of one seeded sampling pass per slide over `items`.
+
+    Each slide's pass uses a generator seeded by (seed, slide index), so the result does
+    not depend on batching or on how slides are sharded across ranks.
+    """
     model.eval()
-    gen = seeded_generator(seed, 10**6)
-    probs, targets, losses, entropies = [], [], [], []
+    records = []
     with torch.no_grad():
-        for start in range(0, len(items), cfg.batch_size):
-            chunk = list(range(start, min(start + cfg.batch_size, len(items))))
-            batch = [SlideBatchItem(items[i].path, views(i)) for i in chunk]
-            out = forward_batch(model, batch, cfg=cfg, pool=pool, generator=gen, device=device, autocast=autocast)
-            y = torch.tensor([items[i].label for i in chunk], device=out.logits.device)
+        for i in distributed.shard(ctx, len(items)):
+            out = forward_batch(model, [SlideBatchItem(items[i].path, views(i))], cfg=cfg, pool=pool,
+                                generator=seeded_generator(seed, 10**6, i), device=device, autocast=autocast)
+            y = torch.tensor([items[i].label], device=out.logits.device)
             _, ce = loss_fn(out, y, cfg=cfg, weight=None)
-            losses.append(float(ce) * len(chunk))
-            probs.append(torch.softmax(out.logits.float(), -1).cpu().numpy())
-            targets += [items[i].label for i in chunk]
-            entropies += out.entropy.tolist()
-    p = np.concatenate(probs)
-    m = classification_metrics(np.asarray(targets), p, n_classes=len(cfg.classes))
-    return {"loss": sum(losses) / len(items), "acc": m["accuracy"], "auc": m["auc"], "entropy": float(np.mean(entropies))}
+            probs = torch.softmax(out.logits.float(), -1)[0].cpu().tolist()
+            records.append((i, float(ce), probs, float(out.entropy[0])))
+    merged = sorted(r for part in distributed.gather(ctx, records) for r in part)
+    targets = np.asarray([items[i].label for i, *_ in merged])
+    p = np.asarray([r[2] for r in merged])
+    m = classification_metrics(targets, p, n_classes=len(cfg.classes))
+    return {"loss": float(np.mean([r[1] for r in merged])), "acc": float(m["accuracy"]), "auc": float(m["auc"]),
+            "entropy": float(np.mean([r[3] for r in merged]))}
 
 
 def train(
@@ -175,9 +180,15 @@ def train(
     if len({it.label for it in train_items}) < 2:
         raise ConfigError(f"{labels_csv}: the training split holds fewer than two classes")
 
-    device = select_device(cfg.device)
+    ctx, device = distributed.setup(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device)
+    net: torch.nn.Module = ATSForward(model)
+    if ctx.enabled:
+        # Uniform attention or a frozen backbone leaves parameters without gradients.
+        unused = cfg.attention == "uniform" or cfg.freeze_features
+        net = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
+                                      find_unused_parameters=unused)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: _lr_factor(e, cfg))
@@ -198,32 +209,41 @@ def train(
         best_epoch = int(state["best_epoch"])
         best_key = (float(state["best_acc"]), float(state["best_neg_loss"]))
         history = [dict(zip(METRIC_COLUMNS, row.tolist())) for row in state["history"]]
-    else:
+    elif ctx.is_main:
         cfg.save(out_dir / "config.yaml")
 
     train_ds = ViewDataset(train_items, cfg, backend=backend, mpp=mpp)
     val_ds = ViewDataset(val_items, cfg, backend=backend, mpp=mpp)
+    # One loader for the whole run: its persistent workers keep their view caches between epochs.
+    # The sampler shuffles with seed + epoch and shards across ranks (padding so all get as many).
+    sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
+    train_loader = _loader(train_ds, cfg, sampler)
     pool = SlidePool(backend=backend, mpp=mpp)
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, cfg.epochs):
             row = _train_epoch(
-                model, train_ds, cfg=cfg, epoch=epoch, optimizer=optimizer, scaler=scaler, autocast=autocast,
-                weight=weight, pool=pool, device=device, progress=progress,
+                net, model, train_loader, cfg=cfg, epoch=epoch, optimizer=optimizer, scaler=scaler, autocast=autocast,
+                weight=weight, pool=pool, device=device, progress=progress and ctx.is_main, ctx=ctx,
             )
             row["lr"] = optimizer.param_groups[0]["lr"]
             scheduler.step()
             if val_items:
                 v = evaluate(model, val_items, lambda i: val_ds[i][1], cfg=cfg, pool=pool, device=device,
-                             seed=cfg.seed, autocast=autocast)
+                             seed=cfg.seed, autocast=autocast, ctx=ctx)
                 row.update(val_loss=v["loss"], val_acc=v["acc"], val_auc=v["auc"])
                 key = (v["acc"], -v["loss"])
             else:
                 row.update(val_loss=math.nan, val_acc=math.nan, val_auc=math.nan)
                 key = (float(epoch), 0.0)  # no validation: the latest epoch is the best
             history.append(row)
-            if key > best_key:
+            improved = key > best_key
+            if improved:
                 best_key, best_epoch = key, epoch
+            if not ctx.is_main:
+                distributed.barrier(ctx)
+                continue
+            if improved:
                 save_weights(model, out_dir / MODEL_FILE, metadata={"epoch": str(epoch)})
             save_weights(model, out_dir / LAST_FILE, metadata={"epoch": str(epoch)})
             save_state(out_dir / STATE_FILE, {
@@ -237,6 +257,7 @@ def train(
                 "history": torch.tensor([[r[c] for c in METRIC_COLUMNS] for r in history], dtype=torch.float64),
             })
             _write_metrics(out_dir / "metrics.csv", history)
+            distributed.barrier(ctx)
             if on_epoch is not None:
                 on_epoch(row)
     except KeyboardInterrupt:
@@ -245,12 +266,14 @@ def train(
         raise Interrupted(f"training interrupted during epoch {epoch + 1}; {saved}; continue with --resume") from None
     finally:
         pool.close()
+        distributed.teardown(ctx)
     return TrainResult(out_dir, len(history), best_epoch, history, skipped, len(train_items), len(val_items), len(test_items))
 
 
 def _train_epoch(
+    net: torch.nn.Module,
     model: ATSModel,
-    ds: ViewDataset,
+    loader: DataLoader,
     *,
     cfg: Config,
     epoch: int,
@@ -261,23 +284,26 @@ def _train_epoch(
     pool: SlidePool,
     device: torch.device,
     progress: bool,
+    ctx: DistContext,
 ) -> dict[str, float]:
     model.train()
-    order = torch.randperm(len(ds), generator=seeded_generator(cfg.seed, epoch, 0)).tolist()
-    sample_gen = seeded_generator(cfg.seed, epoch, 1)
-    aug_gen = seeded_generator(cfg.seed, epoch, 2)
-    loader = _loader(ds, cfg, order, pin=device.type == "cuda")
+    items_of = loader.dataset.items  # type: ignore[attr-defined]
+    sampler = loader.sampler
+    assert isinstance(sampler, DistributedSampler)
+    sampler.set_epoch(epoch)
+    sample_gen = seeded_generator(cfg.seed, epoch, 1, ctx.rank)
+    aug_gen = seeded_generator(cfg.seed, epoch, 2, ctx.rank)
     t0 = time.perf_counter()
-    total_loss, correct, seen, entropies = 0.0, 0, 0, []
-    n_steps = math.ceil(len(order) / cfg.batch_size)
+    total_loss, correct, seen, entropy_sum = 0.0, 0, 0, 0.0
+    n_steps = math.ceil(len(sampler) / cfg.batch_size)
     for batch in track(loader, total=n_steps, description=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress):
         items = [
-            SlideBatchItem(ds.items[i].path, view, Augment.draw(aug_gen) if cfg.augment else Augment())
+            SlideBatchItem(items_of[i].path, view, Augment.draw(aug_gen) if cfg.augment else Augment())
             for i, view in batch
         ]
-        y = torch.tensor([ds.items[i].label for i, _ in batch], device=device)
-        out = forward_batch(model, items, cfg=cfg, pool=pool, generator=sample_gen, device=device,
-                            workers=cfg.workers or None, autocast=autocast)
+        y = torch.tensor([items_of[i].label for i, _ in batch], device=device)
+        out = net(items, cfg=cfg, pool=pool, generator=sample_gen, device=device,
+                  workers=cfg.workers or None, autocast=autocast)
         loss, ce = loss_fn(out, y, cfg=cfg, weight=weight)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -285,17 +311,19 @@ def _train_epoch(
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
         scaler.step(optimizer)
         scaler.update()
-        total_loss += float(ce) * len(batch)
+        total_loss += float(ce.detach()) * len(batch)
         correct += int((out.logits.argmax(-1) == y).sum())
         seen += len(batch)
-        entropies += out.entropy.detach().tolist()
+        entropy_sum += float(out.entropy.detach().sum())
     seconds = time.perf_counter() - t0
+    total_loss, correct, seen, entropy_sum = distributed.all_sum(ctx, [total_loss, correct, seen, entropy_sum])
     return {
         "epoch": float(epoch + 1),
         "train_loss": total_loss / max(seen, 1),
         "train_acc": correct / max(seen, 1),
-        "attention_entropy": float(np.mean(entropies)) if entropies else math.nan,
-        "seconds_per_slide": seconds / max(seen, 1),
+        "attention_entropy": entropy_sum / max(seen, 1),
+        # wall time per slide of this rank's share: what one process spends on a slide
+        "seconds_per_slide": seconds * ctx.world_size / max(seen, 1),
     }
 
 

@@ -1,0 +1,90 @@
+"""torchrun support: process-group set-up and the few collectives wsiats needs.
+
+`torchrun --nproc-per-node N -m wsiats train ...` sets RANK, WORLD_SIZE and LOCAL_RANK; wsiats
+then joins a process group (NCCL on CUDA, gloo on CPU), shards the work and lets rank 0 write.
+Without those variables everything here is a no-op for a single process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from wsiats.runtime import select_device
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device_name: str = "auto") -> tuple[DistContext, torch.device]:
+    """Join the torchrun process group when launched by torchrun; pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext(), select_device(device_name)
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = select_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistContext(rank, world, local), device
+
+
+def teardown(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+def all_sum(ctx: DistContext, values: list[float]) -> list[float]:
+    """Sum a few numbers across ranks (float64 on the CPU, through the object collective)."""
+    if not ctx.enabled:
+        return values
+    gathered = gather(ctx, values)
+    return [float(sum(v[i] for v in gathered)) for i in range(len(values))]
+
+
+def gather(ctx: DistContext, obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not ctx.enabled:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(ctx: DistContext, obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard(ctx: DistContext, n: int) -> list[int]:
+    """This rank's indices of range(n), round robin (ranks may get one fewer)."""
+    return list(range(ctx.rank, n, ctx.world_size))
