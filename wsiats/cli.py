@@ -455,12 +455,12 @@ def demo(out: Path, seed: int, n: int, size: int, epochs: int | None, quiet: boo
 
 #: The demo's training settings, tuned so that it learns in a few CPU minutes (see README).
 DEMO_CONFIG: dict[str, Any] = {
-    "epochs": 12,
-    "batch_size": 8,
-    "n_patches": 8,
+    "epochs": 20,
+    "batch_size": 4,
+    "n_patches": 10,
     "patch_size": 64,
-    "view_downsample": 16.0,
+    "view_downsample": 32.0,
     "lr": 3e-3,
     "val_fraction": 0.15,
-    "workers": 1,
+    "workers": 0,
 }

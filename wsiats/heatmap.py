@@ -367,6 +367,7 @@ def heatmap_slides(
     device: str = "auto",
     backend: str = "auto",
     mpp: float | None = None,
+    thumbnail_size: int = 1024,
 ) -> Iterator[HeatmapResult]:
     """For each slide write <id>.png, <id>.attention.tif and <id>.geojson into `out_dir`.
 
@@ -398,6 +399,9 @@ def heatmap_slides(
                     view = prepare_view(slide, cfg)
                     slide_mpp = slide.mpp
                     pds = patch_downsample(slide, cfg)
+                    # The PNG gets a sharper thumbnail than the model's view when the view is small.
+                    thumb_ds = max(slide.dimensions) / thumbnail_size
+                    thumb = slide.read_view(downsample=thumb_ds).image if thumb_ds < min(view.downsample) else view.image
             att = attention_map(model, view, cfg, device=dev)
             flat = att.ravel()
             order = np.argsort(-flat, kind="stable")[: min(top, int((flat > 0).sum()))]
@@ -406,7 +410,7 @@ def heatmap_slides(
             png = out_dir / f"{sid}.png"
             tif = out_dir / f"{sid}.attention.tif"
             geo = out_dir / f"{sid}.geojson"
-            write_png(png, render_overlay(view.image, att, mask=view.mask, title=f"{sid}: attention"))
+            write_png(png, render_overlay(thumb, att, mask=view.mask, title=f"{sid}: attention"))
             write_attention_tiff(tif, att.astype(np.float32), downsample=view.downsample, mpp=slide_mpp)
             write_geojson(geo, patches_geojson(boxes, flat[order], slide_id=sid))
             result.files = [png, tif, geo]
