@@ -22,7 +22,7 @@ from wsiats.errors import ConfigError, Interrupted, WsiatsError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 
 def _reports_errors(func: F) -> F:
@@ -40,6 +40,9 @@ def _reports_errors(func: F) -> F:
             sys.exit(130)
         except WsiatsError as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:  # an output that cannot be written: a full disk, a file where a folder should be
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from exc
         except KeyboardInterrupt:
             click.echo("Interrupted: nothing half-written was left behind.", err=True)
             sys.exit(130)
@@ -90,6 +93,7 @@ def info(slides: tuple[Path, ...], backend: str, mpp: float | None, as_json: boo
     records = []
     for path in slides:
         with open_slide(path, backend=backend, mpp=mpp) as slide:
+            slide.read_region((0, 0), slide.level_count - 1, (1, 1))  # decode one tile: a missing codec shows here
             records.append(describe(slide))
     if as_json:
         click.echo(json.dumps(records if len(records) > 1 else records[0], indent=2))
@@ -177,7 +181,7 @@ def train(slide_dir: Path, labels: Path, out: Path, config_file: Path | None, re
     if print_config:
         click.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False), nl=False)
         return
-    if out.exists() and (out / "config.yaml").exists() and not resume:
+    if (out / "last_state.pt").exists() and not resume:  # a run that finished an epoch; config.yaml alone is not one
         raise click.ClickException(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
 
     def show(row: dict[str, float]) -> None:
@@ -192,6 +196,8 @@ def train(slide_dir: Path, labels: Path, out: Path, config_file: Path | None, re
 
     result = run_training(slide_dir, labels, out, cfg, resume=resume, skip_bad=skip_bad, backend=backend,
                           mpp=mpp, on_epoch=show, progress=not quiet)
+    if result.rank != 0:
+        return
     if result.skipped:
         console.print(f"skipped {len(result.skipped)} unreadable slide(s): {', '.join(result.skipped)}")
     table = Table(title="training summary", title_justify="left")
@@ -248,6 +254,7 @@ def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | 
     try:
         predictor = Predictor(model_dir, device=dev, mc=mc, topk=topk, seed=seed, workers=workers,
                               backend=backend, mpp=mpp, n_patches=n_patches)
+        out.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after predicting every slide
         mine = distributed.shard(ctx, len(paths))  # under torchrun each rank takes every world_size-th slide
         done = list(zip(mine, track(predictor.predict([paths[i] for i in mine]), total=len(mine),
                                     description="predicting", disable=quiet or not ctx.is_main)))

@@ -70,6 +70,7 @@ class TrainResult:
     n_train: int = 0
     n_val: int = 0
     n_test: int = 0
+    rank: int = 0  # under torchrun, only rank 0 reports
 
 
 def check_slides(items: Sequence[Item], *, backend: str = "auto", mpp: float | None = None) -> list[tuple[Item, str]]:
@@ -258,16 +259,18 @@ def train(
             })
             _write_metrics(out_dir / "metrics.csv", history)
             distributed.barrier(ctx)
-            if on_epoch is not None:
+            if on_epoch is not None and ctx.is_main:
                 on_epoch(row)
     except KeyboardInterrupt:
         done = epoch - 1
-        saved = f"epoch {done + 1} of {cfg.epochs} was saved in {out_dir / LAST_FILE}" if done >= 0 else "nothing was saved"
-        raise Interrupted(f"training interrupted during epoch {epoch + 1}; {saved}; continue with --resume") from None
+        saved = (f"epoch {done + 1} of {cfg.epochs} was saved in {out_dir / LAST_FILE}; continue with --resume"
+                 if done >= 0 else "no epoch was completed, so nothing to resume; run the same command again")
+        raise Interrupted(f"training interrupted during epoch {epoch + 1}; {saved}") from None
     finally:
         pool.close()
         distributed.teardown(ctx)
-    return TrainResult(out_dir, len(history), best_epoch, history, skipped, len(train_items), len(val_items), len(test_items))
+    return TrainResult(out_dir, len(history), best_epoch, history, skipped, len(train_items), len(val_items),
+                       len(test_items), ctx.rank)
 
 
 def _train_epoch(

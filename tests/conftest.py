@@ -1,0 +1,79 @@
+"""Session-wide fixtures: small slides generated once per test run (see tests/_slides.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import _slides  # noqa: E402
+from _slides import Generated  # noqa: E402
+
+#: Real slides from scanners and slide software (read-only), shared beside the repository.
+SHARED_SLIDES = Path(__file__).parent.parent.parent / "shared" / "slides"
+
+
+@pytest.fixture(scope="session")
+def slide_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("slides")
+
+
+@pytest.fixture(scope="session")
+def image() -> np.ndarray:
+    """The in-memory level 0 (600 x 800 px) most generated slides are written from."""
+    return _slides.tissue_image(600, 800, seed=3)
+
+
+@pytest.fixture(scope="session")
+def generic_tiff(slide_dir: Path, image: np.ndarray) -> Generated:
+    """Lossless (deflate) 3-level pyramid in the main IFD chain, 0.25 um/px in centimetre units."""
+    path = slide_dir / "generic.tif"
+    return Generated(path, _slides.write_generic_pyramid(path, image, n_levels=3, tile=128, mpp=0.25), 0.25)
+
+
+@pytest.fixture(scope="session")
+def generic_jpeg(slide_dir: Path, image: np.ndarray) -> Generated:
+    path = slide_dir / "generic_jpeg.tiff"
+    return Generated(path, _slides.write_generic_pyramid(path, image, n_levels=3, tile=128, compression="jpeg",
+                                                         mpp=None), None)
+
+
+@pytest.fixture(scope="session")
+def ome_tiff(slide_dir: Path, image: np.ndarray) -> Generated:
+    """OME-TIFF whose reduced levels are SubIFDs (invisible to OpenSlide)."""
+    path = slide_dir / "pyramid.ome.tif"
+    return Generated(path, _slides.write_ome_subifds(path, image, n_levels=3, tile=128, mpp=0.5), 0.5)
+
+
+@pytest.fixture(scope="session")
+def svs(slide_dir: Path, image: np.ndarray) -> tuple[Generated, dict[str, np.ndarray]]:
+    """Aperio-like JPEG SVS: levels at downsample 1, 4, 16 plus thumbnail, label and macro."""
+    path = slide_dir / "aperio.svs"
+    written = _slides.write_svs_like(path, image, n_levels=3, tile=128, mpp=0.25)
+    extras = {k: v for k, v in written.items() if k != "levels"}
+    return Generated(path, written["levels"], 0.25), extras  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def strip_tiff(slide_dir: Path, image: np.ndarray) -> Generated:
+    """Single-level stripped TIFF (no pyramid at all)."""
+    path = slide_dir / "strips.tif"
+    _slides.write_strips(path, image, mpp=0.5)
+    return Generated(path, [image], 0.5)
+
+
+@pytest.fixture(scope="session")
+def sparse(slide_dir: Path) -> _slides.SparseSlide:
+    """100,000 x 100,000 px (10 gigapixels) pyramid, a few MB on disk: almost every tile is empty."""
+    return _slides.write_sparse_huge(slide_dir / "sparse_10gpx.tif")
+
+
+@pytest.fixture(scope="session")
+def shared_slides() -> Path:
+    if not SHARED_SLIDES.is_dir():
+        pytest.skip(f"real test slides not found at {SHARED_SLIDES}")
+    return SHARED_SLIDES

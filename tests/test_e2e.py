@@ -1,0 +1,116 @@
+"""One real end-to-end run: synth -> train -> resume -> predict -> heatmap, through the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import tifffile
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from wsiats.cli import cli
+from wsiats.train import METRIC_COLUMNS
+
+TINY = ["--batch-size", "2", "--n-patches", "4", "--patch-size", "32", "--view-downsample", "16", "--workers", "0", "-q"]
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cohort")
+    code, text = invoke("synth", out, "--n", "8", "--size", "1024", "--seed", "3", "-q")
+    assert code == 0, text
+    assert text.strip() == f"wrote 8 slides to {out / 'slides'}, labels to {out / 'labels.csv'}, regions to {out / 'truth.json'}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "run"
+    code, text = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run, "--epochs", "1", *TINY)
+    assert code == 0, text
+    return run
+
+
+def test_train_writes_the_run(run_dir: Path) -> None:
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "model.safetensors", "last.safetensors", "last_state.pt", "metrics.csv"} <= names
+    assert not [n for n in names if n.endswith(".tmp") or n.startswith(".")]
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert tuple(rows[0]) == METRIC_COLUMNS and [r["epoch"] for r in rows] == ["1"]
+    assert 0 <= float(rows[0]["train_acc"]) <= 1 and float(rows[0]["seconds_per_slide"]) > 0
+    weights = load_file(str(run_dir / "model.safetensors"))
+    assert any(k.startswith("attention_net.") for k in weights) and "classifier.weight" in weights
+
+
+def test_train_refuses_to_overwrite_a_run(cohort: Path, run_dir: Path) -> None:
+    code, text = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run_dir, *TINY)
+    assert code == 1
+    assert text.strip() == f"Error: {run_dir}: already holds a run; pass --resume to continue it or choose another --out"
+
+
+def test_resume_continues_to_more_epochs(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "resumed"
+    shutil.copytree(run_dir, run)
+    cfg = run / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("epochs: 1\n", "epochs: 2\n"))
+    code, text = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run, "--resume", "-q")
+    assert code == 0, text
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    before, after = load_file(str(run_dir / "last.safetensors")), load_file(str(run / "last.safetensors"))
+    assert any(not (before[k] == after[k]).all() for k in before)
+
+
+def test_predict_csv_and_json(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pred.csv"
+    code, text = invoke("predict", cohort / "slides", "--model", run_dir, "--out", out, "--labels", cohort / "labels.csv", "--mc", "3", "-q")
+    assert code == 0, text
+    assert text.startswith(f"wrote {out}: 8 slide(s) predicted, 0 failed\n8 labelled slides: accuracy ")
+    assert "confusion (rows: truth, columns: prediction)" in text
+    rows = list(csv.DictReader(open(out)))
+    assert list(rows[0]) == ["slide_id", "path", "prediction", "p_negative", "p_positive", "spread", "n_patches", "seconds", "error"]
+    assert len(rows) == 8 and all(r["error"] == "" for r in rows)
+    for r in rows:
+        assert math.isclose(float(r["p_negative"]) + float(r["p_positive"]), 1.0, abs_tol=1e-5)
+        assert r["prediction"] in ("negative", "positive") and int(r["n_patches"]) == 12
+    js = tmp_path / "pred.json"
+    code, text = invoke("predict", cohort / "slides" / "synth_0000.tif", "--model", run_dir, "--out", js, "--topk", "--json", "-q")
+    assert code == 0, text
+    assert json.loads(text) == {"slides": 1, "failed": 0, "out": str(js)}
+    doc = json.loads(js.read_text())
+    slide = doc["slides"][0]
+    assert doc["classes"] == ["negative", "positive"] and slide["slide_id"] == "synth_0000"
+    assert len(slide["patches"]) == 4
+    assert set(slide["patches"][0]) == {"pass", "x", "y", "width", "height", "attention", "weight"}
+    assert math.isclose(sum(p["weight"] for p in slide["patches"]), 1.0, abs_tol=1e-6)
+    atts = [p["attention"] for p in slide["patches"]]
+    assert atts == sorted(atts, reverse=True)  # top-k: highest attention first
+
+
+def test_heatmap_outputs(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    out = tmp_path / "maps"
+    code, text = invoke("heatmap", cohort / "slides" / "synth_0001.tif", "--model", run_dir, "--out", out, "--top", "5", "-q")
+    assert code == 0, text
+    assert text.strip() == f"wrote 1 heatmap(s) to {out}, 0 failed"
+    assert sorted(p.name for p in out.iterdir()) == ["synth_0001.attention.tif", "synth_0001.geojson", "synth_0001.png"]
+    Image.open(out / "synth_0001.png").verify()
+    with tifffile.TiffFile(out / "synth_0001.attention.tif") as tif:
+        att = tif.pages[0].asarray()
+        meta = json.loads(tif.pages[0].description)
+    assert att.dtype.name == "float32" and att.shape == (64, 64)
+    assert meta["downsample_x"] == pytest.approx(16.0) and math.isclose(float(att.sum()), 1.0, rel_tol=1e-4)
+    geo = json.loads((out / "synth_0001.geojson").read_text())
+    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == 5

@@ -1,0 +1,48 @@
+"""`wsiats info` end to end: JSON output, the table, and one-line errors with exit status 1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from click.testing import CliRunner
+from _slides import Generated
+
+from wsiats.cli import cli
+
+
+def test_info_json_keys(svs: tuple[Generated, dict[str, np.ndarray]]) -> None:
+    path = svs[0].path
+    result = CliRunner().invoke(cli, ["info", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    rec = json.loads(result.stdout)
+    assert {"path", "backend", "vendor", "level_count", "level_dimensions", "level_downsamples", "mpp",
+            "objective_power", "associated_images"} <= set(rec)
+    assert rec["level_dimensions"] == [[800, 600], [200, 150], [50, 37]] and rec["mpp"] == [0.25, 0.25]
+
+
+def test_info_several_slides_and_table(svs: tuple[Generated, dict[str, np.ndarray]], generic_tiff: Generated) -> None:
+    args = ["info", str(svs[0].path), str(generic_tiff.path), "--json", "--backend", "openslide"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    recs = json.loads(result.stdout)
+    assert [r["backend"] for r in recs] == ["openslide", "openslide"]
+    result = CliRunner().invoke(cli, ["info", str(generic_tiff.path), "--mpp", "0.3"])
+    assert result.exit_code == 0 and "mpp 0.3000 x 0.3000" in result.output and "generic-tiff" in result.output
+
+
+def test_info_errors_are_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.svs"
+    result = CliRunner().invoke(cli, ["info", str(missing)])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"Error: {missing}: no such file"
+    empty = tmp_path / "empty.tif"
+    empty.touch()
+    result = CliRunner().invoke(cli, ["info", str(empty)])
+    assert result.exit_code == 1 and result.stderr.strip() == f"Error: {empty}: file is empty (0 bytes)"
+    junk = tmp_path / "junk.ndpi"
+    junk.write_bytes(b"not a slide at all" * 10)
+    result = CliRunner().invoke(cli, ["info", str(junk)])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"Error: {junk}: not a whole-slide image format tifffile or OpenSlide can read"

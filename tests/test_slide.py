@@ -1,0 +1,515 @@
+"""The slide layer: metadata, pixels against the in-memory truth, both backends, laziness, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import shutil
+import time
+import tracemalloc
+import warnings
+from pathlib import Path
+from typing import Any
+
+import _slides
+import numpy as np
+import pytest
+from _slides import Generated
+from PIL import Image
+
+import wsiats.slide as slide_mod
+from wsiats.errors import (
+    ConfigError,
+    CorruptSlideError,
+    SlideError,
+    SlideNotFoundError,
+    SlideReadError,
+    UnsupportedSlideError,
+)
+from wsiats.slide import Slide, describe, open_slide, patch_box
+
+
+def _open(path: Path, backend: str = "auto", **kw: Any) -> Slide:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return open_slide(path, backend=backend, **kw)
+
+
+def _crop(image: np.ndarray, x: int, y: int, w: int, h: int, fill: int = 255) -> np.ndarray:
+    """The (h, w) window of `image` at (x, y), `fill` outside it."""
+    out = np.full((h, w, 3), fill, np.uint8)
+    H, W = image.shape[:2]
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
+    if x1 > x0 and y1 > y0:
+        out[y0 - y: y1 - y, x0 - x: x1 - x] = image[y0:y1, x0:x1]
+    return out
+
+
+def _area(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    assert a.shape == b.shape
+    return np.abs(a.astype(np.int16) - b.astype(np.int16))
+
+
+# --- metadata ---------------------------------------------------------------------------------------------------
+
+
+def test_generic_tiff_levels_and_mpp(generic_tiff: Generated) -> None:
+    with open_slide(generic_tiff.path) as s:
+        assert (s.backend, s.vendor) == ("tifffile", "generic-tiff")
+        assert s.level_dimensions == ((800, 600), (400, 300), (200, 150))
+        assert s.level_downsamples == (1.0, 2.0, 4.0)
+        assert s.dimensions == (800, 600) and s.level_count == 3
+        assert s.mpp == pytest.approx((0.25, 0.25)) and s.mpp_source == "tiff-resolution"
+        assert s.associated_names == ()
+
+
+def test_ome_subifd_pyramid_all_levels_with_tifffile_one_with_openslide(ome_tiff: Generated) -> None:
+    with open_slide(ome_tiff.path) as s:
+        assert (s.backend, s.vendor) == ("tifffile", "ome")
+        assert s.level_dimensions == ((800, 600), (400, 300), (200, 150))
+        assert s.mpp == pytest.approx((0.5, 0.5)) and s.mpp_source == "ome"
+        for i, lev in enumerate(ome_tiff.levels):
+            np.testing.assert_array_equal(s.read_level(i), lev)
+    with open_slide(ome_tiff.path, backend="openslide") as o:
+        assert o.level_count == 1  # OpenSlide reads only the main IFD chain
+        np.testing.assert_array_equal(o.read_level(0), ome_tiff.levels[0])
+
+
+def test_svs_levels_associated_images_and_metadata(svs: tuple[Generated, dict[str, np.ndarray]]) -> None:
+    gen, extras = svs
+    for backend in ("auto", "openslide"):
+        with open_slide(gen.path, backend=backend) as s:
+            assert s.vendor == "aperio"
+            assert s.level_dimensions == ((800, 600), (200, 150), (50, 37))
+            assert s.mpp == pytest.approx((0.25, 0.25)) and s.objective_power == 20.0
+            assert s.associated_names == ("label", "macro", "thumbnail")
+            np.testing.assert_array_equal(s.associated_image("label"), extras["label"])  # LZW: lossless
+            assert _diff(s.associated_image("thumbnail"), extras["thumbnail"]).mean() < 3  # JPEG
+            with pytest.raises(KeyError, match="no associated image 'slide'"):
+                s.associated_image("slide")
+
+
+def test_single_level_strip_tiff(strip_tiff: Generated) -> None:
+    with open_slide(strip_tiff.path) as s:
+        assert s.level_dimensions == ((800, 600),)
+        assert s.mpp == pytest.approx((0.5, 0.5))
+        np.testing.assert_array_equal(s.read_region((100, 50), 0, (64, 32)), strip_tiff.levels[0][50:82, 100:164])
+    with pytest.raises(UnsupportedSlideError, match="OpenSlide can read"):
+        open_slide(strip_tiff.path, backend="openslide")  # OpenSlide needs tiles
+
+
+def test_mpp_override_and_missing_mpp(generic_jpeg: Generated) -> None:
+    with open_slide(generic_jpeg.path) as s:
+        assert s.mpp is None and s.mpp_source is None
+        with pytest.raises(SlideError, match="--mpp"):
+            s.read_view(mpp=4.0)
+    with open_slide(generic_jpeg.path, mpp=0.5) as s:
+        assert s.mpp == (0.5, 0.5) and s.mpp_source == "override"
+        assert s.read_view(mpp=4.0).image.shape == (75, 100, 3)
+
+
+def test_implausible_mpp_is_dropped_with_a_warning(tmp_path: Path, image: np.ndarray) -> None:
+    path = tmp_path / "far.tif"
+    _slides.write_generic_pyramid(path, image[:64, :64], n_levels=1, tile=16, mpp=500.0)
+    with pytest.warns(UserWarning, match="implausible resolution 500"), open_slide(path) as s:
+        assert s.mpp is None
+
+
+SHARED = [
+    # file, backend chosen by auto, vendor, level dimensions, mpp, objective, associated images
+    ("CMU-1-Small-Region.svs", "tifffile", "aperio", ((2220, 2967),), 0.499, 20.0, ("label", "macro", "thumbnail")),
+    ("small.svs", "tifffile", "aperio", ((16, 16),), 0.499, 20.0, ("thumbnail",)),
+    ("boxes.tiff", "tifffile", "generic-tiff", ((300, 250), (150, 125), (75, 62), (37, 31)), None, None, ()),
+    ("sm_image.dcm", "openslide", "dicom", ((50, 50),), 0.499, None, ()),
+    ("dicom-boxes", "openslide", "dicom", ((16, 16),), 0.499, 20.0, ("thumbnail",)),
+]
+
+
+@pytest.mark.parametrize(("name", "backend", "vendor", "dims", "mpp", "objective", "assoc"), SHARED)
+def test_real_slides(shared_slides: Path, name: str, backend: str, vendor: str, dims: tuple[tuple[int, int], ...],
+                     mpp: float | None, objective: float | None, assoc: tuple[str, ...]) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = open_slide(shared_slides / name)
+    with s:
+        assert (s.backend, s.vendor, s.level_dimensions) == (backend, vendor, dims)
+        assert s.objective_power == objective and s.associated_names == assoc
+        if mpp is None:
+            assert s.mpp is None
+            assert any("72 dpi" in str(w.message) and str(shared_slides / name) in str(w.message) for w in caught)
+        else:
+            assert s.mpp == pytest.approx((mpp, mpp))
+        for name_ in assoc:
+            assert s.associated_image(name_).dtype == np.uint8
+        view = s.read_view(max_size=64)
+        assert max(view.image.shape[:2]) <= 64 and view.image.dtype == np.uint8
+        assert json.loads(json.dumps(describe(s)))["level_dimensions"] == [list(d) for d in dims]
+
+
+def test_boxes_tiff_mpp_unknown_with_both_backends(shared_slides: Path) -> None:
+    for backend in ("tifffile", "openslide"):
+        with pytest.warns(UserWarning, match="72 dpi, a software default"):
+            s = open_slide(shared_slides / "boxes.tiff", backend=backend)
+        assert s.mpp is None
+        s.close()
+
+
+# --- both backends read the same pixels -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["generic_tiff", "generic_jpeg", "svs", "cmu", "boxes"])
+def test_backends_return_identical_pixels(which: str, request: pytest.FixtureRequest) -> None:
+    if which in ("cmu", "boxes"):
+        shared = request.getfixturevalue("shared_slides")
+        path = shared / ("CMU-1-Small-Region.svs" if which == "cmu" else "boxes.tiff")
+    else:
+        gen = request.getfixturevalue(which)
+        path = (gen[0] if isinstance(gen, tuple) else gen).path
+    t, o = _open(path, "tifffile"), _open(path, "openslide")
+    with t, o:
+        assert t.level_dimensions == o.level_dimensions
+        for level, ds in enumerate(t.level_downsamples):
+            if ds == int(ds):  # OpenSlide interpolates at fractional level offsets; compare where it cannot
+                np.testing.assert_array_equal(t.read_level(level), o.read_level(level))
+        rng = np.random.default_rng(0)
+        W, H = t.dimensions
+        for x, y in zip(rng.integers(-40, W, 8), rng.integers(-40, H, 8)):
+            np.testing.assert_array_equal(t.read_region((x, y), 0, (70, 50)), o.read_region((x, y), 0, (70, 50)))
+            np.testing.assert_array_equal(t.read_region((x, y), 0, (70, 50), fill=0),
+                                          o.read_region((x, y), 0, (70, 50), fill=0))
+        for name in t.associated_names:
+            np.testing.assert_array_equal(t.associated_image(name), o.associated_image(name))
+
+
+@pytest.mark.parametrize("which", ["generic_tiff", "generic_jpeg", "svs", "strip_tiff", "ome_tiff", "cmu"])
+def test_tile_reader_equals_tifffile_zarr_store(which: str, request: pytest.FixtureRequest) -> None:
+    if which == "cmu":
+        path = request.getfixturevalue("shared_slides") / "CMU-1-Small-Region.svs"
+    else:
+        gen = request.getfixturevalue(which)
+        path = (gen[0] if isinstance(gen, tuple) else gen).path
+    with slide_mod.TiffSlide(path) as fast, slide_mod.TiffSlide(path, _reader="zarr") as ref:
+        assert {type(r).__name__ for r in fast._levels} == {"_TileLevel"}
+        assert {type(r).__name__ for r in ref._levels} == {"_ZarrLevel"}
+        for level in range(fast.level_count):
+            np.testing.assert_array_equal(fast.read_level(level), ref.read_level(level))
+        rng = np.random.default_rng(5)
+        W, H = fast.dimensions
+        for x, y in zip(rng.integers(-30, W, 6), rng.integers(-30, H, 6)):
+            np.testing.assert_array_equal(fast.read_region((x, y), 0, (300, 130)),
+                                          ref.read_region((x, y), 0, (300, 130)))
+
+
+def test_planar_rgb_is_read_through_zarr(tmp_path: Path, image: np.ndarray) -> None:
+    path = tmp_path / "planar.tif"
+    _slides.write_planar(path, image)
+    with open_slide(path) as s:
+        assert type(s._levels[0]).__name__ == "_ZarrLevel"  # type: ignore[attr-defined]
+        np.testing.assert_array_equal(s.read_level(0), image)
+        np.testing.assert_array_equal(s.read_region((790, -4), 0, (20, 10)), _crop(image, 790, -4, 20, 10))
+
+
+# --- regions, patches, views against the image in memory -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["tifffile", "openslide"])
+def test_read_region_fills_outside_the_image(generic_tiff: Generated, backend: str) -> None:
+    img = generic_tiff.levels[0]
+    with open_slide(generic_tiff.path, backend=backend) as s:
+        for (x, y), fill in [((-10, -20), 255), ((770, 590), 0), ((-5, 300), 17), ((900, 700), 255)]:
+            np.testing.assert_array_equal(s.read_region((x, y), 0, (64, 48), fill=fill), _crop(img, x, y, 64, 48, fill))
+        whole = s.read_region((-8, -8), 1, (420, 320))  # level 1 is 400 x 300
+        np.testing.assert_array_equal(whole, _crop(generic_tiff.levels[1], -4, -4, 420, 320))
+        assert s.read_region((0, 0), 0, (0, 5)).shape == (5, 0, 3)
+
+
+@pytest.mark.parametrize("workers", [None, 1, 3])
+def test_read_regions_equals_sequential_reads(generic_jpeg: Generated, workers: int | None) -> None:
+    rng = np.random.default_rng(1)
+    locs = [(int(x), int(y)) for x, y in zip(rng.integers(-50, 800, 20), rng.integers(-50, 600, 20))]
+    with open_slide(generic_jpeg.path) as s:
+        batch = s.read_regions(locs, 1, (40, 30), workers=workers)
+        assert batch.shape == (20, 30, 40, 3)
+        for i, loc in enumerate(locs):
+            np.testing.assert_array_equal(batch[i], s.read_region(loc, 1, (40, 30)))
+        if workers == 3:  # one thread pool per slide, reused by later calls
+            pool = s._pool
+            s.read_patches(np.array([[100.0, 100.0], [200.0, 50.0]]), 16, workers=2)
+            assert pool is not None and s._pool is pool
+
+
+def test_patch_box_convention() -> None:
+    assert patch_box((100.0, 50.0), 32, 1.0) == (84, 34, 32, 32)
+    assert patch_box((100.0, 50.0), 32, 2.0) == (68, 18, 64, 64)
+    assert patch_box((10.25, 10.75), 3, 1.0) == (9, 9, 3, 3)  # 8.75 -> 9, 9.25 -> 9
+    assert patch_box((0.0, 0.0), 10, 1.5) == (-7, -7, 15, 15)  # -7.5 rounds half up to -7
+
+
+def _centers(rng: np.random.Generator, n: int, w: int, h: int) -> np.ndarray:
+    pts = np.stack([rng.uniform(0, w, n), rng.uniform(0, h, n)], axis=1)
+    return np.concatenate([pts, [[0, 0], [w, h], [w - 1, 3], [2.5, h - 0.5]]])  # corners and borders
+
+
+@pytest.mark.parametrize("backend", ["tifffile", "openslide"])
+def test_read_patches_equal_crops_of_the_image(generic_tiff: Generated, backend: str) -> None:
+    rng = np.random.default_rng(2)
+    centers = _centers(rng, 12, 800, 600)
+    with open_slide(generic_tiff.path, backend=backend) as s:
+        got = s.read_patches(centers, 48)
+        for c, patch in zip(centers, got):
+            x0, y0, w0, h0 = patch_box((c[0], c[1]), 48, 1.0)
+            np.testing.assert_array_equal(patch, _crop(generic_tiff.levels[0], x0, y0, w0, h0))
+        # downsample 2 is stored (level 1): the patch is a crop of that level at floor(x0 / 2)
+        got = s.read_patches(centers, 32, downsample=2.0, workers=2)
+        for c, patch in zip(centers, got):
+            x0, y0, _, _ = patch_box((c[0], c[1]), 32, 2.0)
+            np.testing.assert_array_equal(patch, _crop(generic_tiff.levels[1], x0 // 2, y0 // 2, 32, 32))
+
+
+def test_read_patches_between_levels_are_area_resized(generic_tiff: Generated) -> None:
+    rng = np.random.default_rng(3)
+    centers = _centers(rng, 30, 800, 600)
+    img, level1 = generic_tiff.levels[0], generic_tiff.levels[1]
+    with open_slide(generic_tiff.path) as s:
+        got = s.read_patches(centers, 24, downsample=3.0)  # from level 1 (ds 2), resized by 1.5
+    errors, shifted = [], []
+    for c, patch in zip(centers, got):
+        x0, y0, w0, h0 = patch_box((c[0], c[1]), 24, 3.0)
+        # exactly: the level-1 box (x0 / 2, y0 / 2, 36 x 36 level-1 px) area-resized to 24 x 24
+        ix, iy = math.floor(x0 / 2), math.floor(y0 / 2)
+        src = _crop(level1, ix, iy, math.ceil((x0 + 72) / 2) - ix, math.ceil((y0 + 72) / 2) - iy)
+        box = (x0 / 2 - ix, y0 / 2 - iy, (x0 + 72) / 2 - ix, (y0 + 72) / 2 - iy)
+        want = np.asarray(Image.fromarray(src).resize((24, 24), Image.Resampling.BOX, box=box))
+        np.testing.assert_array_equal(patch, want)
+        # approximately: the level-0 box area-resized (level 1 is itself an area reduction)
+        errors.append(_diff(patch, _area(_crop(img, x0, y0, w0, h0), (24, 24))).mean())
+        shifted.append(_diff(patch, _area(_crop(img, x0 + 3, y0, w0, h0), (24, 24))).mean())
+    assert np.mean(errors) < 3.5 and max(errors) < 6, errors
+    assert np.mean(shifted) > np.mean(errors) + 1  # one patch pixel off is measurably worse
+
+
+def test_best_level_for_downsample(generic_tiff: Generated, shared_slides: Path) -> None:
+    with open_slide(generic_tiff.path) as s:
+        got = [s.best_level_for_downsample(d) for d in (0.5, 1.0, 1.9, 1.99, 2.0, 3.9, 4.0, 100.0)]
+        assert got == [0, 0, 0, 1, 1, 1, 2, 2]
+    with _open(shared_slides / "boxes.tiff") as s:
+        assert s.best_level_for_downsample(4.0) == 2  # 4.016 is within 1% of 4
+
+
+def _assert_close_to_area(view: np.ndarray, image: np.ndarray) -> None:
+    """A view is the area-average of level 0 up to pyramid rounding, which shows only on sharp edges."""
+    d = _diff(view, _area(image, (view.shape[1], view.shape[0]))).max(-1)
+    assert d.mean() < 3 and (d > 40).mean() < 0.01, (d.mean(), (d > 40).mean())
+
+
+def test_read_view_matches_area_downsample(generic_tiff: Generated) -> None:
+    img = generic_tiff.levels[0]
+    with open_slide(generic_tiff.path) as s:
+        v = s.read_view(downsample=4.0)  # exactly level 2
+        np.testing.assert_array_equal(v.image, generic_tiff.levels[2])
+        assert v.downsample == (4.0, 4.0)
+        for ds in (5.0, 3.0, 7.3):
+            v = s.read_view(downsample=ds)
+            w, h = round(800 / ds), round(600 / ds)
+            assert v.image.shape == (h, w, 3) and v.downsample == (800 / w, 600 / h)
+            _assert_close_to_area(v.image, img)
+        assert s.read_view(max_size=100).image.shape == (75, 100, 3)
+        assert s.read_view(mpp=2.0).image.shape == (75, 100, 3)  # 2 um/px over 0.25 um/px: downsample 8
+        assert s.read_view().image.shape == (600, 800, 3)  # default: longest side at most 1024
+        with pytest.raises(SlideError, match="finer than level 0"):
+            s.read_view(downsample=0.5)
+
+
+def test_read_view_of_single_level_slide_is_chunked_without_seams(strip_tiff: Generated,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    img = strip_tiff.levels[0]
+    with open_slide(strip_tiff.path) as s:
+        one_shot = s.read_view(downsample=6.5)
+        sizes: list[tuple[int, int]] = []
+        original = s._read_px
+
+        def spy(level: int, x: int, y: int, w: int, h: int, fill: int) -> np.ndarray:
+            sizes.append((w, h))
+            return original(level, x, y, w, h, fill)
+
+        monkeypatch.setattr(s, "_read_px", spy)
+        monkeypatch.setattr(slide_mod, "_VIEW_CHUNK", 100)
+        chunked = s.read_view(downsample=6.5)
+    assert len(sizes) > 30 and max(w * h for w, h in sizes) <= 100 * 100  # never the whole level at once
+    np.testing.assert_array_equal(chunked.image, one_shot.image)  # chunk borders leave no seams
+    assert chunked.image.shape == (round(600 / 6.5), round(800 / 6.5), 3)
+    _assert_close_to_area(chunked.image, img)
+
+
+# --- laziness on a 10-gigapixel slide -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["tifffile", "openslide"])
+def test_sparse_ten_gigapixel_slide_is_read_lazily(sparse: _slides.SparseSlide, backend: str) -> None:
+    rng = np.random.default_rng(4)
+    tissue = np.argwhere(sparse.blocks)
+    picks = tissue[rng.integers(0, len(tissue), 32)]
+    in_tissue = (picks[:, ::-1] + rng.uniform(0.2, 0.8, (32, 2))) * sparse.block
+    anywhere = rng.uniform(0, sparse.size, (32, 2))
+    centers = np.concatenate([in_tissue, anywhere])
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with open_slide(sparse.path, backend=backend) as s:
+        assert s.dimensions == (100_000, 100_000) and s.level_count == 8
+        assert s.dimensions[0] * s.dimensions[1] >= 10**10
+        view = s.read_view(max_size=1024)
+        patches = s.read_patches(centers, 256)
+        with pytest.raises(SlideError, match="budget"):
+            s.read_level(0)
+    elapsed = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    assert elapsed < 10, elapsed
+    assert peak < 300e6 and grown_mb < 300, (peak, grown_mb)
+    assert view.image.shape == (1024, 1024, 3)
+    # the view shows the tissue blocks: compare with the truth at each view pixel's centre
+    step = view.downsample[0]
+    xs = ((np.arange(1024) + 0.5) * step).astype(int)
+    want = sparse.blocks[(xs // sparse.block)[:, None], (xs // sparse.block)[None, :]]
+    got = np.abs(view.image.astype(int) - 255).sum(-1) > 60
+    assert (got != want).mean() < 0.02
+    for c, patch in zip(centers, patches):
+        x0, y0, _, _ = patch_box((c[0], c[1]), 256, 1.0)
+        assert _diff(patch, sparse.truth(x0, y0, 256, 256)).max() <= 12  # JPEG of flat colour / empty tiles
+
+
+def test_sparse_slide_empty_tiles_are_white_in_both_backends(sparse: _slides.SparseSlide) -> None:
+    by, bx = np.argwhere(sparse.blocks)[0]
+    x, y = int(bx * sparse.block - 100), int(by * sparse.block - 100)  # straddles glass and tissue
+    with open_slide(sparse.path) as t, open_slide(sparse.path, backend="openslide") as o:
+        a, b = t.read_region((x, y), 0, (300, 300)), o.read_region((x, y), 0, (300, 300))
+    np.testing.assert_array_equal(a, b)
+    assert (a[:100, :100] == 255).all() and _diff(a, sparse.truth(x, y, 300, 300)).max() <= 12
+
+
+# --- errors ---------------------------------------------------------------------------------------------------------
+
+
+def test_missing_file_directory_and_empty_file(tmp_path: Path) -> None:
+    with pytest.raises(SlideNotFoundError, match=r"nope\.svs: no such file$"):
+        open_slide(tmp_path / "nope.svs")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("x")
+    with pytest.raises(SlideNotFoundError, match="is a directory, not a slide file"):
+        open_slide(tmp_path / "folder")
+    empty = tmp_path / "x.tif"
+    empty.touch()
+    with pytest.raises(CorruptSlideError) as err:
+        open_slide(empty)
+    assert str(err.value) == f"{empty}: file is empty (0 bytes)"
+
+
+def test_random_bytes_are_unsupported(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.svs"
+    junk.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    for backend in ("auto", "openslide"):
+        with pytest.raises(UnsupportedSlideError) as err:
+            open_slide(junk, backend=backend)
+        assert str(err.value) == f"{junk}: not a whole-slide image format tifffile or OpenSlide can read"
+    with pytest.raises(UnsupportedSlideError, match="not a TIFF file"):
+        open_slide(junk, backend="tifffile")
+    fake = tmp_path / "fake.tif"
+    fake.write_bytes(b"II*\x00" + bytes(range(256)) * 4)  # TIFF magic, garbage after it
+    with pytest.raises(CorruptSlideError, match="broken TIFF structure"):
+        open_slide(fake)
+
+
+@pytest.mark.parametrize("keep", [0.6, 0.2])
+def test_truncated_tiff_is_corrupt_and_silent(tmp_path: Path, generic_jpeg: Generated, keep: float,
+                                               capfd: pytest.CaptureFixture[str]) -> None:
+    cut = tmp_path / "cut.tiff"
+    _slides.truncate(generic_jpeg.path, cut, keep=keep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CorruptSlideError, match=r"^.*cut\.tiff: file is truncated: level \d needs \d+ bytes"):
+            open_slide(cut)
+    assert capfd.readouterr().err == ""  # tifffile's log lines never reach the terminal
+
+
+def test_absurd_or_inconsistent_dimensions_are_corrupt(tmp_path: Path, generic_jpeg: Generated) -> None:
+    for width, message in [(3_000_000, "claims 3000000 x 600 px"), (5000, "tiles/strips where its size needs")]:
+        bad = tmp_path / f"w{width}.tif"
+        shutil.copy(generic_jpeg.path, bad)
+        _slides.patch_tag(bad, 256, width)  # ImageWidth
+        with pytest.raises(CorruptSlideError, match=message):
+            _open(bad, "tifffile")
+
+
+@pytest.mark.parametrize(("writer", "message"), [
+    (_slides.write_gray, "has 1 channel(s) of uint8; wsiats needs 8-bit RGB"),
+    (_slides.write_uint16, "has 1 channel(s) of uint16; wsiats needs 8-bit RGB"),
+    (_slides.write_rgb16, "has 3 channel(s) of uint16; wsiats needs 8-bit RGB"),
+])
+def test_non_rgb_images_are_unsupported(tmp_path: Path, writer: Any, message: str) -> None:
+    path = tmp_path / "img.tif"
+    writer(path)
+    with pytest.raises(UnsupportedSlideError) as err:
+        open_slide(path)
+    assert str(err.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("premultiplied", [False, True])
+def test_alpha_is_composited_over_white(tmp_path: Path, premultiplied: bool) -> None:
+    path = tmp_path / "rgba.tif"
+    rgba = _slides.write_rgba(path, premultiplied=premultiplied).astype(np.int32)
+    rgb, a = rgba[..., :3], rgba[..., 3:]
+    want = rgb + (255 - a) if premultiplied else (rgb * a + 127) // 255 + (255 - a)
+    for backend in ("tifffile", "openslide"):
+        with open_slide(path, backend=backend) as s:
+            got = s.read_level(0).astype(np.int32)
+        assert np.abs(got - np.minimum(want, 255)).max() <= 1, backend  # OpenSlide un-premultiplies: +-1
+
+
+def test_unknown_codec_fails_at_read_time(tmp_path: Path, generic_tiff: Generated) -> None:
+    bad = tmp_path / "codec.tif"
+    shutil.copy(generic_tiff.path, bad)
+    _slides.patch_tag(bad, 259, 60001)  # Compression: a scheme nobody implements
+    with open_slide(bad) as s:
+        with pytest.raises(SlideReadError, match=r"cannot read level 0 region .*compression"):
+            s.read_region((0, 0), 0, (10, 10))
+
+
+@pytest.mark.parametrize("backend", ["tifffile", "openslide"])
+def test_bad_tile_fails_naming_level_and_region(tmp_path: Path, generic_jpeg: Generated, backend: str) -> None:
+    bad = tmp_path / "badtile.tif"
+    shutil.copy(generic_jpeg.path, bad)
+    _slides.corrupt_tile(bad, index=1)  # level 0, second tile: x 128..255, y 0..127
+    with open_slide(bad, backend=backend) as s, open_slide(generic_jpeg.path, backend=backend) as good:
+        np.testing.assert_array_equal(s.read_region((0, 0), 0, (100, 100)), good.read_region((0, 0), 0, (100, 100)))
+        with pytest.raises(SlideReadError, match=r"badtile\.tif: cannot read level 0 region x=1\d\d y=0"):
+            s.read_region((150, 0), 0, (20, 20))
+
+
+def test_bad_arguments_and_closed_slide(generic_tiff: Generated) -> None:
+    with pytest.raises(ConfigError, match="--backend"):
+        open_slide(generic_tiff.path, backend="pil")
+    with pytest.raises(ConfigError, match="--mpp"):
+        open_slide(generic_tiff.path, mpp=0)
+    s = open_slide(generic_tiff.path)
+    with pytest.raises(SlideError, match="level 3 does not exist"):
+        s.read_region((0, 0), 3, (4, 4))
+    s.close()
+    with pytest.raises(SlideReadError, match="closed"):
+        s.read_region((0, 0), 0, (4, 4))
+
+
+def test_describe_is_json(svs: tuple[Generated, dict[str, np.ndarray]]) -> None:
+    with open_slide(svs[0].path) as s:
+        d = json.loads(json.dumps(describe(s)))
+    assert d["path"] == str(svs[0].path) and d["backend"] == "tifffile" and d["vendor"] == "aperio"
+    assert d["level_count"] == 3 and d["level_dimensions"][1] == [200, 150]
+    assert d["level_downsamples"][1] == 4.0 and d["mpp"] == [0.25, 0.25] and d["mpp_source"] == "aperio"
+    assert d["objective_power"] == 20.0 and d["associated_images"] == ["label", "macro", "thumbnail"]
+    assert d["file_size"] == svs[0].path.stat().st_size and math.isclose(d["gigapixels"], 0.00048)

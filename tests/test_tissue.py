@@ -1,0 +1,59 @@
+"""Tissue mask on generated views: stained blobs on glass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from wsiats.tissue import otsu_threshold, tissue_mask
+
+
+def _view(seed: int = 0, size: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """A view of white glass with scanner noise and two stained discs; returns (image, truth)."""
+    rng = np.random.default_rng(seed)
+    img = np.clip(rng.normal(240, 4, (size, size, 3)), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size]
+    truth = ((yy - 60) ** 2 + (xx - 70) ** 2 < 35**2) | ((yy - 140) ** 2 + (xx - 140) ** 2 < 25**2)
+    stain = np.array([200, 110, 170]) + rng.normal(0, 10, (size, size, 3))
+    img[truth] = np.clip(stain[truth], 0, 255).astype(np.uint8)
+    img[5, 5] = (150, 40, 120)  # one saturated speck of dust on the glass
+    return img, truth
+
+
+def test_finds_tissue_and_not_glass() -> None:
+    img, truth = _view()
+    mask = tissue_mask(img)
+    assert mask.shape == truth.shape and mask.dtype == bool
+    assert mask[truth].mean() > 0.97  # nearly all tissue found
+    assert mask[~truth].mean() < 0.01  # nearly no glass taken for tissue
+    assert not mask[5, 5]  # the speck is blurred away
+
+
+def test_blank_or_uniform_views_give_empty_masks() -> None:
+    rng = np.random.default_rng(1)
+    glass = np.clip(rng.normal(242, 5, (120, 160, 3)), 0, 255).astype(np.uint8)
+    assert not tissue_mask(glass).any()  # Otsu alone would split the noise in two
+    assert not tissue_mask(np.full((50, 50, 3), 255, np.uint8)).any()
+    assert not tissue_mask(np.zeros((50, 50, 3), np.uint8)).any()  # black is not saturated either
+
+
+def test_grey_background_with_faint_tissue_still_uses_otsu() -> None:
+    img, truth = _view(seed=2)
+    img[~truth] = 180  # darker, still unsaturated glass
+    mask = tissue_mask(img, blur=0)
+    assert mask[truth].mean() > 0.95 and mask[~truth].mean() < 0.01
+
+
+def test_min_fraction_and_bad_input() -> None:
+    img, _ = _view()
+    assert not tissue_mask(img, min_fraction=0.9).any()
+    with pytest.raises(ValueError, match="uint8"):
+        tissue_mask(img.astype(np.float32))
+    assert tissue_mask(img[:2, :2]).shape == (2, 2)
+
+
+def test_otsu_threshold_separates_two_modes() -> None:
+    values = np.concatenate([np.full(500, 20), np.full(300, 200)]).astype(np.uint8)
+    t = otsu_threshold(values)
+    assert 20 <= t < 200
+    assert otsu_threshold(np.array([], np.uint8)) == 0
