@@ -50,14 +50,28 @@ def _reports_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Warnings reach the user as one `Warning: ...` line, without a source line."""
+    click.echo(f"Warning: {message}", err=True)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="wsiats")
-def cli() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Log what the library does (to stderr).")
+def cli(verbose: bool) -> None:
     """Classify whole-slide images with attention sampling.
 
     A small attention network looks at a low-resolution view of each slide, a few
     locations are sampled from it, and only those tiles are read at full resolution.
+
+    Shell completion (bash): eval "$(_WSIATS_COMPLETE=bash_source wsiats)"
     """
+    import logging
+    import warnings
+
+    warnings.showwarning = _show_warning
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
 
 backend_option = click.option(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import time
 import warnings
@@ -29,6 +30,9 @@ from wsiats.models import ATSModel
 from wsiats.pipeline import PreparedView, SlideBatchItem, SlidePool, forward_batch, prepare_view
 from wsiats.runtime import autocast_factory, select_device
 from wsiats.slide import open_slide
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -128,6 +132,7 @@ class Predictor:
                 except (OSError, RuntimeError, ValueError, MemoryError) as exc:
                     pred = Prediction(slide_id(path), path, error=f"{path}: {type(exc).__name__}: {exc}")
                 pred.seconds = time.perf_counter() - t0
+                log.info("%s: %s in %.3f s", path, pred.error or f"p={[round(p, 4) for p in pred.probs]}", pred.seconds)
                 yield pred
         finally:
             for fut in futures.values():
@@ -158,7 +163,7 @@ def write_predictions(path: str | Path, preds: Sequence[Prediction], classes: Se
     path = Path(path)
     if path.suffix.lower() == ".csv":
         with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=csv_columns(classes))
+            writer = csv.DictWriter(fh, fieldnames=csv_columns(classes), lineterminator="\n")
             writer.writeheader()
             for pred in preds:
                 writer.writerow(_row(pred, classes))

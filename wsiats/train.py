@@ -8,6 +8,7 @@ uninterrupted run would have (on the CPU, where kernels are deterministic).
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import time
 import warnings
@@ -53,6 +54,8 @@ from wsiats.pipeline import (
 )
 from wsiats.runtime import autocast_factory, grad_scaler
 from wsiats.slide import open_slide
+
+log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = (
     "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc",
@@ -201,8 +204,11 @@ def train(
     start_epoch, best_epoch, best_key = 0, -1, (-math.inf, -math.inf)
     out_dir.mkdir(parents=True, exist_ok=True)
     if resume:
-        load_weights_into(model, out_dir / LAST_FILE)
         state = load_state(out_dir / STATE_FILE)
+        if "model" in state:  # the weights of the state's epoch: last.safetensors may be one epoch ahead
+            model.load_state_dict(state["model"])
+        else:
+            load_weights_into(model, out_dir / LAST_FILE)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -238,6 +244,7 @@ def train(
                 row.update(val_loss=math.nan, val_acc=math.nan, val_auc=math.nan)
                 key = (float(epoch), 0.0)  # no validation: the latest epoch is the best
             history.append(row)
+            log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
             improved = key > best_key
             if improved:
                 best_key, best_epoch = key, epoch
@@ -249,6 +256,7 @@ def train(
             save_weights(model, out_dir / LAST_FILE, metadata={"epoch": str(epoch)})
             save_state(out_dir / STATE_FILE, {
                 "epoch": epoch,
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},  # one file, renamed at once
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
@@ -332,7 +340,7 @@ def _train_epoch(
 
 def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
     with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
+        writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(METRIC_COLUMNS)
         for row in history:
             writer.writerow([_fmt(row.get(c, math.nan)) for c in METRIC_COLUMNS])
