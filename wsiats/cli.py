@@ -227,6 +227,44 @@ def train(slide_dir: Path, labels: Path, out: Path, config_file: Path | None, re
         console.print(table)
 
 
+def _load_option_file(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """`--config FILE` for predict/heatmap: its keys become option defaults; flags override."""
+    if value is None:
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(value).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise click.BadParameter(f"{value}: not a readable YAML file ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{value}: expected a mapping of option: value")
+    names = {p.name for p in ctx.command.params if p.name not in ("slides", "config_file")}
+    unknown = sorted(str(k) for k in set(data) - names)
+    if unknown:
+        raise click.BadParameter(f"{value}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
+    ctx.default_map = {**(ctx.default_map or {}), **data}
+    return value
+
+
+option_file = click.option(
+    "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), default=None, is_eager=True,
+    expose_value=True, callback=_load_option_file,
+    help="YAML with option: value for this command (flags override it).",
+)
+
+
+def _write_resolved(path: Path, params: dict[str, Any]) -> None:
+    """Record the options a command ran with next to its outputs."""
+    import yaml
+
+    from wsiats._io import atomic_open
+
+    plain = {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump({"wsiats": __version__, **plain}, fh, sort_keys=False)
+
+
 @cli.command()
 @click.argument("slides", nargs=-1, required=True, type=str)
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="Run folder written by `wsiats train`.")
@@ -242,10 +280,11 @@ def train(slide_dir: Path, labels: Path, out: Path, config_file: Path | None, re
 @backend_option
 @mpp_option
 @quiet_option
+@option_file
 @_reports_errors
 def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | None, mc: int, topk: bool,
             n_patches: int | None, seed: int, device: str, workers: int, as_json: bool, backend: str,
-            mpp: float | None, quiet: bool) -> None:
+            mpp: float | None, quiet: bool, config_file: Path | None) -> None:
     """Classify SLIDES (files, folders or glob patterns) with a trained model.
 
     A slide that fails is recorded in the error column and the others go on; the exit
@@ -278,6 +317,7 @@ def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | 
             return
         write_predictions(out, preds, predictor.classes,
                           extra={"model": str(model_dir), "mc": predictor.mc, "topk": topk})
+        _write_resolved(out.with_name(out.name + ".config.yaml"), click.get_current_context().params)
     finally:
         distributed.teardown(ctx)
     failed = [p for p in preds if not p.ok]
@@ -338,9 +378,10 @@ def _print_metrics(m: dict[str, Any], classes: list[str]) -> None:
 @backend_option
 @mpp_option
 @quiet_option
+@option_file
 @_reports_errors
 def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, device: str, backend: str,
-            mpp: float | None, quiet: bool) -> None:
+            mpp: float | None, quiet: bool, config_file: Path | None) -> None:
     """Draw where the model looks on SLIDES.
 
     Per slide: OUT/<id>.png (thumbnail with the attention overlay and a colour bar),
@@ -356,6 +397,8 @@ def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, devic
     from wsiats.heatmap import heatmap_slides
 
     paths = find_slides(slides)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_resolved(out / "heatmap.config.yaml", click.get_current_context().params)
     results = list(track(heatmap_slides(paths, model_dir, out, top=top, device=device, backend=backend, mpp=mpp),
                          total=len(paths), description="heatmaps", disable=quiet))
     failed = [r for r in results if r.error]

@@ -206,16 +206,22 @@ class ViewDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[int, object]:
+        """(index, PreparedView), or (index, error message) for a slide that cannot be read:
+        exceptions do not cross DataLoader worker processes intact, so they travel as text."""
+        from wsiats.errors import WsiatsError
         from wsiats.pipeline import prepare_view
         from wsiats.slide import open_slide
 
         if i not in self._cache:
             import warnings
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with open_slide(self.items[i].path, backend=self.backend, mpp=self.mpp) as slide:
-                    self._cache[i] = prepare_view(slide, self.cfg)  # type: ignore[arg-type]
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    with open_slide(self.items[i].path, backend=self.backend, mpp=self.mpp) as slide:
+                        self._cache[i] = prepare_view(slide, self.cfg)  # type: ignore[arg-type]
+            except WsiatsError as exc:
+                self._cache[i] = str(exc)
         return i, self._cache[i]
 
 

@@ -113,7 +113,7 @@ def _loader(ds: ViewDataset, cfg: Config, sampler: DistributedSampler) -> DataLo
 def evaluate(
     model: ATSModel,
     items: Sequence[Item],
-    views: Callable[[int], PreparedView],
+    views: Callable[[int], PreparedView | str],
     *,
     cfg: Config,
     pool: SlidePool,
@@ -131,7 +131,10 @@ def evaluate(
     records = []
     with torch.no_grad():
         for i in distributed.shard(ctx, len(items)):
-            out = forward_batch(model, [SlideBatchItem(items[i].path, views(i))], cfg=cfg, pool=pool,
+            view = views(i)
+            if isinstance(view, str):  # unreadable: reported by the training loop's warning
+                continue
+            out = forward_batch(model, [SlideBatchItem(items[i].path, view)], cfg=cfg, pool=pool,
                                 generator=seeded_generator(seed, 10**6, i), device=device, autocast=autocast)
             y = torch.tensor([items[i].label], device=out.logits.device)
             _, ce = loss_fn(out, y, cfg=cfg, weight=None)
@@ -172,11 +175,8 @@ def train(
     if bad:
         listing = "; ".join(f"{it.path}: {why}" for it, why in bad)
         if not skip_bad:
-            raise SlideError(
-                bad[0][0].path,
-                f"{len(bad)} unreadable slide(s) in the cohort: {listing}. Fix or remove them, or pass --skip-bad",
-            ) if len(bad) == 1 else WsiatsError(
-                f"{len(bad)} unreadable slides in the cohort: {listing}. Fix or remove them, or pass --skip-bad"
+            raise WsiatsError(
+                f"{len(bad)} unreadable slide(s) in the cohort: {listing}. Fix or remove them, or pass --skip-bad"
             )
         skipped = [str(it.path) for it, _ in bad]
         items = [it for it in items if str(it.path) not in skipped]
@@ -308,6 +308,11 @@ def _train_epoch(
     total_loss, correct, seen, entropy_sum = 0.0, 0, 0, 0.0
     n_steps = math.ceil(len(sampler) / cfg.batch_size)
     for batch in track(loader, total=n_steps, description=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress):
+        for _, error in (pair for pair in batch if isinstance(pair[1], str)):
+            warnings.warn(f"skipped in this step: {error}", stacklevel=1)
+        batch = [pair for pair in batch if not isinstance(pair[1], str)]
+        if not batch:
+            continue
         items = [
             SlideBatchItem(items_of[i].path, view, Augment.draw(aug_gen) if cfg.augment else Augment())
             for i, view in batch
