@@ -105,7 +105,8 @@ def test_heatmap_outputs(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
     code, text = invoke("heatmap", cohort / "slides" / "synth_0001.tif", "--model", run_dir, "--out", out, "--top", "5", "-q")
     assert code == 0, text
     assert text.strip() == f"wrote 1 heatmap(s) to {out}, 0 failed"
-    assert sorted(p.name for p in out.iterdir()) == ["synth_0001.attention.tif", "synth_0001.geojson", "synth_0001.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "heatmap.config.yaml", "synth_0001.attention.tif", "synth_0001.geojson", "synth_0001.png"]
     Image.open(out / "synth_0001.png").verify()
     with tifffile.TiffFile(out / "synth_0001.attention.tif") as tif:
         att = tif.pages[0].asarray()
