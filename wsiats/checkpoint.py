@@ -1,7 +1,8 @@
 """Model files: safetensors weights + YAML config. Loading never unpickles code.
 
 A run folder holds `config.yaml`, `model.safetensors` (best on validation),
-`last.safetensors` and `last_state.pt` (optimizer, scheduler and epoch, loaded with
+`last.safetensors` and `last_state.pt` (model weights again, optimizer, scheduler and epoch
+in one file, so that weights and optimizer state are renamed into place together; loaded with
 `weights_only=True`) for `--resume`, and `metrics.csv`.
 """
 

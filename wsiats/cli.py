@@ -397,11 +397,11 @@ def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, devic
     from wsiats.heatmap import heatmap_slides
 
     paths = find_slides(slides)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_resolved(out / "heatmap.config.yaml", click.get_current_context().params)
     results = list(track(heatmap_slides(paths, model_dir, out, top=top, device=device, backend=backend, mpp=mpp),
                          total=len(paths), description="heatmaps", disable=quiet))
     failed = [r for r in results if r.error]
+    if len(failed) < len(results):
+        _write_resolved(out / "heatmap.config.yaml", click.get_current_context().params)
     console.print(f"wrote {len(results) - len(failed)} heatmap(s) to {out}, {len(failed)} failed")
     if failed:
         for r in failed:

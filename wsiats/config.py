@@ -122,6 +122,14 @@ class Config:
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.clip_norm > 0, "clip_norm", "must be > 0")
         need(self.attention in ("learned", "uniform"), "attention", "must be 'learned' or 'uniform'")
+        from wsiats.models import list_feature_nets
+
+        valid = list_feature_nets()
+        need(
+            self.feature_net in valid or self.feature_net.startswith(("timm:", "hf-hub:")),
+            "feature_net",
+            f"must be one of {', '.join(valid)}, timm:<model name> or hf-hub:<repo>",
+        )
         need(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             "device",

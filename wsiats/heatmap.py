@@ -389,9 +389,17 @@ def heatmap_slides(
     model.to(dev)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    first_of: dict[str, Path] = {}
     for path in paths:
         sid = slide_id(path)
         result = HeatmapResult(sid, Path(path))
+        if sid in first_of:  # a.tif and b/a.svs: the second would overwrite the first one's files
+            result.error = (f"{path}: slide id {sid!r} is also the id of {first_of[sid]}; its heatmap files would "
+                            "overwrite that slide's")
+            yield result
+            continue
+        first_of[sid] = Path(path)
+        written: list[Path] = []
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -411,11 +419,16 @@ def heatmap_slides(
             tif = out_dir / f"{sid}.attention.tif"
             geo = out_dir / f"{sid}.geojson"
             write_png(png, render_overlay(thumb, att, mask=view.mask, title=f"{sid}: attention"))
+            written.append(png)
             write_attention_tiff(tif, att.astype(np.float32), downsample=view.downsample, mpp=slide_mpp)
+            written.append(tif)
             write_geojson(geo, patches_geojson(boxes, flat[order], slide_id=sid))
             result.files = [png, tif, geo]
         except WsiatsError as exc:
             result.error = str(exc)
         except (OSError, RuntimeError, ValueError, MemoryError) as exc:
             result.error = f"{path}: {type(exc).__name__}: {exc}"
+        if result.error:  # a failed slide leaves none of its three files
+            for done in written:
+                done.unlink(missing_ok=True)
         yield result

@@ -180,15 +180,20 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        detail = (str(exc).strip().splitlines() or ["no details"])[0][:200]  # EOFError of an empty file has none
         raise ModelError(
-            f"{path}: not a loadable weights file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"{path}: not a loadable weights file ({type(exc).__name__}: {detail}); "
             "only safetensors and weights-only torch files are accepted"
         ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ModelError(f"{path}: expected a state dict of tensors")
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a shape differs, or a value is not a tensor: torch lists them after line 1
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ModelError(f"{path}: weights do not match the feature net ({lines[-1][:200]})") from None
     # A backbone's classifier head is dropped (num_classes=0): ignore 'fc.'/'head.' leftovers.
     unexpected = [k for k in unexpected if not k.split(".")[0] in ("fc", "head", "classifier")]
     if missing or unexpected:

@@ -1,0 +1,261 @@
+"""The networks (`wsiats.models`) and the model files that hold them (`wsiats.checkpoint`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from wsiats.checkpoint import MODEL_FILE, build_model, load_model, save_weights
+from wsiats.config import Config
+from wsiats.errors import CheckpointError, ModelError
+from wsiats.models import (
+    ATSModel,
+    AttentionNet,
+    SmallCNN,
+    create_feature_net,
+    list_feature_nets,
+    load_weights,
+    normalize_images,
+)
+
+HAS_TIMM = importlib.util.find_spec("timm") is not None
+
+
+# --- the feature-network registry ---------------------------------------------------------------------------------
+
+
+def test_registry_lists_the_names() -> None:
+    assert list_feature_nets() == ["resnet18", "resnet50", "small-cnn"]
+
+
+def test_unknown_feature_net_lists_the_valid_ones() -> None:
+    with pytest.raises(ModelError) as info:
+        create_feature_net("resnet-18")
+    assert str(info.value) == (
+        "unknown feature net 'resnet-18'; valid: resnet18, resnet50, small-cnn, timm:<model name> or hf-hub:<repo>"
+    )
+
+
+@pytest.mark.skipif(HAS_TIMM, reason="timm is installed: the missing-package hint cannot be shown")
+@pytest.mark.parametrize(("name", "shown"), [("timm:resnet18", "resnet18"), ("resnet50", "resnet50"),
+                                             ("hf-hub:org/model", "hf-hub:org/model")])
+def test_timm_names_without_timm_give_the_install_hint(name: str, shown: str) -> None:
+    with pytest.raises(ModelError) as info:
+        create_feature_net(name)
+    assert str(info.value) == f"feature net {shown!r} needs the optional package timm: pip install 'wsiats[timm]'"
+
+
+@pytest.mark.skipif(not HAS_TIMM, reason="timm is not installed")
+def test_timm_unknown_model_is_a_model_error() -> None:
+    with pytest.raises(ModelError, match="timm could not create it"):
+        create_feature_net("timm:no-such-model-xyz")
+
+
+# --- shapes and normalisation ----------------------------------------------------------------------------------
+
+
+def test_features_are_l2_normalised() -> None:
+    torch.manual_seed(0)
+    net = create_feature_net("small-cnn", width=12)
+    assert net.out_dim == 12
+    patches = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8)
+    feats = net(patches)
+    assert feats.shape == (5, 12) and feats.dtype == torch.float32
+    torch.testing.assert_close(feats.norm(dim=1), torch.ones(5))
+    # uint8 and the same images in [0, 1] are the same input
+    torch.testing.assert_close(net(patches.float() / 255.0), feats)
+    # a blank patch (all features 0 before normalising) gives a finite vector, not NaN
+    assert torch.isfinite(net(torch.full((1, 3, 40, 40), 255, dtype=torch.uint8))).all()
+
+
+def test_normalize_images_uses_imagenet_statistics() -> None:
+    x = normalize_images(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(x[0, :, 0, 0], (1 - mean) / std)
+
+
+@pytest.mark.parametrize(("h", "w"), [(1, 1), (7, 5), (9, 16)])
+def test_attention_map_has_the_view_shape(h: int, w: int) -> None:
+    net = AttentionNet()
+    out = net(torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8))
+    assert out.shape == (2, h * w) and out.dtype == torch.float32
+
+
+def test_attention_cell_is_centred_on_its_view_pixel() -> None:
+    """Changing view pixel (r, c) changes exactly the cells within receptive_field // 2 of (r, c)."""
+    torch.manual_seed(0)
+    net = AttentionNet()
+    view = torch.randint(0, 256, (1, 3, 11, 13), dtype=torch.uint8)
+    base = net(view).reshape(11, 13)
+    half = AttentionNet.receptive_field // 2
+    for r, c in ((5, 6), (0, 0), (10, 2)):
+        moved = view.clone()
+        moved[0, :, r, c] = 255 - moved[0, :, r, c]
+        changed = (net(moved).reshape(11, 13) - base).abs() > 0
+        rows, cols = torch.meshgrid(torch.arange(11), torch.arange(13), indexing="ij")
+        near = ((rows - r).abs() <= half) & ((cols - c).abs() <= half)
+        assert not (changed & ~near).any()
+        if (r, c) == (5, 6):  # interior: the whole 7 x 7 neighbourhood responds, centred on (r, c)
+            assert (changed == near).all()
+        assert changed[r, c]
+
+
+def test_ats_model_parts_and_frozen_features() -> None:
+    model = ATSModel(n_classes=3, feature_dim=16, freeze_features=True)
+    assert model.classifier.in_features == 16 and model.classifier.out_features == 3
+    assert not any(p.requires_grad for p in model.feature_net.parameters())
+    assert all(p.requires_grad for p in model.attention_net.parameters())
+    model.train()
+    assert model.training and model.attention_net.training and not model.feature_net.training
+
+
+# --- loading weights --------------------------------------------------------------------------------------------
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_load_weights_from_safetensors(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    src = SmallCNN(width=8)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    dst = SmallCNN(width=8)
+    assert not _same(src, dst)
+    load_weights(dst, path)
+    assert _same(src, dst)
+    # through the registry: the backbone of the L2-normalised wrapper gets them
+    net = create_feature_net("small-cnn", width=8, weights=path)
+    assert _same(src, net.backbone)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_load_weights_from_a_weights_only_torch_file(tmp_path: Path, nested: bool) -> None:
+    torch.manual_seed(2)
+    src = SmallCNN(width=8)
+    path = tmp_path / "w.pt"
+    state = src.state_dict()
+    torch.save({"state_dict": state, "epoch": 3} if nested else state, path)
+    dst = SmallCNN(width=8)
+    load_weights(dst, path)
+    assert _same(src, dst)
+
+
+def test_load_weights_ignores_a_classifier_head(tmp_path: Path) -> None:
+    """Backbones are built without their head (num_classes=0): 'fc.' keys of a full checkpoint are dropped."""
+    src = SmallCNN(width=8)
+    state = dict(src.state_dict(), **{"fc.weight": torch.zeros(10, 8), "fc.bias": torch.zeros(10)})
+    torch.save(state, tmp_path / "w.pth")
+    dst = SmallCNN(width=8)
+    load_weights(dst, tmp_path / "w.pth")
+    assert _same(src, dst)
+
+
+def test_load_weights_mismatch_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=re.escape(f"{tmp_path / 'nope.pt'}: weights file not found")):
+        load_weights(SmallCNN(), tmp_path / "nope.pt")
+    save_file({"other.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ModelError, match=r"other\.safetensors: weights do not match the feature net \(missing 8"):
+        load_weights(SmallCNN(), tmp_path / "other.safetensors")
+    # same names, other shapes (a width-16 net's weights for a width-32 net)
+    w16 = {k: v.contiguous() for k, v in SmallCNN(width=16).state_dict().items()}
+    save_file(w16, str(tmp_path / "w16.safetensors"))
+    with pytest.raises(ModelError, match=r"w16\.safetensors: weights do not match the feature net \(size mismatch for"):
+        load_weights(SmallCNN(width=32), tmp_path / "w16.safetensors")
+    state = SmallCNN(width=8).state_dict()
+    torch.save({**state, "net.0.bias": 3}, tmp_path / "int.pt")
+    with pytest.raises(ModelError, match=r"int\.pt: weights do not match the feature net \(.*net\.0\.bias.*int"):
+        load_weights(SmallCNN(width=8), tmp_path / "int.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(ModelError, match=r"list\.pt: expected a state dict of tensors"):
+        load_weights(SmallCNN(), tmp_path / "list.pt")
+
+
+class _Payload:
+    """Unpickling this creates `marker`: what a malicious checkpoint would do (with os.system, say)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return pathlib.Path.touch, (self.marker,)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin"])
+def test_load_weights_never_runs_pickled_code(tmp_path: Path, suffix: str) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / f"evil{suffix}"
+    torch.save({**SmallCNN(width=8).state_dict(), "payload": _Payload(marker)}, path)
+    assert not marker.exists()
+    with pytest.raises(ModelError) as info:
+        load_weights(SmallCNN(width=8), path)
+    assert not marker.exists()
+    message = str(info.value)
+    assert message.startswith(f"{path}: not a loadable weights file (UnpicklingError: ")
+    assert message.endswith("only safetensors and weights-only torch files are accepted")
+    # the payload is real: a plain (unsafe) torch.load runs it
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a weights file at all", b"\x00" * 64])
+def test_load_weights_refuses_garbage(tmp_path: Path, content: bytes) -> None:
+    for name in ("g.safetensors", "g.pt"):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ModelError, match=rf"{re.escape(str(tmp_path / name))}: not a loadable weights file"):
+            load_weights(SmallCNN(), tmp_path / name)
+
+
+# --- model folders (wsiats.checkpoint) ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = Config(classes=["benign", "tumour"], feature_dim=8)
+    cfg.save(run / "config.yaml")
+    torch.manual_seed(3)
+    save_weights(build_model(cfg), run / MODEL_FILE)
+    return run
+
+
+def test_load_model_round_trip(run_dir: Path) -> None:
+    model, cfg = load_model(run_dir)
+    assert cfg.classes == ["benign", "tumour"] and not model.training
+    torch.manual_seed(3)
+    assert _same(model, build_model(cfg))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "header"])
+def test_load_model_refuses_a_corrupt_safetensors(run_dir: Path, damage: str) -> None:
+    path = run_dir / MODEL_FILE
+    data = path.read_bytes()
+    if damage == "garbage":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+    elif damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:  # a header length far past the end of the file
+        path.write_bytes((10**12).to_bytes(8, "little") + data[8:])
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: corrupt or not a safetensors file"):
+        load_model(run_dir)
+
+
+def test_load_model_refuses_weights_of_another_shape(run_dir: Path) -> None:
+    save_weights(ATSModel(n_classes=2, feature_dim=16), run_dir / MODEL_FILE)
+    path = re.escape(str(run_dir / MODEL_FILE))
+    with pytest.raises(CheckpointError, match=rf"{path}: weights do not match config\.yaml"):
+        load_model(run_dir)
+    (run_dir / MODEL_FILE).unlink()
+    with pytest.raises(CheckpointError, match="model weights not found"):
+        load_model(run_dir)
