@@ -19,7 +19,6 @@ import pytest
 import torch
 from torch import Tensor
 
-from wsiats import sampling
 from wsiats.sampling import (
     effective_mask,
     entropy,
