@@ -23,6 +23,7 @@ from wsiats.sampling import (
     effective_mask,
     entropy,
     estimate_topk,
+    estimate_weights,
     expectation,
     sample,
     smooth_attention,
@@ -496,3 +497,16 @@ def test_expectation_under_cpu_autocast(replace: bool) -> None:
     for p in [*att_net.parameters(), *feat_net.parameters()]:
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
 
+
+
+@pytest.mark.parametrize("replace", [True, False])
+def test_estimate_weights_are_the_feature_coefficients(replace: bool) -> None:
+    """The weight reported next to each patch is d estimate / d f_k (a scalar per patch), sums to 1."""
+    torch.manual_seed(0)
+    a = torch.softmax(torch.randn(3, 12, dtype=torch.float64), -1)
+    idx, a_k = sample(a, 4, replace, generator=torch.Generator().manual_seed(1))
+    f = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    expectation(a_k, f, replace).sum().backward()
+    w = estimate_weights(a_k, replace)
+    torch.testing.assert_close(f.grad, w[..., None].expand_as(f))
+    torch.testing.assert_close(w.sum(-1), torch.ones(3, dtype=torch.float64))
