@@ -45,51 +45,38 @@ def _excl_cumsum(x: Tensor) -> Tensor:
     return torch.cumsum(x, dim=1) - x
 
 
-class _OfficialBiased(torch.autograd.Function):
-    """idiap/attention-sampling `_expected_without_replacement`: exclusive cumsum, biased d/da."""
+def _published_estimator(cumsum: Callable[[Tensor], Tensor]) -> type[torch.autograd.Function]:
+    """The published without-replacement estimator, with its attention gradient, over `cumsum`.
 
-    @staticmethod
-    def forward(ctx: Any, a: Tensor, f: Tensor) -> Tensor:  # type: ignore[override]
-        n = a.shape[1]
-        pm = 1 - _excl_cumsum(a)
-        fest = _excl_cumsum(a[..., None] * f) + pm[..., None] * f
-        ctx.save_for_backward(a, f, pm, fest)
-        return fest.sum(1) / n
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        a, f, pm, fest = ctx.saved_tensors
-        n = a.shape[1]
-        k = torch.arange(n, dtype=a.dtype)
-        probs = a / pm
-        ga = (g[:, None] * (fest / probs[..., None] + _excl_cumsum(f) - k[None, :, None] * f)).sum(-1) / n
-        gf = ((pm + (n - 1 - k) * a) / n)[..., None] * g[:, None]
-        return ga, gf
-
-
-class _InclusivePort(torch.autograd.Function):
-    """sara-nl/attention-sampling-pytorch: the same code with torch.cumsum, which is INCLUSIVE.
-
-    The forward value is unchanged (the a_k f_k terms cancel) but both gradients are biased.
+    With the exclusive cumsum this is idiap/attention-sampling `_expected_without_replacement`
+    (its d/da is biased); with torch.cumsum, which is INCLUSIVE, it is the sara-nl PyTorch port
+    (forward unchanged, since the a_k f_k terms cancel, but both gradients biased).
     """
 
-    @staticmethod
-    def forward(ctx: Any, a: Tensor, f: Tensor) -> Tensor:  # type: ignore[override]
-        n = a.shape[1]
-        pm = 1 - torch.cumsum(a, 1)
-        fest = torch.cumsum(a[..., None] * f, 1) + pm[..., None] * f
-        ctx.save_for_backward(a, f, pm, fest)
-        return fest.sum(1) / n
+    class _Published(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, a: Tensor, f: Tensor) -> Tensor:  # type: ignore[override]
+            n = a.shape[1]
+            pm = 1 - cumsum(a)
+            fest = cumsum(a[..., None] * f) + pm[..., None] * f
+            ctx.save_for_backward(a, f, pm, fest)
+            return fest.sum(1) / n
 
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        a, f, pm, fest = ctx.saved_tensors
-        n = a.shape[1]
-        k = torch.arange(n, dtype=a.dtype)
-        probs = a / pm
-        ga = (g[:, None] * (fest / probs[..., None] + torch.cumsum(f, 1) - k[None, :, None] * f)).sum(-1) / n
-        gf = ((pm + (n - 1 - k) * a) / n)[..., None] * g[:, None]
-        return ga, gf
+        @staticmethod
+        def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+            a, f, pm, fest = ctx.saved_tensors
+            n = a.shape[1]
+            k = torch.arange(n, dtype=a.dtype)
+            probs = a / pm
+            ga = (g[:, None] * (fest / probs[..., None] + cumsum(f) - k[None, :, None] * f)).sum(-1) / n
+            gf = ((pm + (n - 1 - k) * a) / n)[..., None] * g[:, None]
+            return ga, gf
+
+    return _Published
+
+
+_OfficialBiased = _published_estimator(_excl_cumsum)
+_InclusivePort = _published_estimator(lambda x: torch.cumsum(x, dim=1))
 
 
 def official_biased(a: Tensor, f: Tensor, replace: bool) -> Tensor:

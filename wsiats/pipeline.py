@@ -37,22 +37,23 @@ class PreparedView:
     fell_back: bool  # no tissue found: the whole view is allowed
 
 
-def view_downsample(slide: Slide, cfg: Config) -> float:
-    """The view's downsample from `view_mpp` (needs slide mpp) or `view_downsample`."""
-    if cfg.view_mpp is None:
-        return cfg.view_downsample
+def _level0_per_pixel(slide: Slide, mpp: float | None, downsample: float, what: str) -> float:
+    """Level-0 pixels per pixel of the view or patches: from an mpp (needs slide mpp) or as given."""
+    if mpp is None:
+        return downsample
     if slide.mpp is None:
-        raise SlideError(slide.path, "view_mpp is set but the slide has no mpp; pass --mpp or use --view-downsample")
-    return cfg.view_mpp / slide.mpp[0]
+        raise SlideError(slide.path, f"{what}_mpp is set but the slide has no mpp; pass --mpp or use --{what}-downsample")
+    return mpp / slide.mpp[0]
+
+
+def view_downsample(slide: Slide, cfg: Config) -> float:
+    """The view's downsample from `view_mpp` or `view_downsample`."""
+    return _level0_per_pixel(slide, cfg.view_mpp, cfg.view_downsample, "view")
 
 
 def patch_downsample(slide: Slide, cfg: Config) -> float:
-    """Level-0 pixels per patch pixel from `patch_mpp` (needs slide mpp) or `patch_downsample`."""
-    if cfg.patch_mpp is None:
-        return cfg.patch_downsample
-    if slide.mpp is None:
-        raise SlideError(slide.path, "patch_mpp is set but the slide has no mpp; pass --mpp or use --patch-downsample")
-    return cfg.patch_mpp / slide.mpp[0]
+    """Level-0 pixels per patch pixel from `patch_mpp` or `patch_downsample`."""
+    return _level0_per_pixel(slide, cfg.patch_mpp, cfg.patch_downsample, "patch")
 
 
 def prepare_view(slide: Slide, cfg: Config) -> PreparedView:
