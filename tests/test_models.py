@@ -259,3 +259,17 @@ def test_load_model_refuses_weights_of_another_shape(run_dir: Path) -> None:
     (run_dir / MODEL_FILE).unlink()
     with pytest.raises(CheckpointError, match="model weights not found"):
         load_model(run_dir)
+
+
+def test_attention_map_in_bands_equals_one_shot() -> None:
+    """Inference computes the map in row bands (bounded memory); it must equal the full map."""
+    from wsiats.models import AttentionNet
+
+    torch.manual_seed(0)
+    net = AttentionNet()
+    net.band_rows = 16
+    view = torch.randint(0, 255, (1, 3, 70, 53), dtype=torch.uint8)
+    full = net(view).detach()  # with gradients enabled: one shot
+    with torch.no_grad():
+        banded = net(view)
+    torch.testing.assert_close(banded, full, rtol=0, atol=1e-5)

@@ -52,9 +52,25 @@ class AttentionNet(nn.Module):
             nn.Conv2d(channels, 1, 3, padding=1, padding_mode="replicate"),
         )
 
+    #: Rows per band when the map is computed without gradients (inference): memory then holds
+    #: one band's activations, not the whole view's (8 channels x float32 per view pixel).
+    band_rows = 256
+
     def forward(self, view: Tensor) -> Tensor:
         """view [B, 3, h, w] (uint8 or float) -> attention logits [B, h*w]."""
-        return self.net(normalize_images(view)).flatten(1)
+        h = view.shape[-2]
+        if torch.is_grad_enabled() or h <= self.band_rows:
+            return self.net(normalize_images(view)).flatten(1)
+        # Each band carries a halo of receptive_field // 2 rows on both sides; outputs inside
+        # the halo are dropped, so the result equals the one-shot map (replicate padding is
+        # applied only at the real image border, where band and image edges coincide).
+        halo = self.receptive_field // 2
+        rows = []
+        for top in range(0, h, self.band_rows):
+            lo, hi = max(0, top - halo), min(h, top + self.band_rows + halo)
+            out = self.net(normalize_images(view[..., lo:hi, :]))
+            rows.append(out[..., top - lo: top - lo + min(self.band_rows, h - top), :])
+        return torch.cat(rows, dim=-2).flatten(1)
 
 
 class SmallCNN(nn.Module):
