@@ -215,16 +215,17 @@ def train(slide_dir: Path, labels: Path, out: Path, config_file: Path | None, re
     if result.skipped:
         console.print(f"skipped {len(result.skipped)} unreadable slide(s): {', '.join(result.skipped)}")
     table = Table(title="training summary", title_justify="left")
-    for col in ("slides train/val/test", "epochs", "best epoch", "best val acc", "model"):
+    for col in ("slides train/val/test", "epochs", "best epoch", "best val acc"):
         table.add_column(col)
     best = next((r for r in result.history if int(r["epoch"]) == result.best_epoch + 1), {})
     best_acc = best.get("val_acc", float("nan"))
     table.add_row(
         f"{result.n_train}/{result.n_val}/{result.n_test}", str(result.epochs_run), str(result.best_epoch + 1),
-        "n/a" if best_acc != best_acc else f"{best_acc:.3f}", str(out / "model.safetensors"),
+        "n/a" if best_acc != best_acc else f"{best_acc:.3f}",
     )
     if not quiet:
         console.print(table)
+        console.print(f"model: {out / 'model.safetensors'}")
 
 
 def _load_option_file(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
