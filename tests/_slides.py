@@ -281,3 +281,13 @@ def corrupt_tile(path: Path, *, page: int = 0, index: int = 0) -> tuple[int, int
         fh.seek(offset)
         fh.write(rng.integers(0, 256, count, dtype=np.uint8).tobytes())
     return offset, count
+
+
+def crop(image: np.ndarray, x: int, y: int, w: int, h: int, fill: int = 255) -> np.ndarray:
+    """The (h, w) window of `image` at (x, y), `fill` outside it: what a lazy read must return."""
+    out = np.full((h, w, 3), fill, np.uint8)
+    H, W = image.shape[:2]
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
+    if x1 > x0 and y1 > y0:
+        out[y0 - y: y1 - y, x0 - x: x1 - x] = image[y0:y1, x0:x1]
+    return out

@@ -42,16 +42,6 @@ from wsiats.slide import Slide, open_slide
 TINY_SIZE, TINY_VIEW_DS, TINY_PATCH = 256, 32.0, 32
 
 
-def _crop(image: np.ndarray, x0: int, y0: int, w: int, h: int, fill: int = 255) -> np.ndarray:
-    """The (h, w) box of `image` at (x0, y0), `fill` outside: what a lazy read must return."""
-    out = np.full((h, w, 3), fill, np.uint8)
-    H, W = image.shape[:2]
-    xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
-    if xb > xa and yb > ya:
-        out[ya - y0: yb - y0, xa - x0: xb - x0] = image[ya:yb, xa:xb]
-    return out
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread() -> Iterator[None]:
     """Many tiny ops: intra-op threads only add wake-up latency (~0.5 ms an op on 2 busy cores)."""
@@ -254,7 +244,7 @@ def test_cached_pool_reads_what_the_file_holds(full: _Full, tiny: _slides.Genera
     torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
     for idx, boxes in zip(b.indices, b.boxes):
         for i, (x0, y0, w0, h0) in zip(idx, boxes):
-            np.testing.assert_array_equal(full.pool.slide.patches[i], _crop(tiny.levels[0], x0, y0, w0, h0))
+            np.testing.assert_array_equal(full.pool.slide.patches[i], _slides.crop(tiny.levels[0], x0, y0, w0, h0))
 
 
 # --- geometry --------------------------------------------------------------------------------------------------
@@ -326,7 +316,7 @@ def test_view_cells_map_to_crops_of_the_image(tmp_path: Path, W: int, H: int, ds
                 assert bw == 24 * pds
                 # a stored level: a crop of it at floor(x0 / level downsample)
                 sx, sy = W / levels[level].shape[1], H / levels[level].shape[0]
-                want = _crop(levels[level], math.floor(x0 / sx), math.floor(y0 / sy), 24, 24)
+                want = _slides.crop(levels[level], math.floor(x0 / sx), math.floor(y0 / sy), 24, 24)
                 np.testing.assert_array_equal(patch, want)
     # border cells read fill: the corner cell's box starts outside the image for 24 px patches of 32 px cells
     if ds == 32.0:
@@ -393,7 +383,7 @@ def test_flipped_view_reads_the_same_patches_flipped(tiny: _slides.Generated, fl
     # the patches: crops of the image at the boxes, and flipped in the flipped pass
     seen_plain, seen_flipped = model.feature_net.seen  # type: ignore[union-attr]
     for patch, (x0, y0, bw, bh) in zip(seen_plain, plain.boxes[0]):
-        np.testing.assert_array_equal(patch.permute(1, 2, 0).numpy(), _crop(tiny.levels[0], x0, y0, bw, bh))
+        np.testing.assert_array_equal(patch.permute(1, 2, 0).numpy(), _slides.crop(tiny.levels[0], x0, y0, bw, bh))
     pdims = [d for d, on in ((-1, flip_h), (-2, flip_v)) if on]
     torch.testing.assert_close(seen_flipped, torch.flip(seen_plain, pdims), rtol=0, atol=0)
 

@@ -15,7 +15,7 @@ from typing import Any
 import _slides
 import numpy as np
 import pytest
-from _slides import Generated
+from _slides import Generated, crop
 from PIL import Image
 
 import wsiats.slide as slide_mod
@@ -34,16 +34,6 @@ def _open(path: Path, backend: str = "auto", **kw: Any) -> Slide:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return open_slide(path, backend=backend, **kw)
-
-
-def _crop(image: np.ndarray, x: int, y: int, w: int, h: int, fill: int = 255) -> np.ndarray:
-    """The (h, w) window of `image` at (x, y), `fill` outside it."""
-    out = np.full((h, w, 3), fill, np.uint8)
-    H, W = image.shape[:2]
-    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
-    if x1 > x0 and y1 > y0:
-        out[y0 - y: y1 - y, x0 - x: x1 - x] = image[y0:y1, x0:x1]
-    return out
 
 
 def _area(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -211,7 +201,7 @@ def test_planar_rgb_is_read_through_zarr(tmp_path: Path, image: np.ndarray) -> N
     with open_slide(path) as s:
         assert type(s._levels[0]).__name__ == "_ZarrLevel"  # type: ignore[attr-defined]
         np.testing.assert_array_equal(s.read_level(0), image)
-        np.testing.assert_array_equal(s.read_region((790, -4), 0, (20, 10)), _crop(image, 790, -4, 20, 10))
+        np.testing.assert_array_equal(s.read_region((790, -4), 0, (20, 10)), crop(image, 790, -4, 20, 10))
 
 
 # --- regions, patches, views against the image in memory -----------------------------------------------------------
@@ -222,9 +212,9 @@ def test_read_region_fills_outside_the_image(generic_tiff: Generated, backend: s
     img = generic_tiff.levels[0]
     with open_slide(generic_tiff.path, backend=backend) as s:
         for (x, y), fill in [((-10, -20), 255), ((770, 590), 0), ((-5, 300), 17), ((900, 700), 255)]:
-            np.testing.assert_array_equal(s.read_region((x, y), 0, (64, 48), fill=fill), _crop(img, x, y, 64, 48, fill))
+            np.testing.assert_array_equal(s.read_region((x, y), 0, (64, 48), fill=fill), crop(img, x, y, 64, 48, fill))
         whole = s.read_region((-8, -8), 1, (420, 320))  # level 1 is 400 x 300
-        np.testing.assert_array_equal(whole, _crop(generic_tiff.levels[1], -4, -4, 420, 320))
+        np.testing.assert_array_equal(whole, crop(generic_tiff.levels[1], -4, -4, 420, 320))
         assert s.read_region((0, 0), 0, (0, 5)).shape == (5, 0, 3)
 
 
@@ -263,12 +253,12 @@ def test_read_patches_equal_crops_of_the_image(generic_tiff: Generated, backend:
         got = s.read_patches(centers, 48)
         for c, patch in zip(centers, got):
             x0, y0, w0, h0 = patch_box((c[0], c[1]), 48, 1.0)
-            np.testing.assert_array_equal(patch, _crop(generic_tiff.levels[0], x0, y0, w0, h0))
+            np.testing.assert_array_equal(patch, crop(generic_tiff.levels[0], x0, y0, w0, h0))
         # downsample 2 is stored (level 1): the patch is a crop of that level at floor(x0 / 2)
         got = s.read_patches(centers, 32, downsample=2.0, workers=2)
         for c, patch in zip(centers, got):
             x0, y0, _, _ = patch_box((c[0], c[1]), 32, 2.0)
-            np.testing.assert_array_equal(patch, _crop(generic_tiff.levels[1], x0 // 2, y0 // 2, 32, 32))
+            np.testing.assert_array_equal(patch, crop(generic_tiff.levels[1], x0 // 2, y0 // 2, 32, 32))
 
 
 def test_read_patches_between_levels_are_area_resized(generic_tiff: Generated) -> None:
@@ -282,13 +272,13 @@ def test_read_patches_between_levels_are_area_resized(generic_tiff: Generated) -
         x0, y0, w0, h0 = patch_box((c[0], c[1]), 24, 3.0)
         # exactly: the level-1 box (x0 / 2, y0 / 2, 36 x 36 level-1 px) area-resized to 24 x 24
         ix, iy = math.floor(x0 / 2), math.floor(y0 / 2)
-        src = _crop(level1, ix, iy, math.ceil((x0 + 72) / 2) - ix, math.ceil((y0 + 72) / 2) - iy)
+        src = crop(level1, ix, iy, math.ceil((x0 + 72) / 2) - ix, math.ceil((y0 + 72) / 2) - iy)
         box = (x0 / 2 - ix, y0 / 2 - iy, (x0 + 72) / 2 - ix, (y0 + 72) / 2 - iy)
         want = np.asarray(Image.fromarray(src).resize((24, 24), Image.Resampling.BOX, box=box))
         np.testing.assert_array_equal(patch, want)
         # approximately: the level-0 box area-resized (level 1 is itself an area reduction)
-        errors.append(_diff(patch, _area(_crop(img, x0, y0, w0, h0), (24, 24))).mean())
-        shifted.append(_diff(patch, _area(_crop(img, x0 + 3, y0, w0, h0), (24, 24))).mean())
+        errors.append(_diff(patch, _area(crop(img, x0, y0, w0, h0), (24, 24))).mean())
+        shifted.append(_diff(patch, _area(crop(img, x0 + 3, y0, w0, h0), (24, 24))).mean())
     assert np.mean(errors) < 3.5 and max(errors) < 6, errors
     assert np.mean(shifted) > np.mean(errors) + 1  # one patch pixel off is measurably worse
 
