@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import Tensor
 
+import wsiats.sampling as sampling_mod
 from wsiats.sampling import (
     effective_mask,
     entropy,
@@ -352,6 +353,37 @@ def test_topk_is_descending_and_deterministic() -> None:
     torch.testing.assert_close(a_k, att.sort(dim=1, descending=True).values[:, :4])
     assert torch.equal(idx, topk(att, 4)[0])
     assert mask.gather(1, idx)[[0, 2, 3]].all()
+
+
+@pytest.mark.parametrize("k", [10, 33, 64, 100])
+def test_blocked_top_indices_equal_torch_topk(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long rows are ranked block by block (memory); the indices must be torch.topk's, in order."""
+    monkeypatch.setattr(sampling_mod, "TOPK_BLOCK", 4)
+    gen = torch.Generator().manual_seed(k)
+    x = torch.rand(3, k, generator=gen)
+    x[1, -3:] = 2.0 + torch.arange(3.0)  # the winners in the last, partial block
+    x[2, :2] = torch.tensor([6.0, 5.0])  # and in the first
+    for n in (1, 3, 4):
+        assert torch.equal(sampling_mod._top_indices(x, n), torch.topk(x, n).indices)
+    att = smooth_attention(torch.randn(2, k, generator=gen))
+    a = sample(att, 4, False, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(sampling_mod, "TOPK_BLOCK", 1 << 16)
+    b = sample(att, 4, False, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a[0], b[0]) and torch.equal(topk(att, 4)[0], torch.topk(att, 4).indices)
+
+
+def test_inference_shortcuts_equal_the_differentiable_formulas() -> None:
+    """Without autograd, smoothing and entropy run in place / fused; the numbers must not change."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3))
+    mask = torch.rand(4, 50, generator=torch.Generator().manual_seed(4)) < 0.6
+    mask[1] = False
+    for eps in (0.0, 1e-4, 0.3):
+        graph = smooth_attention(logits.clone().requires_grad_(True), mask=mask, eps=eps)
+        with torch.no_grad():
+            plain = smooth_attention(logits, mask=mask, eps=eps)
+        assert torch.equal(plain, graph.detach())
+        torch.testing.assert_close(entropy(plain), entropy(graph).detach(), rtol=1e-6, atol=0)
+    assert float(entropy(torch.tensor([[0.0, 0.25, 0.75]]))) == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ class AttentionNet(nn.Module):
 
     #: Rows per band when the map is computed without gradients (inference): memory then holds
     #: one band's activations, not the whole view's (8 channels x float32 per view pixel).
-    band_rows = 256
+    band_rows = 64
 
     def forward(self, view: Tensor) -> Tensor:
         """view [B, 3, h, w] (uint8 or float) -> attention logits [B, h*w]."""
@@ -65,12 +65,15 @@ class AttentionNet(nn.Module):
         # the halo are dropped, so the result equals the one-shot map (replicate padding is
         # applied only at the real image border, where band and image edges coincide).
         halo = self.receptive_field // 2
-        rows = []
+        out = None  # allocated once the first band gives the dtype (autocast may make it half)
         for top in range(0, h, self.band_rows):
             lo, hi = max(0, top - halo), min(h, top + self.band_rows + halo)
-            out = self.net(normalize_images(view[..., lo:hi, :]))
-            rows.append(out[..., top - lo: top - lo + min(self.band_rows, h - top), :])
-        return torch.cat(rows, dim=-2).flatten(1)
+            band = self.net(normalize_images(view[..., lo:hi, :]))
+            if out is None:
+                out = band.new_empty((*band.shape[:-2], h, band.shape[-1]))
+            rows = min(self.band_rows, h - top)
+            out[..., top: top + rows, :] = band[..., top - lo: top - lo + rows, :]
+        return out.flatten(1)
 
 
 class SmallCNN(nn.Module):

@@ -89,9 +89,12 @@ def smooth_attention(logits: Tensor, *, mask: Tensor | None = None, eps: float =
         raise ValueError(f"mask shape {tuple(mask.shape)} differs from logits shape {tuple(logits.shape)}")
     m, _ = effective_mask(mask.to(logits.device))
     p = torch.softmax(x.masked_fill(~m, -math.inf), dim=-1)
-    uniform = m.to(x.dtype) / m.sum(dim=-1, keepdim=True).to(x.dtype)
+    share = eps / m.sum(dim=-1, keepdim=True).to(x.dtype)  # eps spread uniformly over the allowed cells
+    if not (torch.is_grad_enabled() and p.requires_grad):
+        # inference: the same arithmetic in place, so a view of K cells costs two K-sized buffers, not six
+        return p.mul_(1.0 - eps).add_(share).masked_fill_(~m, 0.0)
     # masked_fill (not multiplication) guarantees exact zeros and no gradient there
-    return ((1.0 - eps) * p + eps * uniform).masked_fill(~m, 0.0)
+    return ((1.0 - eps) * p + share).masked_fill(~m, 0.0)
 
 
 def uniform_attention(mask: Tensor | None, shape: Sequence[int] | torch.Size) -> Tensor:
@@ -116,6 +119,8 @@ def entropy(attention: Tensor) -> Tensor:
     Differentiable; the gradient at zero entries is 0 rather than NaN.
     """
     a = attention
+    if not (torch.is_grad_enabled() and a.requires_grad):
+        return -torch.special.xlogy(a, a).sum(dim=-1)  # one K-sized buffer; xlogy(0, 0) = 0
     safe = torch.where(a > 0, a, torch.ones_like(a))
     return -(a * torch.log(safe)).sum(dim=-1)
 
@@ -153,8 +158,8 @@ def _check_attention(attention: Tensor, n: int, *, distinct: bool) -> None:
 def _gumbel(shape: torch.Size, *, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None) -> Tensor:
     """Standard Gumbel noise -log(-log U), with U kept away from 0 so that no key is -inf."""
     u = torch.rand(shape, dtype=dtype, device=device, generator=generator)
-    u = u.clamp_min(torch.finfo(dtype).tiny)
-    return -torch.log(-torch.log(u))
+    # in place: one K-sized buffer instead of five (K is every cell of the view)
+    return u.clamp_min_(torch.finfo(dtype).tiny).log_().neg_().log_().neg_()
 
 
 def sample(
@@ -181,8 +186,8 @@ def sample(
     if replace:
         idx = torch.multinomial(work, n, replacement=True, generator=generator)
     else:
-        keys = torch.log(work) + _gumbel(work.shape, dtype=work.dtype, device=work.device, generator=generator)
-        idx = torch.topk(keys, n, dim=-1, largest=True, sorted=True).indices
+        keys = _gumbel(work.shape, dtype=work.dtype, device=work.device, generator=generator).add_(torch.log(work))
+        idx = _top_indices(keys, n)
     return idx, attention.gather(1, idx)
 
 
@@ -193,8 +198,32 @@ def topk(attention: Tensor, n: int) -> tuple[Tensor, Tensor]:
     exceeds the number of non-zero-attention locations of a row.
     """
     _check_attention(attention, n, distinct=True)
-    idx = torch.topk(attention.detach(), n, dim=-1, largest=True, sorted=True).indices
+    idx = _top_indices(attention.detach(), n)
     return idx, attention.gather(1, idx)
+
+
+#: Row length above which `_top_indices` works in blocks of this many entries.
+TOPK_BLOCK = 1 << 16
+
+
+def _top_indices(x: Tensor, n: int) -> Tensor:
+    """Indices of the n largest entries of each row of x [B, K], largest first.
+
+    Equal to `torch.topk(x, n).indices` up to the order of tied entries, but for a long row
+    (every cell of a view: millions) torch's CPU kernel copies the row into (value, index) pairs,
+    16 bytes per entry. Here each block of TOPK_BLOCK entries gives its own top n and the
+    winners of the blocks are ranked once: the n largest of a row are among its blocks' n largest.
+    """
+    b, k = x.shape
+    if k <= 2 * TOPK_BLOCK or n > TOPK_BLOCK:
+        return torch.topk(x, n, dim=-1, largest=True, sorted=True).indices
+    values, indices = [], []
+    for start in range(0, k, TOPK_BLOCK):
+        v, i = torch.topk(x[:, start: start + TOPK_BLOCK], min(n, k - start), dim=-1, sorted=False)
+        values.append(v)
+        indices.append(i + start)
+    best = torch.topk(torch.cat(values, dim=-1), n, dim=-1, largest=True, sorted=True).indices
+    return torch.cat(indices, dim=-1).gather(1, best)
 
 
 # ---------------------------------------------------------------------------------------------

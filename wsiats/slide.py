@@ -46,8 +46,8 @@ _OPENSLIDE_TIFF_VENDORS = {"ndpi": "hamamatsu", "scn": "leica", "philips": "phil
 MAX_SIDE = 10**6
 #: Pixel budget of one whole-level read or one view (2**28 px = 768 MiB of RGB).
 PIXEL_BUDGET = 2**28
-#: Side of the source chunks a view is assembled from when its source level is large (48 MiB of RGB).
-_VIEW_CHUNK = 4096
+#: Side of the source chunks a view is assembled from when its source level is large (3 MiB of RGB).
+_VIEW_CHUNK = 1024
 #: Levels whose downsample is within 1% of the requested one count as equal (pyramid rounding).
 _LEVEL_TOLERANCE = 0.01
 #: Resolutions that image software writes by default (dpi); they say nothing about the scan.
@@ -272,7 +272,7 @@ class Slide(abc.ABC):
         ch = lh if ch >= lh else max(ky, ch // ky * ky)
         mid = np.empty((-(-lh // ky), -(-lw // kx), 3), np.uint8)
         corners = [(cx, cy) for cy in range(0, lh, ch) for cx in range(0, lw, cw)]
-        in_flight = threading.BoundedSemaphore(4)  # at most 4 chunks decoded at once: 4 x 48 MiB
+        in_flight = threading.BoundedSemaphore(4)  # at most 4 chunks decoded at once
 
         def one(i: int) -> None:  # chunks write disjoint blocks of `mid`, so they can run in parallel
             cx, cy = corners[i]
