@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +91,14 @@ def test_predict_bad_model_dir(tmp_path: Path, files: dict[str, str], message: s
 def test_predict_out_must_be_csv_or_json(tmp_path: Path) -> None:
     code, out = run("predict", "a.tif", "--model", str(tmp_path), "--out", str(tmp_path / "p.txt"))
     assert code == 2 and out.strip() == f"Error: {tmp_path / 'p.txt'}: --out must end in .csv or .json"
+
+
+@pytest.mark.parametrize("given, seen", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_cli_makes_openmp_threads_sleep_unless_told_otherwise(given: str | None, seen: str) -> None:
+    """Set before torch loads (libgomp reads it once); the user's own setting wins."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import sys, os, wsiats.cli; print('torch' in sys.modules, os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", seen]

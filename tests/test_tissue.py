@@ -57,3 +57,16 @@ def test_otsu_threshold_separates_two_modes() -> None:
     t = otsu_threshold(values)
     assert 20 <= t < 200
     assert otsu_threshold(np.array([], np.uint8)) == 0
+
+
+def test_opening_equals_pil_min_max_filters() -> None:
+    """The numpy 3x3 opening gives PIL's MinFilter(3) then MaxFilter(3), edges included."""
+    from PIL import Image, ImageFilter
+
+    from wsiats.tissue import _open3
+
+    rng = np.random.default_rng(0)
+    for shape, p in (((3, 3), 0.8), ((5, 17), 0.7), ((64, 48), 0.6), ((40, 41), 0.9)):
+        mask = rng.random(shape) < p
+        img = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(3)).filter(ImageFilter.MaxFilter(3))
+        np.testing.assert_array_equal(_open3(mask), np.asarray(img) > 0)
