@@ -115,3 +115,19 @@ def test_heatmap_outputs(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
     assert meta["downsample_x"] == pytest.approx(16.0) and math.isclose(float(att.sum()), 1.0, rel_tol=1e-4)
     geo = json.loads((out / "synth_0001.geojson").read_text())
     assert geo["type"] == "FeatureCollection" and len(geo["features"]) == 5
+
+
+def test_predict_and_heatmap_on_real_scanner_files(shared_slides: Path, run_dir: Path, tmp_path: Path) -> None:
+    """SVS, generic TIFF and DICOM (one file, and a series folder of a 16-px slide, smaller than any
+    view or thumbnail): every slide gets a prediction and a heatmap."""
+    slides = [shared_slides / n for n in ("CMU-1-Small-Region.svs", "small.svs", "boxes.tiff", "sm_image.dcm",
+                                          "dicom-boxes")]
+    code, text = invoke("predict", *slides, "--model", run_dir, "--out", tmp_path / "pred.csv", "-q")
+    assert code == 0, text
+    with open(tmp_path / "pred.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["slide_id"] for r in rows] == ["CMU-1-Small-Region", "small", "boxes", "sm_image", "dicom-boxes"]
+    assert all(r["error"] == "" and int(r["n_patches"]) >= 1 for r in rows)
+    code, text = invoke("heatmap", *slides, "--model", run_dir, "--out", tmp_path / "maps", "-q")
+    assert code == 0, text
+    assert text.strip() == f"wrote 5 heatmap(s) to {tmp_path / 'maps'}, 0 failed"

@@ -408,7 +408,7 @@ def heatmap_slides(
                     slide_mpp = slide.mpp
                     pds = patch_downsample(slide, cfg)
                     # The PNG gets a sharper thumbnail than the model's view when the view is small.
-                    thumb_ds = max(slide.dimensions) / thumbnail_size
+                    thumb_ds = max(1.0, max(slide.dimensions) / thumbnail_size)  # never finer than level 0
                     thumb = slide.read_view(downsample=thumb_ds).image if thumb_ds < min(view.downsample) else view.image
             att = attention_map(model, view, cfg, device=dev)
             flat = att.ravel()
