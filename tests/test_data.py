@@ -92,6 +92,22 @@ def test_find_slides_expands_folders_and_globs(tmp_path: Path) -> None:
         find_slides([str(d / "q*.svs")])
 
 
+def test_find_slides_takes_dicom_series_folders_as_slides(tmp_path: Path) -> None:
+    """IDC/TCIA downloads keep one DICOM series per folder: a folder of them lists each as one slide."""
+    d = _cohort(tmp_path, ["b", "d"])
+    for name in ("a_series", "c_series"):
+        (d / name).mkdir()
+        for i in range(2):
+            (d / name / f"{i}.dcm").write_bytes(b"")
+    (d / "not_a_series").mkdir()
+    (d / "not_a_series" / "readme.txt").write_text("x")
+    (d / "empty").mkdir()
+    assert [p.name for p in find_slides([d])] == ["a_series", "b.tif", "c_series", "d.tif"]
+    assert find_slides([d / "a_series"]) == [d / "a_series"]
+    with pytest.raises(SlideNotFoundError, match="DICOM series folders"):
+        find_slides([d / "not_a_series"])
+
+
 _ids = st.text(alphabet=string.ascii_letters + string.digits + "_-.", min_size=1, max_size=12).filter(
     lambda s: s not in (".", "..")
 )

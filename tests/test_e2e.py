@@ -128,6 +128,7 @@ def test_predict_and_heatmap_on_real_scanner_files(shared_slides: Path, run_dir:
         rows = list(csv.DictReader(fh))
     assert [r["slide_id"] for r in rows] == ["CMU-1-Small-Region", "small", "boxes", "sm_image", "dicom-boxes"]
     assert all(r["error"] == "" and int(r["n_patches"]) >= 1 for r in rows)
-    code, text = invoke("heatmap", *slides, "--model", run_dir, "--out", tmp_path / "maps", "-q")
+    code, text = invoke("heatmap", shared_slides, "--model", run_dir, "--out", tmp_path / "maps", "-q")  # the folder
     assert code == 0, text
     assert text.strip() == f"wrote 5 heatmap(s) to {tmp_path / 'maps'}, 0 failed"
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 5  # the DICOM series folder is one of them

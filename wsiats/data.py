@@ -46,7 +46,11 @@ class Item:
 
 
 def find_slides(inputs: Iterable[str | Path]) -> list[Path]:
-    """Expand files, folders (their slides, not recursive) and glob patterns, in order, once each."""
+    """Expand files, folders and glob patterns, in order, once each.
+
+    A folder gives its slide files and its DICOM series sub-folders (one slide each), sorted by
+    name, without descending further; a folder of .dcm files is itself one slide.
+    """
     found: list[Path] = []
     for raw in inputs:
         text = str(raw)
@@ -57,9 +61,11 @@ def find_slides(inputs: Iterable[str | Path]) -> list[Path]:
                 raise SlideNotFoundError(path, "no file matches this pattern")
             found.extend(matches)
         elif path.is_dir() and not _is_dicom_folder(path):
-            slides = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(SLIDE_SUFFIXES))
+            slides = sorted(p for p in path.iterdir() if (p.is_file() and p.name.lower().endswith(SLIDE_SUFFIXES))
+                            or (p.is_dir() and _is_dicom_folder(p)))
             if not slides:
-                raise SlideNotFoundError(path, f"folder holds no slides ({', '.join(SLIDE_SUFFIXES[:6])} ...)")
+                raise SlideNotFoundError(path, f"folder holds no slides ({', '.join(SLIDE_SUFFIXES[:6])} ..., "
+                                               "or DICOM series folders)")
             found.extend(slides)
         else:
             found.append(path)
