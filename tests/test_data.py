@@ -3,12 +3,14 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wsiats.data import build_cohort, find_slides, read_labels, slide_id, split_items
-from wsiats.errors import LabelsError, SlideNotFoundError
+from wsiats.config import Config
+from wsiats.data import Item, ViewDataset, build_cohort, find_slides, read_labels, slide_id, split_items
+from wsiats.errors import ConfigError, LabelsError, SlideNotFoundError
 
 
 @pytest.mark.parametrize(
@@ -119,3 +121,76 @@ def test_labels_round_trip_property(tmp_path: Path, rows: list[tuple[str, str]])
     text = "slide_id,label\n" + "".join(f"{a},{b}\n" for a, b in rows)
     parsed = read_labels(_write(tmp_path, text))
     assert [(r["slide_id"], r["label"]) for r in parsed] == rows
+
+
+# --- the view cache of training ---------------------------------------------------------------------------------
+
+
+def _view_items(tmp: Path, n: int) -> list[Item]:
+    import _slides
+
+    d = tmp / "views"
+    d.mkdir()
+    items = []
+    for k in range(n):
+        path = d / f"s{k}.tif"
+        _slides.write_generic_pyramid(path, _slides.tissue_image(256, 320, seed=k), n_levels=2, tile=64, mpp=0.5)
+        items.append(Item(f"s{k}", path, k % 2))
+    return items
+
+
+def test_view_cache_stays_within_its_memory_budget(tmp_path: Path) -> None:
+    items = _view_items(tmp_path, 3)
+    cfg = Config(view_downsample=4.0, view_cache_mb=0)
+    ds = ViewDataset(items, cfg)
+    one = ds[0][1]
+    size = one.image.nbytes + one.mask.nbytes  # 80 x 64 px: 20,480 bytes
+    assert not ds._cache  # a budget of 0 keeps nothing
+    ds.budget = 2 * size
+    for i in (0, 1, 0, 2):
+        ds[i]
+    assert list(ds._cache) == [0, 2] and ds._bytes == 2 * size  # 1 was least recently used
+    again = ViewDataset(items, Config(view_downsample=4.0))[1][1]
+    assert np.array_equal(ds[1][1].image, again.image) and np.array_equal(ds[1][1].mask, again.mask)
+
+
+def test_view_cache_files_are_reused_and_never_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    import os
+
+    import wsiats.slide
+
+    items = _view_items(tmp_path, 2)
+    cache = tmp_path / "cache"
+    cfg = Config(view_downsample=4.0, view_cache=str(cache))
+    first = ViewDataset(items, cfg)[0][1]
+    files = sorted(cache.glob("s0-*.npz"))
+    assert len(files) == 1 and not list(cache.glob(".*"))  # written atomically, no temporaries left
+
+    def no_slides(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the slide was opened although its view is cached")
+
+    monkeypatch.setattr(wsiats.slide, "open_slide", no_slides)
+    cached = ViewDataset(items, cfg)[0][1]
+    assert np.array_equal(cached.image, first.image) and np.array_equal(cached.mask, first.mask)
+    assert cached.downsample == first.downsample and cached.fell_back == first.fell_back
+    monkeypatch.undo()
+
+    # another view setting, or a rewritten slide, gets its own file
+    ViewDataset(items, Config(view_downsample=2.0, view_cache=str(cache)))[0]
+    st = items[0].path.stat()
+    os.utime(items[0].path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    ViewDataset(items, cfg)[0]
+    assert len(list(cache.glob("s0-*.npz"))) == 3
+
+    # a damaged file is reported and the slide read instead
+    newest = max(cache.glob("s0-*.npz"), key=lambda p: p.stat().st_mtime_ns)
+    newest.write_bytes(b"not a zip")
+    with caplog.at_level("WARNING", logger="wsiats.data"):
+        view = ViewDataset(items, cfg)[0][1]
+    assert np.array_equal(view.image, first.image) and "unusable view cache file" in caplog.text
+
+
+def test_view_cache_budget_must_not_be_negative() -> None:
+    with pytest.raises(ConfigError, match="view_cache_mb"):
+        Config(view_cache_mb=-1)

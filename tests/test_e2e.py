@@ -35,12 +35,13 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def run_dir(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "run"
-    code, text = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run, "--epochs", "1", *TINY)
+    code, text = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run, "--epochs", "1", *TINY,
+                        "--view-cache", run.parent / "views")
     assert code == 0, text
     return run
 
 
-def test_train_writes_the_run(run_dir: Path) -> None:
+def test_train_writes_the_run(cohort: Path, run_dir: Path) -> None:
     names = {p.name for p in run_dir.iterdir()}
     assert {"config.yaml", "model.safetensors", "last.safetensors", "last_state.pt", "metrics.csv"} <= names
     assert not [n for n in names if n.endswith(".tmp") or n.startswith(".")]
@@ -49,6 +50,9 @@ def test_train_writes_the_run(run_dir: Path) -> None:
     assert 0 <= float(rows[0]["train_acc"]) <= 1 and float(rows[0]["seconds_per_slide"]) > 0
     weights = load_file(str(run_dir / "model.safetensors"))
     assert any(k.startswith("attention_net.") for k in weights) and "classifier.weight" in weights
+    labels = list(csv.DictReader(open(cohort / "labels.csv")))
+    trained = sorted(r["slide_id"] for r in labels if r.get("split") != "test")
+    assert sorted(p.name.split("-")[0] for p in (run_dir.parent / "views").glob("*.npz")) == trained  # --view-cache
 
 
 def test_train_refuses_to_overwrite_a_run(cohort: Path, run_dir: Path) -> None:

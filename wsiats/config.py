@@ -86,6 +86,10 @@ class Config:
     """Mixed precision (bfloat16/float16 autocast) on CUDA; ignored on CPU."""
     workers: int = 2
     """DataLoader worker processes loading views, and threads reading patches."""
+    view_cache_mb: int = 1024
+    """Memory for prepared views kept between epochs, per loader process (MB); least recently used out."""
+    view_cache: str | None = None
+    """Folder where prepared views are also stored as files (re-read instead of decoding the slide)."""
 
     # --- bookkeeping, filled by `train`
     classes: list[str] = field(default_factory=list)
@@ -115,6 +119,8 @@ class Config:
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "must be an integer >= 1")
         need(self.patch_size <= 4096, "patch_size", "must be at most 4096")
         need(isinstance(self.workers, int) and self.workers >= 0, "workers", "must be an integer >= 0")
+        need(isinstance(self.view_cache_mb, int) and not isinstance(self.view_cache_mb, bool) and self.view_cache_mb >= 0,
+             "view_cache_mb", "must be an integer >= 0")
         need(isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0, "warmup_epochs", "must be an integer >= 0")
         need(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
         need(0 <= self.attention_eps < 1, "attention_eps", "must be in [0, 1)")

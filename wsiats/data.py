@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import io
-from collections import Counter
+import json
+import logging
+import zipfile
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,8 @@ SLIDE_SUFFIXES = (
     ".mrxs", ".scn", ".bif", ".svslide", ".dcm",
 )
 SPLITS = ("train", "val", "test")
+
+log = logging.getLogger(__name__)
 
 
 def slide_id(path: str | Path) -> str:
@@ -198,7 +204,12 @@ def label_counts(items: Sequence[Item], classes: Sequence[str]) -> dict[str, int
 class ViewDataset(Dataset):
     """Loads the low-resolution view and tissue mask of each slide (inside DataLoader workers).
 
-    Views are cached per worker process, so after the first epoch a slide is read once.
+    Prepared views are kept between epochs in memory, up to `cfg.view_cache_mb` per process
+    (least recently used first out: a large cohort does not fill the machine), and, with
+    `cfg.view_cache` set, in files there (`<slide id>-<key>.npz`, written atomically), so a view
+    evicted from memory, or needed by a later run, is loaded in milliseconds instead of decoded
+    from the slide again. The file key covers the slide file (path, size, modification time) and
+    every setting that changes the view, so a stale file is never used.
     """
 
     def __init__(self, items: Sequence[Item], cfg: object, *, backend: str = "auto", mpp: float | None = None) -> None:
@@ -206,7 +217,11 @@ class ViewDataset(Dataset):
         self.cfg = cfg
         self.backend = backend
         self.mpp = mpp
-        self._cache: dict[int, object] = {}
+        self.budget = int(getattr(cfg, "view_cache_mb", 0)) << 20
+        folder = getattr(cfg, "view_cache", None)
+        self.folder = Path(folder) if folder else None
+        self._cache: OrderedDict[int, object] = OrderedDict()
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -214,21 +229,101 @@ class ViewDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[int, object]:
         """(index, PreparedView), or (index, error message) for a slide that cannot be read:
         exceptions do not cross DataLoader worker processes intact, so they travel as text."""
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return i, self._cache[i]
+        view = self._load(i)
+        self._remember(i, view)
+        return i, view
+
+    def _load(self, i: int) -> object:
+        import warnings
+
         from wsiats.errors import WsiatsError
         from wsiats.pipeline import prepare_view
         from wsiats.slide import open_slide
 
-        if i not in self._cache:
-            import warnings
+        path = self.items[i].path
+        file = self._file(path)
+        if file is not None and file.is_file():
+            view = _read_view_file(file)
+            if view is not None:
+                return view
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with open_slide(path, backend=self.backend, mpp=self.mpp) as slide:
+                    view = prepare_view(slide, self.cfg)  # type: ignore[arg-type]
+        except WsiatsError as exc:
+            return str(exc)
+        if file is not None:
+            _write_view_file(file, view)
+        return view
 
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    with open_slide(self.items[i].path, backend=self.backend, mpp=self.mpp) as slide:
-                        self._cache[i] = prepare_view(slide, self.cfg)  # type: ignore[arg-type]
-            except WsiatsError as exc:
-                self._cache[i] = str(exc)
-        return i, self._cache[i]
+    def _remember(self, i: int, view: object) -> None:
+        size = _view_bytes(view)
+        if size > self.budget:
+            return
+        self._cache[i] = view
+        self._bytes += size
+        while self._bytes > self.budget:
+            _, old = self._cache.popitem(last=False)
+            self._bytes -= _view_bytes(old)
+
+    def _file(self, path: Path) -> Path | None:
+        """The cache file of a slide's view, or None without a cache folder (or for a missing slide)."""
+        if self.folder is None:
+            return None
+        try:
+            st = Path(path).stat()
+        except OSError:
+            return None
+        cfg = self.cfg
+        key = json.dumps({
+            "format": _VIEW_FILE_FORMAT, "path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "view_mpp": getattr(cfg, "view_mpp", None), "view_downsample": getattr(cfg, "view_downsample", None),
+            "tissue_mask": getattr(cfg, "tissue_mask", None), "backend": self.backend, "mpp": self.mpp,
+        }, sort_keys=True)
+        return self.folder / f"{slide_id(path)}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+
+
+#: Version of the view cache files; a change makes earlier files unused.
+_VIEW_FILE_FORMAT = 1
+
+
+def _view_bytes(view: object) -> int:
+    """Memory a cached entry holds (an error message: nothing to speak of)."""
+    image, mask = getattr(view, "image", None), getattr(view, "mask", None)
+    return int(image.nbytes + mask.nbytes) if image is not None and mask is not None else 0
+
+
+def _write_view_file(file: Path, view: object) -> None:
+    """Store a prepared view; the cache only speeds things up, so a failure to write is logged, not raised."""
+    from wsiats._io import atomic_open
+
+    try:
+        with atomic_open(file, "wb") as fh:
+            np.savez(fh, image=view.image, mask=view.mask, downsample=np.asarray(view.downsample, dtype=np.float64),
+                     fell_back=np.asarray(view.fell_back))  # type: ignore[attr-defined]
+    except OSError as exc:
+        log.warning("%s: cannot write the view cache file (%s); going on without it", file, exc)
+
+
+def _read_view_file(file: Path) -> object | None:
+    """A view stored by `_write_view_file`, or None (logged) when the file cannot be used."""
+    from wsiats.pipeline import PreparedView
+
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            image, mask = z["image"], z["mask"]
+            downsample, fell_back = z["downsample"], z["fell_back"]
+        if image.dtype != np.uint8 or image.ndim != 3 or mask.dtype != np.bool_ or mask.shape != image.shape[:2]:
+            raise ValueError("unexpected arrays")
+        return PreparedView(image=image, mask=mask, downsample=(float(downsample[0]), float(downsample[1])),
+                            fell_back=bool(fell_back))
+    except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as exc:
+        log.warning("%s: unusable view cache file (%s); reading the slide", file, exc)
+        return None
 
 
 def collate_views(batch: list[tuple[int, object]]) -> list[tuple[int, object]]:

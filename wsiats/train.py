@@ -105,7 +105,7 @@ def _loader(ds: ViewDataset, cfg: Config, sampler: DistributedSampler) -> DataLo
         num_workers=cfg.workers,
         collate_fn=collate_views,
         pin_memory=False,  # views stay numpy; patches are pinned in forward_batch on CUDA
-        persistent_workers=cfg.workers > 0,  # keeps each worker's view cache between epochs
+        persistent_workers=cfg.workers > 0,  # keeps each worker's in-memory view cache between epochs
     )
 
 
