@@ -68,7 +68,9 @@ class AttentionNet(nn.Module):
         out = None  # allocated once the first band gives the dtype (autocast may make it half)
         for top in range(0, h, self.band_rows):
             lo, hi = max(0, top - halo), min(h, top + self.band_rows + halo)
-            band = self.net(normalize_images(view[..., lo:hi, :]))
+            # NHWC for oneDNN: a view permuted from an (h, w, 3) array already is; a contiguous NCHW one
+            # ran 2.3x slower (209 against 89 ms on a 1438^2 view), with the same output
+            band = self.net(normalize_images(view[..., lo:hi, :]).contiguous(memory_format=torch.channels_last))
             if out is None:
                 out = band.new_empty((*band.shape[:-2], h, band.shape[-1]))
             rows = min(self.band_rows, h - top)
