@@ -278,9 +278,12 @@ class ViewDataset(Dataset):
             st = Path(path).stat()
         except OSError:
             return None
+        from wsiats import __version__  # a release may read views or compute masks differently
+
         cfg = self.cfg
         key = json.dumps({
-            "format": _VIEW_FILE_FORMAT, "path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "format": _VIEW_FILE_FORMAT, "wsiats": __version__,
+            "path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
             "view_mpp": getattr(cfg, "view_mpp", None), "view_downsample": getattr(cfg, "view_downsample", None),
             "tissue_mask": getattr(cfg, "tissue_mask", None), "backend": self.backend, "mpp": self.mpp,
         }, sort_keys=True)
