@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tifffile
@@ -136,3 +138,40 @@ def test_predict_and_heatmap_on_real_scanner_files(shared_slides: Path, run_dir:
     assert code == 0, text
     assert text.strip() == f"wrote 5 heatmap(s) to {tmp_path / 'maps'}, 0 failed"
     assert len(list((tmp_path / "maps").glob("*.png"))) == 5  # the DICOM series folder is one of them
+
+
+_PEAK_RSS = """
+import sys
+from pathlib import Path
+from wsiats.predict import Predictor
+predictor = Predictor(sys.argv[1], device="cpu", workers=2)
+pred = list(predictor.predict([Path(sys.argv[2])]))[0]
+assert pred.ok, pred.error
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc")
+def test_predict_memory_does_not_grow_with_the_slide(run_dir: Path, sparse: Any, tmp_path: Path) -> None:
+    """A 10-gigapixel slide costs predict what a 2-megapixel one does, plus its view (391^2 px here)."""
+    import subprocess
+    import sys
+
+    import _slides
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["view_downsample"] = 256.0  # the attention net is convolutional: any view size works
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    small = tmp_path / "small.tif"
+    _slides.write_generic_pyramid(small, _slides.tissue_image(1536, 1536, seed=1), n_levels=3, tile=256, mpp=0.25)
+
+    def peak_mb(slide: Path) -> float:
+        out = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(run), str(slide)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return float(out.stdout.split()[-1])
+
+    large_mb, small_mb = peak_mb(sparse.path), peak_mb(small)
+    assert large_mb - small_mb < 60, (large_mb, small_mb)  # level 0 alone would be 30 GB
