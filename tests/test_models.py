@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,25 @@ def test_timm_names_without_timm_give_the_install_hint(name: str, shown: str) ->
     with pytest.raises(ModelError) as info:
         create_feature_net(name)
     assert str(info.value) == f"feature net {shown!r} needs the optional package timm: pip install 'wsiats[timm]'"
+
+
+def test_a_broken_timm_install_is_a_model_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Measured here: timm with torchvision 0.28.0 beside this torch 2.13.0 build fails on import with
+    RuntimeError 'operator torchvision::nms does not exist'; that must be one line, not a traceback."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name: str, *args: object, **kwargs: object) -> object:
+        if name == "timm":
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "timm", raising=False)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ModelError, match=r"timm is installed but cannot be imported \(RuntimeError: operator "
+                                         r"torchvision::nms does not exist\); its torchvision must be the release"):
+        create_feature_net("timm:resnet18")
 
 
 @pytest.mark.skipif(not HAS_TIMM, reason="timm is not installed")

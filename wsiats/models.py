@@ -148,6 +148,11 @@ def _timm_model(name: str) -> tuple[nn.Module, int]:
         raise ModelError(
             f"feature net {name!r} needs the optional package timm: pip install 'wsiats[timm]'"
         ) from None
+    except Exception as exc:  # typically a torchvision built for another torch: "operator torchvision::nms does not exist"
+        raise ModelError(
+            f"feature net {name!r}: timm is installed but cannot be imported ({type(exc).__name__}: {exc}); "
+            f"its torchvision must be the release built for torch {torch.__version__}"
+        ) from None
     try:
         # num_classes=0 returns pooled features; pretrained weights come from --feature-weights,
         # or from the Hugging Face hub for 'hf-hub:' names (needs network access).
