@@ -57,6 +57,16 @@ def test_train_writes_the_run(cohort: Path, run_dir: Path) -> None:
     assert sorted(p.name.split("-")[0] for p in (run_dir.parent / "views").glob("*.npz")) == trained  # --view-cache
 
 
+def test_train_names_a_view_cache_folder_it_cannot_create(cohort: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, text = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", tmp_path / "run", *TINY,
+                        "--view-cache", blocker / "views")
+    assert code == 2
+    assert text.strip() == f"Error: {blocker / 'views'}: cannot create the --view-cache folder (Not a directory)"
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_refuses_to_overwrite_a_run(cohort: Path, run_dir: Path) -> None:
     code, text = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run_dir, *TINY)
     assert code == 1

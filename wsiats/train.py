@@ -182,6 +182,11 @@ def train(
     train_items, val_items, test_items = split_items(items, val_fraction=cfg.val_fraction, seed=cfg.seed)
     if len({it.label for it in train_items}) < 2:
         raise ConfigError(f"{labels_csv}: the training split holds fewer than two classes")
+    if cfg.view_cache:
+        try:
+            Path(cfg.view_cache).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{cfg.view_cache}: cannot create the --view-cache folder ({exc.strerror or exc})") from None
 
     ctx, device = distributed.setup(cfg.device)
     torch.manual_seed(cfg.seed)
