@@ -31,6 +31,17 @@ def normalize_images(images: Tensor) -> Tensor:
     return (x - mean) / std
 
 
+def _nhwc(x: Tensor) -> Tensor:
+    """x copied into a fresh channels-last (NHWC) tensor, the layout oneDNN's convolutions are fast on.
+
+    Measured on a 1438^2 view without gradients (2 CPU cores): 89 ms, against 194 ms for an NCHW
+    tensor and 329 ms for a view as it arrives, an (h, w, 3) array permuted to [1, 3, h, w]: NHWC
+    strides except a batch stride of 3, which oneDNN does not take as NHWC. Training (forward and
+    backward, 512^2 view): 33 ms against 70 ms. Same outputs.
+    """
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last).copy_(x)
+
+
 class AttentionNet(nn.Module):
     """Official megapixel-MNIST attention network: three 3x3 convs (8, 8, 1 channels), tanh.
 
@@ -60,7 +71,7 @@ class AttentionNet(nn.Module):
         """view [B, 3, h, w] (uint8 or float) -> attention logits [B, h*w]."""
         h = view.shape[-2]
         if torch.is_grad_enabled() or h <= self.band_rows:
-            return self.net(normalize_images(view)).flatten(1)
+            return self.net(_nhwc(normalize_images(view))).flatten(1)
         # Each band carries a halo of receptive_field // 2 rows on both sides; outputs inside
         # the halo are dropped, so the result equals the one-shot map (replicate padding is
         # applied only at the real image border, where band and image edges coincide).
@@ -68,9 +79,7 @@ class AttentionNet(nn.Module):
         out = None  # allocated once the first band gives the dtype (autocast may make it half)
         for top in range(0, h, self.band_rows):
             lo, hi = max(0, top - halo), min(h, top + self.band_rows + halo)
-            # NHWC for oneDNN: a view permuted from an (h, w, 3) array already is; a contiguous NCHW one
-            # ran 2.3x slower (209 against 89 ms on a 1438^2 view), with the same output
-            band = self.net(normalize_images(view[..., lo:hi, :]).contiguous(memory_format=torch.channels_last))
+            band = self.net(_nhwc(normalize_images(view[..., lo:hi, :])))
             if out is None:
                 out = band.new_empty((*band.shape[:-2], h, band.shape[-1]))
             rows = min(self.band_rows, h - top)
