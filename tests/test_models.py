@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import Tensor
 
 from wsiats.checkpoint import MODEL_FILE, build_model, load_model, save_weights
 from wsiats.config import Config
@@ -289,7 +290,41 @@ def test_attention_map_in_bands_equals_one_shot() -> None:
     net = AttentionNet()
     net.band_rows = 16
     view = torch.randint(0, 255, (1, 3, 70, 53), dtype=torch.uint8)
-    full = net(view).detach()  # with gradients enabled: one shot
+    net.band_rows = 70
+    full = net(view).detach()  # one band: the whole view at once
+    net.band_rows = 16
     with torch.no_grad():
         banded = net(view)
     torch.testing.assert_close(banded, full, rtol=0, atol=1e-5)
+
+
+def test_training_in_checkpointed_bands_gives_the_one_shot_gradients() -> None:
+    """With gradients, bands are checkpointed (activations recomputed in backward): the logits and
+    every parameter gradient must equal the one-shot computation, and autograd must hold far less."""
+    from wsiats.models import AttentionNet
+
+    torch.manual_seed(0)
+    net = AttentionNet()
+    view = torch.randint(0, 255, (1, 3, 130, 53), dtype=torch.uint8)
+    weights = torch.randn(130 * 53)
+
+    def run(band_rows: int) -> tuple[Tensor, list[Tensor], int]:
+        net.band_rows = band_rows
+        net.zero_grad()
+        saved: list[int] = []
+
+        def pack(t: Tensor) -> Tensor:
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = net(view)
+        (torch.softmax(logits, -1)[0] * weights).sum().backward()
+        return logits.detach(), [p.grad.clone() for p in net.parameters()], sum(saved)
+
+    full, full_grads, full_bytes = run(130)
+    banded, banded_grads, banded_bytes = run(16)
+    torch.testing.assert_close(banded, full, rtol=0, atol=1e-5)
+    for g, ref in zip(banded_grads, full_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+    assert banded_bytes < full_bytes / 4, (banded_bytes, full_bytes)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from wsiats.errors import ModelError
 
@@ -63,28 +64,38 @@ class AttentionNet(nn.Module):
             nn.Conv2d(channels, 1, 3, padding=1, padding_mode="replicate"),
         )
 
-    #: Rows per band when the map is computed without gradients (inference): memory then holds
-    #: one band's activations, not the whole view's (8 channels x float32 per view pixel).
+    #: Rows per band. Without gradients (inference) memory holds one band's activations, not the
+    #: whole view's (8 channels x float32 per view pixel). With gradients (training) each band is
+    #: checkpointed: its activations are recomputed in the backward pass, one band at a time.
     band_rows = 64
 
     def forward(self, view: Tensor) -> Tensor:
         """view [B, 3, h, w] (uint8 or float) -> attention logits [B, h*w]."""
         h = view.shape[-2]
-        if torch.is_grad_enabled() or h <= self.band_rows:
+        if h <= self.band_rows:
             return self.net(_nhwc(normalize_images(view))).flatten(1)
         # Each band carries a halo of receptive_field // 2 rows on both sides; outputs inside
         # the halo are dropped, so the result equals the one-shot map (replicate padding is
         # applied only at the real image border, where band and image edges coincide).
         halo = self.receptive_field // 2
-        out = None  # allocated once the first band gives the dtype (autocast may make it half)
+        train = torch.is_grad_enabled()
+        bands: list[Tensor] = []
+        out = None  # inference: allocated once the first band gives the dtype (autocast may make it half)
         for top in range(0, h, self.band_rows):
             lo, hi = max(0, top - halo), min(h, top + self.band_rows + halo)
-            band = self.net(_nhwc(normalize_images(view[..., lo:hi, :])))
+            rows = min(self.band_rows, h - top)
+            if train:
+                bands.append(checkpoint(self._band, view[..., lo:hi, :], top - lo, rows, use_reentrant=False))
+                continue
+            band = self._band(view[..., lo:hi, :], top - lo, rows)
             if out is None:
                 out = band.new_empty((*band.shape[:-2], h, band.shape[-1]))
-            rows = min(self.band_rows, h - top)
-            out[..., top: top + rows, :] = band[..., top - lo: top - lo + rows, :]
-        return out.flatten(1)
+            out[..., top: top + rows, :] = band
+        return (torch.cat(bands, dim=-2) if train else out).flatten(1)
+
+    def _band(self, view: Tensor, start: int, rows: int) -> Tensor:
+        """Logits of `rows` rows from `start` of a band of the view (the band includes its halo)."""
+        return self.net(_nhwc(normalize_images(view)))[..., start: start + rows, :]
 
 
 class SmallCNN(nn.Module):
