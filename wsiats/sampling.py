@@ -65,6 +65,11 @@ def effective_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
     return m, fell_back
 
 
+def _no_graph(t: Tensor) -> bool:
+    """True when no autograd graph is recorded through t: in-place and fused shortcuts are safe."""
+    return not (torch.is_grad_enabled() and t.requires_grad)
+
+
 def _float_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other dtype (half, bfloat16, ints) computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -90,7 +95,7 @@ def smooth_attention(logits: Tensor, *, mask: Tensor | None = None, eps: float =
     m, _ = effective_mask(mask.to(logits.device))
     p = torch.softmax(x.masked_fill(~m, -math.inf), dim=-1)
     share = eps / m.sum(dim=-1, keepdim=True).to(x.dtype)  # eps spread uniformly over the allowed cells
-    if not (torch.is_grad_enabled() and p.requires_grad):
+    if _no_graph(p):
         # inference: the same arithmetic in place, so a view of K cells costs two K-sized buffers, not six
         return p.mul_(1.0 - eps).add_(share).masked_fill_(~m, 0.0)
     # masked_fill (not multiplication) guarantees exact zeros and no gradient there
@@ -119,7 +124,7 @@ def entropy(attention: Tensor) -> Tensor:
     Differentiable; the gradient at zero entries is 0 rather than NaN.
     """
     a = attention
-    if not (torch.is_grad_enabled() and a.requires_grad):
+    if _no_graph(a):
         return -torch.special.xlogy(a, a).sum(dim=-1)  # one K-sized buffer; xlogy(0, 0) = 0
     safe = torch.where(a > 0, a, torch.ones_like(a))
     return -(a * torch.log(safe)).sum(dim=-1)
