@@ -184,13 +184,16 @@ def load_tiles(path: Path, cfg: Any, *, workers: int) -> Any:
 
 
 def load_view(path: Path, cfg: Any) -> Any:
-    from wsiats.pipeline import prepare_view
+    """The view as training sees it (with its exploration distribution when cfg trains with candidates)."""
+    from wsiats.pipeline import prepare_view, with_exploration
     from wsiats.slide import open_slide
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with open_slide(path) as slide:
-            return prepare_view(slide, cfg)
+            view = prepare_view(slide, cfg)
+    with_exploration(view, cfg)
+    return view
 
 
 def _view_tensor(view: Any, augment: Any) -> Any:
@@ -320,6 +323,7 @@ def _step_setup(method: str, spec: dict[str, Any]) -> tuple[Callable[[], Any], C
     from wsiats.checkpoint import build_model
     from wsiats.pipeline import Augment, SlideBatchItem, SlidePool, forward_batch, loss_fn
     from wsiats.runtime import autocast_factory
+    from wsiats.train import training_mode
 
     path, label, classes = Path(spec["slide"]), int(spec["label"]), spec["classes"]
     y = torch.tensor([label])
@@ -337,8 +341,8 @@ def _step_setup(method: str, spec: dict[str, Any]) -> tuple[Callable[[], Any], C
 
         def ats_step(view: Any) -> None:  # as wsiats.train._train_epoch does it, for a batch of one slide
             item = SlideBatchItem(path, view, Augment.draw(gen) if cfg.augment else Augment())
-            out = forward_batch(model, [item], cfg=cfg, pool=pool, generator=gen, device=torch.device("cpu"),
-                                workers=cfg.workers or None, autocast=autocast)
+            out = forward_batch(model, [item], cfg=cfg, pool=pool, mode=training_mode(cfg), generator=gen,
+                                device=torch.device("cpu"), workers=cfg.workers or None, autocast=autocast)
             loss, _ = loss_fn(out, y, cfg=cfg, weight=None)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -493,7 +493,7 @@ def test_sample_mode_is_reproducible_with_a_seed(full: _Full) -> None:
         assert any(run(s, replace)[0] != ia for s in (6, 7, 8))
         if not replace:
             assert all(len(set(i)) == 4 for i in ia)
-    with pytest.raises(ValueError, match="mode must be 'sample' or 'topk', got 'best'"):
+    with pytest.raises(ValueError, match="mode must be 'sample', 'topk' or 'explore', got 'best'"):
         forward_batch(full.model, [full.item], cfg=_cfg(), pool=full.pool, mode="best")
 
 

@@ -33,6 +33,7 @@ def build_model(cfg: Config, *, load_feature_weights: bool = True) -> ATSModel:
         feature_dim=cfg.feature_dim,
         feature_weights=cfg.feature_weights if load_feature_weights else None,
         freeze_features=cfg.freeze_features,
+        pooling=cfg.pooling,
     )
 
 

@@ -17,6 +17,9 @@ import yaml
 from wsiats._io import atomic_open
 from wsiats.errors import ConfigError
 
+#: Candidate patches per training slide with gated pooling (see `Config.candidates`).
+DEFAULT_CANDIDATES = 256
+
 #: Bumped when the meaning of a saved run changes; older runs are refused with a clear error.
 CONFIG_VERSION = 1
 
@@ -58,6 +61,18 @@ class Config:
     """Attention smoothing: a = (1-eps) softmax + eps/K (official SampleSoftmax, speed-limits value)."""
     entropy_weight: float = 1e-4
     """Weight of the attention-entropy bonus in the loss (official scripts: 1e-4)."""
+    pooling: str = "gated"
+    """'gated' (gated attention MIL over the N patches: one telling patch can decide) or 'ats' (the paper's estimator of sum_i a_i f_i)."""
+    candidates: int | None = None
+    """Training with --pooling gated: candidate patches per slide, drawn from the attention mixed with uniform, embedded without gradient; the N with the highest instance scores get the gradient pass (0: the N patches sampled from the attention; default 256 with gated pooling, 0 with ats)."""
+    zoom: float = 0.5
+    """With --pooling gated: share of the N patches drawn around the most telling patch of the others (0: all N from the attention)."""
+    train_patches: int = 64
+    """Training with candidates: how many of them get the gradient pass, highest instance scores first."""
+    explore: float = 0.5
+    """Training with candidates: share of the candidate distribution that explores (equal mass per colour group of the view) instead of following the attention."""
+    distill_weight: float = 1.0
+    """Training: weight of the view-attention target taken from the candidates' instance scores."""
 
     # --- optimisation
     epochs: int = 30
@@ -98,6 +113,8 @@ class Config:
     """Configuration format version."""
 
     def __post_init__(self) -> None:
+        if self.candidates is None:
+            self.candidates = DEFAULT_CANDIDATES if self.pooling == "gated" else 0
         self.check()
 
     def check(self) -> None:
@@ -128,6 +145,16 @@ class Config:
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.clip_norm > 0, "clip_norm", "must be > 0")
         need(self.attention in ("learned", "uniform"), "attention", "must be 'learned' or 'uniform'")
+        need(self.pooling in ("gated", "ats"), "pooling", "must be 'gated' or 'ats'")
+        need(isinstance(self.candidates, int) and not isinstance(self.candidates, bool) and 0 <= self.candidates <= 65536,
+             "candidates", "must be an integer in 0..65536")
+        need(self.pooling == "gated" or self.candidates == 0, "candidates",
+             "needs --pooling gated (the ats estimator trains on the N sampled patches); pass --candidates 0")
+        need(isinstance(self.zoom, (int, float)) and 0 <= self.zoom < 1, "zoom", "must be in [0, 1)")
+        need(isinstance(self.train_patches, int) and not isinstance(self.train_patches, bool) and 1 <= self.train_patches <= 4096,
+             "train_patches", "must be an integer in 1..4096")
+        need(isinstance(self.explore, (int, float)) and 0 <= self.explore <= 1, "explore", "must be in [0, 1]")
+        need(isinstance(self.distill_weight, (int, float)) and self.distill_weight >= 0, "distill_weight", "must be >= 0")
         from wsiats.models import list_feature_nets
 
         valid = list_feature_nets()
@@ -226,6 +253,10 @@ def resolve(*, config_file: str | Path | None = None, overrides: dict[str, Any] 
         raise ConfigError(str(exc)) from None
 
 
+#: What a run's config.yaml that predates these keys meant by their absence.
+_BEFORE_POOLING = {"pooling": "ats", "candidates": 0, "zoom": 0.0}
+
+
 def load_run_config(run_dir: str | Path) -> Config:
     """Read `RUN/config.yaml` written by `train`, refusing other versions."""
     from wsiats.errors import CheckpointError
@@ -248,6 +279,8 @@ def load_run_config(run_dir: str | Path) -> Config:
     unknown = sorted(set(raw) - set(_FIELDS))
     if unknown:
         raise CheckpointError(f"{path}: unknown key(s) {', '.join(unknown)}")
+    for key, value in _BEFORE_POOLING.items():  # runs written before pooling existed used the ats estimator
+        raw.setdefault(key, value)
     try:
         values = {k: _coerce(k, v, str(path)) for k, v in raw.items()}
         cfg = Config(**values)

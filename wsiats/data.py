@@ -240,23 +240,23 @@ class ViewDataset(Dataset):
         import warnings
 
         from wsiats.errors import WsiatsError
-        from wsiats.pipeline import prepare_view
+        from wsiats.pipeline import prepare_view, with_exploration
         from wsiats.slide import open_slide
 
         path = self.items[i].path
         file = self._file(path)
-        if file is not None and file.is_file():
-            view = _read_view_file(file)
-            if view is not None:
-                return view
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with open_slide(path, backend=self.backend, mpp=self.mpp) as slide:
-                    view = prepare_view(slide, self.cfg)  # type: ignore[arg-type]
-        except WsiatsError as exc:
-            return str(exc)
-        if file is not None:
+        view = _read_view_file(file) if file is not None and file.is_file() else None
+        fresh = view is None
+        if view is None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    with open_slide(path, backend=self.backend, mpp=self.mpp) as slide:
+                        view = prepare_view(slide, self.cfg)  # type: ignore[arg-type]
+            except WsiatsError as exc:
+                return str(exc)
+        fresh = with_exploration(view, self.cfg) or fresh  # type: ignore[arg-type]
+        if file is not None and fresh:
             _write_view_file(file, view)
         return view
 
@@ -306,8 +306,9 @@ def _write_view_file(file: Path, view: object) -> None:
 
     try:
         with atomic_open(file, "wb") as fh:
+            extra = {} if view.explore is None else {"explore": view.explore}  # type: ignore[attr-defined]
             np.savez(fh, image=view.image, mask=view.mask, downsample=np.asarray(view.downsample, dtype=np.float64),
-                     fell_back=np.asarray(view.fell_back))  # type: ignore[attr-defined]
+                     fell_back=np.asarray(view.fell_back), **extra)  # type: ignore[attr-defined]
     except OSError as exc:
         log.warning("%s: cannot write the view cache file (%s); going on without it", file, exc)
 
@@ -320,10 +321,13 @@ def _read_view_file(file: Path) -> object | None:
         with np.load(file, allow_pickle=False) as z:
             image, mask = z["image"], z["mask"]
             downsample, fell_back = z["downsample"], z["fell_back"]
+            explore = z["explore"] if "explore" in z.files else None
         if image.dtype != np.uint8 or image.ndim != 3 or mask.dtype != np.bool_ or mask.shape != image.shape[:2]:
             raise ValueError("unexpected arrays")
+        if explore is not None and (explore.dtype != np.float32 or explore.shape != mask.shape):
+            raise ValueError("unexpected exploration distribution")
         return PreparedView(image=image, mask=mask, downsample=(float(downsample[0]), float(downsample[1])),
-                            fell_back=bool(fell_back))
+                            fell_back=bool(fell_back), explore=explore)
     except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as exc:
         log.warning("%s: unusable view cache file (%s); reading the slide", file, exc)
         return None

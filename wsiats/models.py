@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from wsiats.errors import ModelError
+from wsiats.mil import GatedAttentionPool
 
 # ImageNet statistics: the convention of every pretrained backbone, harmless for the small CNN.
 _MEAN = (0.485, 0.456, 0.406)
@@ -254,7 +255,11 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
 
 
 class ATSModel(nn.Module):
-    """Attention network + feature network + linear classifier g."""
+    """Attention network + feature network (+ gated attention MIL pooling) + linear classifier g.
+
+    pooling 'gated' adds `mil`, a `GatedAttentionPool` over the patches' features; 'ats' combines
+    them with the attention-sampling estimator alone (the paper's model, no extra parameters).
+    """
 
     def __init__(
         self,
@@ -264,10 +269,15 @@ class ATSModel(nn.Module):
         feature_dim: int = 32,
         feature_weights: str | Path | None = None,
         freeze_features: bool = False,
+        pooling: str = "ats",
     ) -> None:
         super().__init__()
+        if pooling not in ("gated", "ats"):
+            raise ModelError(f"pooling must be 'gated' or 'ats', got {pooling!r}")
         self.attention_net = AttentionNet()
         self.feature_net = create_feature_net(feature_net, width=feature_dim, weights=feature_weights)
+        self.pooling = pooling
+        self.mil = GatedAttentionPool(self.feature_net.out_dim) if pooling == "gated" else None
         self.classifier = nn.Linear(self.feature_net.out_dim, n_classes)
         self.freeze_features = freeze_features
         if freeze_features:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wsiats import sampling
+from wsiats import mil, sampling
 from wsiats.config import Config
 from wsiats.errors import ConfigError, SlideError
 from wsiats.models import ATSModel
@@ -35,6 +35,7 @@ class PreparedView:
     mask: np.ndarray  # (h, w) bool, True where sampling is allowed
     downsample: tuple[float, float]  # level-0 pixels per view pixel (x, y)
     fell_back: bool  # no tissue found: the whole view is allowed
+    explore: np.ndarray | None = None  # (h, w) float32 exploration distribution (`mil.exploration_prior`), training only
 
 
 def _level0_per_pixel(slide: Slide, mpp: float | None, downsample: float, what: str) -> float:
@@ -70,6 +71,14 @@ def prepare_view(slide: Slide, cfg: Config) -> PreparedView:
         mask = np.ones((h, w), dtype=bool)
     image = np.require(view.image, dtype=np.uint8, requirements=["C", "W"])  # torch wants writable arrays
     return PreparedView(image=image, mask=mask, downsample=view.downsample, fell_back=fell_back)
+
+
+def with_exploration(view: PreparedView, cfg: Config) -> bool:
+    """Give a training view its exploration distribution when `cfg` trains with candidates; True if it was added."""
+    if not cfg.candidates or view.explore is not None:
+        return False
+    view.explore = mil.exploration_prior(view.image, view.mask)
+    return True
 
 
 def cell_centers(indices: np.ndarray, view_shape: tuple[int, int], downsample: tuple[float, float]) -> np.ndarray:
@@ -145,9 +154,10 @@ class ForwardResult:
     attention: list[Tensor]  # per slide, [h*w] attention over the (augmented) view
     indices: list[np.ndarray]  # per slide, sampled cells in the ORIGINAL view, sampled order
     sampled_attention: list[Tensor]  # per slide, [n]
-    weights: list[Tensor]  # per slide, [n]: coefficient of each patch's features in the estimate
+    weights: list[Tensor]  # per slide, [n]: coefficient of each patch's features in the pooled vector
     boxes: list[np.ndarray]  # per slide, [n, 4] level-0 x, y, w, h
     entropy: Tensor  # [B]
+    distill: Tensor | None = None  # [B] view-attention distillation losses (gated pooling, training), or None
 
 
 class SlidePool:
@@ -188,17 +198,32 @@ def forward_batch(
     workers: int | None = None,
     autocast: Callable[[], object] | None = None,
 ) -> ForwardResult:
-    """Run view -> attention -> sample -> read -> features -> expectation -> logits.
+    """Run view -> attention -> sample -> read -> features -> pooling -> logits.
 
-    mode: 'sample' (the estimator; gradients unbiased) or 'topk' (deterministic: the n
-    highest-attention cells, combined with the without-replacement formula).
+    mode:
+    - 'sample': N cells drawn from the attention (`cfg.replace`); with `cfg.pooling` 'ats' the
+      estimator whose gradients are unbiased, with 'gated' gated attention MIL over the N patches;
+    - 'topk': deterministic, the N highest-attention cells;
+    - with gated pooling and `cfg.zoom` > 0, 'sample' and 'topk' take only N - round(zoom N) cells
+      that way, and the rest around the cell whose patch has the highest instance score (`zoom_cells`):
+      still N patches a slide, but a lone informative region gets about half of them;
+    - 'explore' (training, `cfg.candidates` > 0, gated pooling): `cfg.candidates` cells drawn
+      without replacement from q = (1 - explore) a + explore u (u: `PreparedView.explore`, equal mass
+      per colour group, or uniform), their patches embedded without gradient, and the
+      max(N, `cfg.train_patches`) with the highest instance scores embedded again with gradient and pooled.
+    With gated pooling the attention network learns from `ForwardResult.distill`, the cross-entropy
+    of the attention over the embedded patches against the N with the highest instance scores
+    (N/2 of the N when training without candidates).
     """
-    if mode not in ("sample", "topk"):
-        raise ValueError(f"mode must be 'sample' or 'topk', got {mode!r}")
+    if mode not in ("sample", "topk", "explore"):
+        raise ValueError(f"mode must be 'sample', 'topk' or 'explore', got {mode!r}")
+    gated = model.mil is not None
+    if mode == "explore" and not gated:
+        raise ValueError("mode 'explore' needs a model with gated pooling")
     device = device or next(model.parameters()).device
     use_cuda = device.type == "cuda"
     ctx = autocast or _null_context
-    attentions, indices, sampled, boxes, patches = [], [], [], [], []
+    attentions, indices, sampled, boxes, patches, distill = [], [], [], [], [], []
     counts: list[int] = []
     for item in items:
         view = item.view
@@ -218,19 +243,47 @@ def forward_batch(
                 logits = model.attention_net(image[None].to(device, non_blocking=use_cuda))
             att = sampling.smooth_attention(logits.float(), mask=mask, eps=cfg.attention_eps)
         n = min(cfg.n_patches, int((att > 0).sum()))
-        if mode == "topk":
-            idx, a_k = sampling.topk(att, n)
-        else:
-            idx, a_k = sampling.sample(att, n, cfg.replace, generator=generator)
-        idx_np = item.augment.unflip(idx[0].cpu().numpy(), (h, w))
         slide = pool.get(item.slide_path)
         size, pds = cfg.patch_size, patch_downsample(slide, cfg)
-        centers = cell_centers(idx_np, (h, w), view.downsample)
-        pixels = slide.read_patches(centers, size, downsample=pds, workers=workers)
-        tiles = torch.from_numpy(pixels).permute(0, 3, 1, 2)
-        patches.append(item.augment.images(tiles))
+
+        def read(cells: Tensor) -> tuple[np.ndarray, np.ndarray, Tensor]:
+            """Cells of the augmented view -> (original-view indices, level-0 centres, augmented uint8 patches)."""
+            orig = item.augment.unflip(cells.cpu().numpy(), (h, w))
+            centers = cell_centers(orig, (h, w), view.downsample)
+            pixels = slide.read_patches(centers, size, downsample=pds, workers=workers)
+            return orig, centers, item.augment.images(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+
+        if mode == "explore":
+            q = mil.exploration_mixture(att.detach(), mask, cfg.explore, explore=_explore_distribution(item, device))
+            m = min(int(cfg.candidates or 0), int((q > 0).sum()))
+            cand, _ = sampling.sample(q, max(m, n), False, generator=generator)
+            orig, centers, tiles = read(cand[0])
+            scores = _scores_without_grad(model, tiles, device, ctx)
+            if cfg.attention != "uniform":
+                distill.append(mil.distillation_loss(att[0, cand[0]], scores, top=n))
+            keep = mil.select_informative(scores, max(n, cfg.train_patches)).cpu()
+            idx, orig, centers, tiles = cand[:, keep.to(cand.device)], orig[keep.numpy()], centers[keep.numpy()], tiles[keep]
+            a_k = att.gather(1, idx)
+            n = len(keep)
+        else:
+            n1 = n - int(round(cfg.zoom * n)) if gated and n >= 2 else n
+            n1 = max(1, n1)
+            if mode == "topk":
+                idx, a_k = sampling.topk(att, n1)
+            else:
+                idx, a_k = sampling.sample(att, n1, cfg.replace, generator=generator)
+            orig, centers, tiles = read(idx[0])
+            if n1 < n:  # zoom: the rest of the N patches around the first draw's most telling patch
+                best = int(torch.argmax(_scores_without_grad(model, tiles, device, ctx)))
+                radius = max(1, int(round(size * pds / max(view.downsample))))
+                near = zoom_cells(att, idx, int(idx[0, best]), (h, w), radius, n - n1, generator=generator)
+                o2, c2, t2 = read(near[0])
+                idx, orig, centers, tiles = torch.cat([idx, near], 1), np.concatenate([orig, o2]), \
+                    np.concatenate([centers, c2]), torch.cat([tiles, t2])
+                a_k = att.gather(1, idx)
+        patches.append(tiles)
         attentions.append(att[0])
-        indices.append(idx_np)
+        indices.append(orig)
         sampled.append(a_k[0])
         boxes.append(patch_boxes(centers, size, pds))
         counts.append(n)
@@ -242,17 +295,72 @@ def forward_batch(
     pooled, weights = [], []
     start = 0
     replace = cfg.replace and mode == "sample"
-    for a_k, n in zip(sampled, counts):
-        f = feats[start : start + n][None]
+    for k, (a_k, n) in enumerate(zip(sampled, counts)):
+        f = feats[start : start + n]
         start += n
-        if mode == "topk":
-            pooled.append(sampling.estimate_topk(a_k[None], f)[0])
+        if gated:
+            z, alpha = model.mil(f)
+            pooled.append(z)
+            weights.append(alpha.detach())
+            if mode != "explore" and cfg.attention != "uniform" and torch.is_grad_enabled():
+                distill.append(mil.distillation_loss(a_k, model.mil.score(f.detach()), top=max(1, n // 2)))
+        elif mode == "topk":
+            pooled.append(sampling.estimate_topk(a_k[None], f[None])[0])
+            weights.append(sampling.estimate_weights(a_k[None], False)[0])
         else:
-            pooled.append(sampling.expectation(a_k[None], f, replace)[0])
-        weights.append(sampling.estimate_weights(a_k[None], replace)[0])
+            pooled.append(sampling.expectation(a_k[None], f[None], replace)[0])
+            weights.append(sampling.estimate_weights(a_k[None], replace)[0])
     logits = model.classifier(torch.stack(pooled))
     entropy = torch.stack([sampling.entropy(a[None])[0] for a in attentions])
-    return ForwardResult(logits, attentions, indices, sampled, weights, boxes, entropy)
+    aux = torch.stack(distill) if distill else None
+    return ForwardResult(logits, attentions, indices, sampled, weights, boxes, entropy, aux)
+
+
+def zoom_cells(attention: Tensor, taken: Tensor, best: int, shape: tuple[int, int], radius: int, n: int,
+               *, generator: torch.Generator | None = None) -> Tensor:
+    """n more cells [1, n], none in `taken` [1, t]: drawn without replacement from the attention restricted
+    to the square of `radius` cells around cell `best`, and, when that square holds fewer than n
+    allowed cells, the rest from the attention elsewhere."""
+    h, w = shape
+    r0, c0 = divmod(best, w)
+    near = torch.zeros((h, w), dtype=torch.bool, device=attention.device)
+    near[max(0, r0 - radius): r0 + radius + 1, max(0, c0 - radius): c0 + radius + 1] = True
+    weights = attention.detach().clone()
+    weights[0, taken[0]] = 0.0
+    inside = weights * near.reshape(1, -1)
+    take = min(n, int((inside > 0).sum()))
+    picked = sampling.sample(inside / inside.sum(), take, False, generator=generator)[0] if take else taken[:, :0]
+    if take < n:
+        weights[0, picked[0]] = 0.0
+        weights = weights * ~near.reshape(1, -1)
+        more = min(n - take, int((weights > 0).sum()))
+        if more:
+            picked = torch.cat([picked, sampling.sample(weights / weights.sum(), more, False, generator=generator)[0]], 1)
+    return picked
+
+
+def _explore_distribution(item: SlideBatchItem, device: torch.device) -> Tensor | None:
+    """The exploration distribution [1, K] of an item's (augmented) view, or None (uniform) without one."""
+    if item.view.explore is None:
+        return None
+    t = torch.from_numpy(item.view.explore)
+    dims = [d for d, on in ((1, item.augment.flip_h), (0, item.augment.flip_v)) if on]
+    if dims:
+        t = torch.flip(t, dims)
+    return t.reshape(1, -1).to(device)
+
+
+def _scores_without_grad(model: ATSModel, tiles: Tensor, device: torch.device, ctx: Callable[[], object]) -> Tensor:
+    """Instance scores [M] of candidate patches, embedded in eval mode without gradient."""
+    assert model.mil is not None
+    was_training = model.feature_net.training
+    model.feature_net.eval()
+    try:
+        with torch.no_grad(), ctx():  # type: ignore[attr-defined]
+            f = model.feature_net(tiles.to(device, non_blocking=device.type == "cuda")).float()
+            return model.mil.score(f).float()
+    finally:
+        model.feature_net.train(was_training)
 
 
 def _null_context() -> object:
@@ -285,9 +393,12 @@ def class_weights(labels: Sequence[int], n_classes: int) -> Tensor:
 
 
 def loss_fn(result: ForwardResult, targets: Tensor, *, cfg: Config, weight: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Cross-entropy minus entropy_weight * attention entropy. Returns (loss, ce)."""
+    """Cross-entropy - entropy_weight * attention entropy (+ distill_weight * distillation). Returns (loss, ce)."""
     ce = F.cross_entropy(result.logits, targets, weight=weight)
-    return ce - cfg.entropy_weight * result.entropy.mean(), ce
+    loss = ce - cfg.entropy_weight * result.entropy.mean()
+    if result.distill is not None:
+        loss = loss + cfg.distill_weight * result.distill.mean()
+    return loss, ce
 
 
 class ATSForward(torch.nn.Module):

@@ -99,7 +99,7 @@ class _SlideModel:
     """Per-slide geometry (tissue bumps, regions, colour waves, noise bank) and the renderer."""
 
     def __init__(self, width: int, height: int, *, positive: bool, seed: int, n_regions: int,
-                 region_size: tuple[int, int]) -> None:
+                 region_size: tuple[int, int], n_informative: int | None = None) -> None:
         self.width, self.height, self.seed, self.positive = width, height, seed, positive
         rng = np.random.default_rng(seed)
         side = min(width, height)
@@ -120,7 +120,8 @@ class _SlideModel:
         self._tint = self._waves(rng, 2, max(1500.0, 0.4 * side), max(3000.0, 0.9 * side))
         self._noise = np.rint(rng.normal(0.0, _NOISE_SIGMA, (_NOISE_BANK, _NOISE_TILE, _NOISE_TILE, 3))).astype(np.int16)
         self._noise_pick = rng.integers(0, _NOISE_BANK, size=(61, 67))  # coprime sizes: no visible repeat
-        self.regions = self._place_regions(rng, positive=positive, n=n_regions, region_size=region_size)
+        self.regions = self._place_regions(rng, positive=positive, n=n_regions, region_size=region_size,
+                                           n_informative=n_informative)
 
     # --- geometry -------------------------------------------------------------------------------------------
 
@@ -171,17 +172,19 @@ class _SlideModel:
         return (field > 0) & (field + np.float32(0.12) * self._wave_sum(self._wobble, xs, ys) > _THRESHOLD)
 
     def _place_regions(self, rng: np.random.Generator, *, positive: bool, n: int,
-                       region_size: tuple[int, int]) -> list[_Ellipse]:
+                       region_size: tuple[int, int], n_informative: int | None = None) -> list[_Ellipse]:
+        """Place n regions; on a positive slide the first `n_informative` (all when None) are checkerboard."""
         side = min(self.width, self.height)
         hi = min(float(region_size[1]), side / 4)  # regions shrink on tiny slides so that n of them fit
         lo = min(float(region_size[0]), hi)
         placed: list[_Ellipse] = []
-        for _ in range(n):
+        informative = n if n_informative is None else n_informative
+        for k in range(n):
             dx = rng.uniform(lo, hi)
             dy = float(np.clip(dx * rng.uniform(0.75, 1.33), lo, hi))
             # drawn for every region so that the geometry is the same for both labels of one seed
             stripes = 1 + int(rng.integers(0, 2))
-            pattern = 0 if positive else stripes
+            pattern = 0 if positive and k < informative else stripes
             rx, ry = dx / 2, dy / 2
             for attempt in range(600):
                 mx, my = _TISSUE_MARGIN * rx + _BLOCK, _TISSUE_MARGIN * ry + _BLOCK
@@ -367,11 +370,13 @@ def level_shapes(width: int, height: int) -> list[tuple[int, int, int]]:
 
 def make_slide(path: Path, *, size: int | tuple[int, int], label: str, seed: int, ome: bool = False,
                n_regions: int = 3, region_size: tuple[int, int] = (200, 400), tile: int = 256,
-               quality: int = 90) -> list[Region]:
+               quality: int = 90, n_informative: int | None = None) -> list[Region]:
     """Write one synthetic pyramidal slide to `path`; return its textured regions.
 
     `size` is the level-0 side, or (width, height). `label` is "positive" (checkerboard
-    regions) or "negative" (look-alike stripes). Level 0 is 0.25 um/px; levels have
+    regions) or "negative" (look-alike stripes). With `n_informative`, only that many regions of
+    a positive slide are checkerboard and the others look-alike decoys (a needle-in-a-haystack
+    slide); by default every region of a positive slide is checkerboard. Level 0 is 0.25 um/px; levels have
     downsample 1, 4, 16, ... down to a side of at most 512 px. A generic TIFF keeps the
     levels in the main IFD chain; `ome=True` writes an OME-TIFF with the levels as SubIFDs.
     Tiles are JPEG (YCbCr without chroma subsampling) at `quality`. Deterministic in `seed`.
@@ -387,12 +392,14 @@ def make_slide(path: Path, *, size: int | tuple[int, int], label: str, seed: int
         raise ConfigError(f"seed {seed} must be >= 0")
     if n_regions < 0:
         raise ConfigError(f"n_regions {n_regions} must be >= 0")
+    if n_informative is not None and not 0 <= n_informative <= n_regions:
+        raise ConfigError(f"n_informative {n_informative} must be in 0..n_regions ({n_regions})")
     if not 0 < region_size[0] <= region_size[1]:
         raise ConfigError(f"region_size {region_size} must be (min, max) diameters with 0 < min <= max")
     if not 1 <= quality <= 100:
         raise ConfigError(f"quality {quality} must be in 1..100")
     model = _SlideModel(width, height, positive=label == "positive", seed=seed, n_regions=n_regions,
-                        region_size=region_size)
+                        region_size=region_size, n_informative=n_informative)
     _write_pyramid(Path(path), model, tile=tile, quality=quality, ome=ome)
     return model.truth()
 
@@ -443,9 +450,27 @@ def _fix_ome_uuid(path: Path, value: uuid.UUID) -> None:
             fh.write(str(value).encode())  # same length (36 characters): nothing else moves
 
 
+#: Cohort kinds of `make_cohort`.
+COHORT_KINDS = ("regions", "needles")
+
+
+def needle_layout(slide_seed: int) -> tuple[int, int]:
+    """(regions, informative ones on a positive slide) of a needles slide: 2-6 regions, 1-2 informative, >= 1 decoy."""
+    rng = np.random.default_rng([slide_seed, 7])
+    n_regions = int(rng.integers(2, 7))
+    return n_regions, int(rng.integers(1, min(2, n_regions - 1) + 1))
+
+
 def make_cohort(out: Path, *, n: int, size: int, seed: int, test_fraction: float = 0.25, ome_every: int = 3,
-                progress: Callable[[int, int], None] | None = None, **slide_kw: Any) -> Path:
+                kind: str = "regions", progress: Callable[[int, int], None] | None = None,
+                **slide_kw: Any) -> Path:
     """Write `n` slides to OUT/slides, OUT/labels.csv and OUT/truth.json; return the labels path.
+
+    kind "regions": every region of a positive slide is informative (checkerboard), every region of
+    a negative slide a look-alike. kind "needles": every slide holds 2-6 regions that look alike below
+    full resolution; on a positive slide 1-2 of them are informative and the rest decoys, on a
+    negative slide all are decoys, so the informative area is a fraction of a percent of the tissue
+    of a large slide and the low-resolution view cannot tell a positive slide from a negative one.
 
     Labels are balanced (one extra negative when `n` is odd) and shuffled by `seed`.
     `test_fraction` of each class gets split "test" (at least one of each class when
@@ -461,6 +486,8 @@ def make_cohort(out: Path, *, n: int, size: int, seed: int, test_fraction: float
         raise ConfigError(f"seed={seed} must be >= 0")
     if ome_every < 0:
         raise ConfigError(f"ome_every={ome_every} must be >= 0 (0: no OME-TIFF)")
+    if kind not in COHORT_KINDS:
+        raise ConfigError(f"kind={kind!r} must be one of {', '.join(COHORT_KINDS)}")
     out = Path(out)
     rng = np.random.default_rng(seed)
     labels = [LABELS[0]] * (n - n // 2) + [LABELS[1]] * (n // 2)
@@ -474,12 +501,15 @@ def make_cohort(out: Path, *, n: int, size: int, seed: int, test_fraction: float
         k = min(k, len(members) - 1)
         for i in rng.choice(members, size=k, replace=False) if k > 0 else []:
             splits[int(i)] = "test"
-    truth: dict[str, Any] = {"mpp": MPP, "slides": {}}
+    truth: dict[str, Any] = {"mpp": MPP, "kind": kind, "slides": {}}
     for i in range(n):
         slide_id = f"synth_{i:04d}"
         slide_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+        kw = dict(slide_kw)
+        if kind == "needles":
+            kw["n_regions"], kw["n_informative"] = needle_layout(slide_seed)
         regions = make_slide(out / "slides" / f"{slide_id}.tif", size=size, label=labels[i], seed=slide_seed,
-                             ome=ome_every > 0 and i % ome_every == ome_every - 1, **slide_kw)
+                             ome=ome_every > 0 and i % ome_every == ome_every - 1, **kw)
         truth["slides"][slide_id] = {"label": labels[i], "width": size, "height": size,
                                      "regions": [asdict(r) for r in regions]}
         if progress is not None:

@@ -88,6 +88,32 @@ def check_slides(items: Sequence[Item], *, backend: str = "auto", mpp: float | N
     return bad
 
 
+#: Epochs after which `train` checks that the loss or the attention entropy has started to move.
+PLATEAU_EPOCHS = 5
+
+
+def _stalled(history: Sequence[dict[str, float]]) -> bool:
+    """Loss within 0.01 and attention entropy within 0.1% of their first values over the epochs so far."""
+    loss = [r["train_loss"] for r in history]
+    ent = [r["attention_entropy"] for r in history]
+    return max(loss) - min(loss) < 0.01 and max(ent) - min(ent) < 1e-3 * max(abs(ent[0]), 1e-6)
+
+
+def stall_message(history: Sequence[dict[str, float]], cfg: Config) -> str:
+    """The one line `train` warns with when nothing has moved after PLATEAU_EPOCHS epochs."""
+    what = ("--epochs (a needle cohort can take 50+), --candidates 512, --lr 3e-3"
+            if cfg.pooling == "gated" and cfg.candidates else
+            "--pooling gated (the default: finds sparse evidence), more --epochs, --lr 3e-3")
+    return (f"training loss ({history[-1]['train_loss']:.3f}) and attention entropy "
+            f"({history[-1]['attention_entropy']:.2f}) have not moved in {len(history)} epochs: the model has not "
+            f"found a signal yet; try {what}")
+
+
+def training_mode(cfg: Config) -> str:
+    """The forward-pass mode of a training step: 'explore' with candidates (gated pooling), else 'sample'."""
+    return "explore" if cfg.pooling == "gated" and (cfg.candidates or 0) > 0 else "sample"
+
+
 def _lr_factor(epoch: int, cfg: Config) -> float:
     """Linear warm-up for `warmup_epochs`, then cosine decay to 5% at the last epoch."""
     if epoch < cfg.warmup_epochs:
@@ -248,6 +274,8 @@ def train(
                 row.update(val_loss=math.nan, val_acc=math.nan, val_auc=math.nan)
                 key = (float(epoch), 0.0)  # no validation: the latest epoch is the best
             history.append(row)
+            if len(history) == PLATEAU_EPOCHS and start_epoch == 0 and _stalled(history):
+                warnings.warn(stall_message(history, cfg), stacklevel=1)
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
             improved = key > best_key
             if improved:
@@ -322,7 +350,7 @@ def _train_epoch(
             for i, view in batch
         ]
         y = torch.tensor([items_of[i].label for i, _ in batch], device=device)
-        out = net(items, cfg=cfg, pool=pool, generator=sample_gen, device=device,
+        out = net(items, cfg=cfg, pool=pool, mode=training_mode(cfg), generator=sample_gen, device=device,
                   workers=cfg.workers or None, autocast=autocast)
         loss, ce = loss_fn(out, y, cfg=cfg, weight=weight)
         optimizer.zero_grad(set_to_none=True)

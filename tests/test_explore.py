@@ -1,0 +1,175 @@
+"""The training procedure for sparse evidence (forward_batch modes 'explore' and zoom) on a small slide."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+import _slides
+from wsiats import mil
+from wsiats.config import Config
+from wsiats.models import ATSModel
+from wsiats.pipeline import SlideBatchItem, SlidePool, forward_batch, loss_fn, prepare_view, zoom_cells
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def slide_path(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    path = tmp_path_factory.mktemp("explore") / "tissue.tif"
+    _slides.write_generic_pyramid(path, _slides.tissue_image(512, 512, seed=2), n_levels=2, tile=64, mpp=0.5)
+    return path
+
+
+def _cfg(**kw: object) -> Config:
+    base: dict[str, object] = dict(view_downsample=16.0, patch_size=16, n_patches=4, tissue_mask=False,
+                                   candidates=40, train_patches=6)
+    base.update(kw)
+    return Config(**base)  # type: ignore[arg-type]
+
+
+def _setup(cfg: Config, path):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = ATSModel(n_classes=2, feature_dim=8, pooling="gated")
+    pool = SlidePool()
+    view = prepare_view(pool.get(path), cfg)
+    view.explore = mil.exploration_prior(view.image, view.mask)
+    return model, pool, view
+
+
+def test_explore_embeds_candidates_and_trains_on_the_highest_scores(slide_path) -> None:  # type: ignore[no-untyped-def]
+    cfg = _cfg()
+    model, pool, view = _setup(cfg, slide_path)
+    try:
+        out = forward_batch(model, [SlideBatchItem(slide_path, view)] * 2, cfg=cfg, pool=pool, mode="explore",
+                            generator=torch.Generator().manual_seed(1))
+        loss, _ = loss_fn(out, torch.tensor([0, 1]), cfg=cfg, weight=None)
+        loss.backward()
+    finally:
+        pool.close()
+    for idx, w in zip(out.indices, out.weights):
+        assert len(idx) == 6 and len(set(idx.tolist())) == 6  # train_patches distinct cells
+        assert float(w.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert out.distill is not None and out.distill.shape == (2,) and torch.isfinite(out.distill).all()
+    # the attention network learns from the distillation target, the MIL head and features from the loss
+    for part in (model.attention_net, model.mil, model.feature_net, model.classifier):
+        assert any(p.grad is not None and float(p.grad.abs().max()) > 0 for p in part.parameters())
+
+
+def test_explore_keeps_the_candidates_with_the_highest_instance_scores(slide_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The gradient pass gets exactly the top train_patches candidates by instance score."""
+    cfg = _cfg(candidates=30, train_patches=5)
+    model, pool, view = _setup(cfg, slide_path)
+    seen: dict[str, torch.Tensor] = {}
+    real = mil.select_informative
+
+    def spy(scores: torch.Tensor, n: int) -> torch.Tensor:
+        seen["scores"], seen["keep"] = scores, real(scores, n)
+        return seen["keep"]
+
+    monkeypatch.setattr(mil, "select_informative", spy)
+    try:
+        with torch.no_grad():
+            out = forward_batch(model, [SlideBatchItem(slide_path, view)], cfg=cfg, pool=pool, mode="explore",
+                                generator=torch.Generator().manual_seed(2))
+            feats = model.feature_net(torch.from_numpy(pool.get(slide_path).read_patches(
+                np.stack([(out.boxes[0][:, 0] + 8.0), (out.boxes[0][:, 1] + 8.0)], 1), 16)).permute(0, 3, 1, 2))
+    finally:
+        pool.close()
+    assert len(seen["scores"]) == 30
+    top = torch.sort(seen["scores"], descending=True).values[:5]
+    torch.testing.assert_close(model.mil.score(feats), top, rtol=1e-4, atol=1e-4)
+
+
+def test_explore_needs_gated_pooling(slide_path) -> None:  # type: ignore[no-untyped-def]
+    cfg = _cfg(pooling="ats", candidates=0)
+    model = ATSModel(n_classes=2, feature_dim=8, pooling="ats")
+    view = prepare_view(SlidePool().get(slide_path), cfg)
+    with pytest.raises(ValueError, match="mode 'explore' needs a model with gated pooling"):
+        forward_batch(model, [SlideBatchItem(slide_path, view)], cfg=cfg, pool=SlidePool(), mode="explore")
+
+
+def test_zoom_draws_the_rest_around_the_most_telling_patch(slide_path) -> None:  # type: ignore[no-untyped-def]
+    cfg = _cfg(n_patches=8, zoom=0.5)
+    model, pool, view = _setup(cfg, slide_path)
+    w = view.image.shape[1]
+    try:
+        with torch.no_grad():
+            out = forward_batch(model, [SlideBatchItem(slide_path, view)], cfg=cfg, pool=pool,
+                                generator=torch.Generator().manual_seed(3))
+            first = out.indices[0][:4]
+            tiles = torch.from_numpy(pool.get(slide_path).read_patches(
+                out.boxes[0][:4, :2] + 8.0, 16)).permute(0, 3, 1, 2)
+            best = int(first[int(torch.argmax(model.mil.score(model.feature_net(tiles))))])
+    finally:
+        pool.close()
+    idx = out.indices[0]
+    assert len(idx) == 8 and len(set(idx.tolist())) == 8
+    r0, c0 = divmod(best, w)
+    radius = 1  # one patch (16 px) at view downsample 16
+    for cell in idx[4:]:
+        r, c = divmod(int(cell), w)
+        assert abs(r - r0) <= radius and abs(c - c0) <= radius
+
+
+def test_zoom_cells_excludes_taken_and_fills_from_elsewhere() -> None:
+    att = torch.full((1, 25), 1 / 25)
+    taken = torch.tensor([[12, 0]])
+    g = torch.Generator().manual_seed(0)
+    near = zoom_cells(att, taken, 12, (5, 5), 1, 8, generator=g)  # the 3x3 square holds 8 cells besides 12
+    assert sorted(near[0].tolist()) == [6, 7, 8, 11, 13, 16, 17, 18]
+    more = zoom_cells(att, taken, 12, (5, 5), 1, 12, generator=g)
+    cells = more[0].tolist()
+    assert len(set(cells)) == 12 and 12 not in cells and 0 not in cells
+    assert set([6, 7, 8, 11, 13, 16, 17, 18]) <= set(cells)
+    zero_outside = att.clone()
+    zero_outside[0, [1, 2, 3, 4]] = 0.0
+    few = zoom_cells(zero_outside, taken, 0, (5, 5), 1, 10, generator=g)  # square around cell 0: 1, 5, 6
+    assert set(few[0].tolist()) >= {5, 6} and 1 not in few[0].tolist()
+
+
+def test_old_runs_without_pooling_load_as_the_ats_estimator(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import yaml
+
+    from wsiats.config import load_run_config
+
+    cfg = Config(classes=["a", "b"]).to_dict()
+    for key in ("pooling", "candidates", "zoom"):
+        cfg.pop(key)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    loaded = load_run_config(tmp_path)
+    assert (loaded.pooling, loaded.candidates, loaded.zoom) == ("ats", 0, 0.0)
+
+
+def test_explore_with_every_cell_a_candidate_is_ips_over_the_whole_view(slide_path) -> None:  # type: ignore[no-untyped-def]
+    """The consistency claim of the training estimator: with M >= K candidates (every cell), the
+    pooled representation is exactly gated attention pooling over the top-T patches of the whole
+    view by instance score (the IPS objective), whatever the draw."""
+    cfg = _cfg(candidates=65536, train_patches=7, n_patches=3)
+    model, pool, view = _setup(cfg, slide_path)
+    h, w = view.image.shape[:2]
+    from wsiats.pipeline import cell_centers
+
+    try:
+        with torch.no_grad():
+            outs = [forward_batch(model, [SlideBatchItem(slide_path, view)], cfg=cfg, pool=pool, mode="explore",
+                                  generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+            every = pool.get(slide_path).read_patches(cell_centers(np.arange(h * w), (h, w), view.downsample), 16)
+            f = model.feature_net(torch.from_numpy(every).permute(0, 3, 1, 2))
+            top = torch.topk(model.mil.score(f), 7).indices
+            z, _ = model.mil(f[top])
+            want = model.classifier(z[None])
+    finally:
+        pool.close()
+    for out in outs:
+        assert sorted(out.indices[0].tolist()) == sorted(top.tolist())
+        torch.testing.assert_close(out.logits, want, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,162 @@
+"""Instance-level pooling and exploration for sparse evidence: pure torch, no I/O.
+
+Attention sampling's estimator is a mean over N patches drawn from the view attention. When the
+evidence is a needle (a few tumour regions, a fraction of a percent of the tissue, whose decoys
+look the same in the low-resolution view), the view attention gets no useful gradient before the
+features discriminate, and a lone informative patch is diluted among N. This module holds the
+pieces of the training procedure that finds needles (see `wsiats.pipeline.forward_batch`,
+mode 'explore'):
+
+- `GatedAttentionPool`: gated attention MIL pooling (Ilse et al., ICML 2018) over the features
+  of the patches a slide was given: z = sum_k alpha_k f_k, alpha = softmax(w^T (tanh(V f) *
+  sigmoid(U f))). One tumour patch can take almost all of alpha, so it dominates the slide's
+  representation instead of counting 1/N. Its logits `score(f)` are the instance scores.
+- `appearance_strata`, `stratified_uniform` and `exploration_prior`: the view's tissue cells grouped
+  by colour (k-means on the view pixels), and the distribution that gives every group the same
+  mass, spread evenly inside it: a rare-looking kind of tissue (a few aggregates among stroma) is explored as often
+  as the common kinds, whatever its area.
+- `exploration_mixture`: the candidate distribution q = (1 - rho) a + rho u, u uniform over the
+  tissue or stratified: every tissue cell keeps a probability of being a candidate that does not
+  depend on what the attention has learnt.
+- `select_informative`: the N candidates with the highest instance scores (IPS, Bergner et al.,
+  ICLR 2023, over ATS's candidates instead of every patch of the slide).
+- `distillation_loss`: the view attention's target: the candidates with the highest instance
+  scores, so the attention network learns where to look from what the feature network found.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "GatedAttentionPool",
+    "appearance_strata",
+    "distillation_loss",
+    "exploration_mixture",
+    "select_informative",
+    "exploration_prior",
+    "stratified_uniform",
+]
+
+
+class GatedAttentionPool(nn.Module):
+    """Gated attention MIL pooling: features [n, D] -> (pooled [D], weights alpha [n])."""
+
+    def __init__(self, dim: int, *, hidden: int = 64) -> None:
+        super().__init__()
+        self.value = nn.Linear(dim, hidden)
+        self.gate = nn.Linear(dim, hidden)
+        self.out = nn.Linear(hidden, 1)
+
+    def score(self, features: Tensor) -> Tensor:
+        """Instance scores (attention logits) of features [..., n, D] -> [..., n]."""
+        h = torch.tanh(self.value(features)) * torch.sigmoid(self.gate(features))
+        return self.out(h).squeeze(-1)
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """features [n, D] -> (sum_k alpha_k f_k [D], alpha [n]); alpha sums to 1."""
+        if features.ndim != 2 or features.shape[0] < 1:
+            raise ValueError(f"features must have shape [n >= 1, D], got {tuple(features.shape)}")
+        alpha = torch.softmax(self.score(features).float(), dim=0)
+        return alpha @ features.float(), alpha
+
+
+def appearance_strata(image: np.ndarray, mask: np.ndarray, *, k: int = 8, iterations: int = 8) -> np.ndarray:
+    """Group the allowed pixels of a view by colour: labels (h, w) int16, -1 off the mask.
+
+    Lloyd's k-means on RGB, initialised deterministically at k luminance quantiles of the allowed
+    pixels (so the same view always gives the same groups); empty groups disappear. At most
+    2**14 pixels take part in the fit (an even subsample); every allowed pixel gets its nearest centre.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or mask.shape != image.shape[:2]:
+        raise ValueError(f"image must be (h, w, 3) and mask (h, w), got {image.shape} and {mask.shape}")
+    labels = np.full(mask.shape, -1, np.int16)
+    pixels = image[mask].astype(np.float32)
+    if len(pixels) == 0:
+        return labels
+    fit = pixels[:: max(1, len(pixels) // 16384)]
+    luminance = fit @ np.array([0.299, 0.587, 0.114], np.float32)
+    order = np.argsort(luminance, kind="stable")
+    centres = fit[order[((np.arange(k) + 0.5) * len(fit) / k).astype(np.int64)]]
+    for _ in range(iterations):
+        near = _nearest(fit, centres)
+        counts = np.bincount(near, minlength=k)
+        sums = np.stack([np.bincount(near, weights=fit[:, c], minlength=k) for c in range(3)], axis=1)
+        filled = counts > 0
+        centres[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+    labels[mask] = _nearest(pixels, centres)
+    return labels
+
+
+def _nearest(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Index of the nearest centre (squared Euclidean) of each row of x."""
+    d = (x * x).sum(1)[:, None] - 2.0 * x @ centres.T + (centres * centres).sum(1)[None, :]
+    return np.argmin(d, axis=1).astype(np.int16)
+
+
+def stratified_uniform(strata: np.ndarray) -> np.ndarray:
+    """Labels (any shape, -1 = not allowed) -> float32 probabilities of the same shape: each present
+    label gets equal mass, spread uniformly over its cells; all zero when no cell is allowed."""
+    out = np.zeros(strata.shape, np.float32)
+    allowed = strata >= 0
+    if not allowed.any():
+        return out
+    labels = strata[allowed].astype(np.int64)
+    counts = np.bincount(labels)
+    present = int((counts > 0).sum())
+    out[allowed] = 1.0 / (present * counts[labels])
+    return out
+
+
+def exploration_prior(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(h, w) float32 distribution over the allowed view cells: equal mass per colour group."""
+    return stratified_uniform(appearance_strata(image, mask))
+
+
+def exploration_mixture(attention: Tensor, mask: Tensor, rho: float, *, explore: Tensor | None = None) -> Tensor:
+    """q = (1 - rho) a + rho u for attention [B, K] (rows sum to 1, zero off the mask) and mask [B, K].
+
+    u is `explore` ([B, K], rows summing to 1 and zero off the mask, e.g. `stratified_uniform`) or,
+    when None, uniform over each row's allowed cells; q is zero exactly where a is and sums to 1.
+    """
+    if not 0.0 <= rho <= 1.0:
+        raise ValueError(f"rho must be in [0, 1], got {rho}")
+    if attention.shape != mask.shape or attention.ndim != 2:
+        raise ValueError(f"attention {tuple(attention.shape)} and mask {tuple(mask.shape)} must both be [B, K]")
+    if explore is None:
+        m = mask.to(attention.dtype)
+        explore = m / m.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    elif explore.shape != attention.shape:
+        raise ValueError(f"explore {tuple(explore.shape)} must have the attention's shape {tuple(attention.shape)}")
+    return (1.0 - rho) * attention + rho * explore.to(attention.dtype)
+
+
+def select_informative(scores: Tensor, n: int) -> Tensor:
+    """Positions of the n highest instance scores [M] (all M when n >= M), highest first."""
+    if scores.ndim != 1:
+        raise ValueError(f"scores must have shape [M], got {tuple(scores.shape)}")
+    return torch.topk(scores.detach(), min(n, scores.shape[0]), sorted=True).indices
+
+
+def distillation_loss(candidate_attention: Tensor, scores: Tensor, *, top: int) -> Tensor:
+    """Cross-entropy of the view attention over the candidates against their `top` best instance scores.
+
+    candidate_attention [M] (the view attention a at the candidate cells, with gradient) and
+    scores [M] (instance scores, detached here) -> a scalar: -mean_{c in T} log(a_c / sum_c' a_c'),
+    T the `top` candidates with the highest scores. The target is scale-free (the scores' scale is
+    whatever the MIL head learnt) and its minimum puts all of the candidates' attention on T:
+    descent raises the attention where the feature network found the most telling patches and
+    lowers it elsewhere, without bound, so the attention can become as peaked as the evidence is
+    sparse. Restricted to the candidates, the loss does not depend on the proposal they came from.
+    """
+    if candidate_attention.shape != scores.shape or scores.ndim != 1:
+        raise ValueError(f"candidate_attention {tuple(candidate_attention.shape)} and scores "
+                         f"{tuple(scores.shape)} must both be [M]")
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top}")
+    best = select_informative(scores, top)
+    log_a = torch.log(candidate_attention.float().clamp_min(torch.finfo(torch.float32).tiny))
+    return -F.log_softmax(log_a, dim=0)[best].mean()
