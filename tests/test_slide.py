@@ -110,6 +110,23 @@ def test_implausible_mpp_is_dropped_with_a_warning(tmp_path: Path, image: np.nda
         assert s.mpp is None
 
 
+@pytest.mark.parametrize("name", ["strip-rgb.tif", "rgba-tiled.tiff"])
+def test_missing_resolution_tag_is_named_not_called_implausible(shared_slides: Path, name: str) -> None:
+    """Real files with no XResolution/YResolution: tifffile's 1-px-per-inch default is not a resolution."""
+    path = shared_slides / name
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = open_slide(path, backend="tifffile")
+    with s:
+        assert s.mpp is None and s.mpp_source is None
+    assert [str(w.message) for w in caught] == [
+        f"{path}: no resolution tag (XResolution/YResolution), so mpp is unknown (pass --mpp to set it)"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # --mpp given: nothing to warn about
+        with open_slide(path, mpp=0.5) as s:
+            assert s.mpp == (0.5, 0.5)
+
+
 SHARED = [
     # file, backend chosen by auto, vendor, level dimensions, mpp, objective, associated images
     ("CMU-1-Small-Region.svs", "tifffile", "aperio", ((2220, 2967),), 0.499, 20.0, ("label", "macro", "thumbnail")),

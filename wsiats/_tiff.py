@@ -188,7 +188,11 @@ class TiffSlide(Slide):
                 self.objective_power = float(svs["AppMag"])
         if found is None and tif.is_ome:
             found, source = self._ome_mpp()
-        if found is None:
+        if found is None and not (282 in key.tags and 283 in key.tags) and mpp is None:
+            # tifffile reports a missing tag as 1 pixel per inch: say the tag is missing instead
+            _warn(f"{self.path}: no resolution tag (XResolution/YResolution), so mpp is unknown (pass --mpp to "
+                  "set it)")
+        elif found is None:
             found, source = _tiff_resolution_mpp(key)
         self._set_mpp(found, source, mpp)
         self._assoc = {se.name.lower(): se for se in tif.series
