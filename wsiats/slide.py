@@ -38,6 +38,14 @@ from wsiats.errors import ConfigError, CorruptSlideError, SlideError, SlideNotFo
 from wsiats.errors import UnsupportedSlideError
 
 BACKENDS = ("auto", "tifffile", "openslide")
+#: File endings wsiats treats as slides when it scans a folder (OpenSlide's and the TIFF family, PerkinElmer
+#: .qptiff); longest first, so that `slide_id` strips `.ome.tif` whole.
+SLIDE_SUFFIXES = (
+    ".ome.tiff", ".ome.tif", ".qptiff", ".svs", ".tif", ".tiff", ".btf", ".ndpi", ".vms", ".vmu",
+    ".mrxs", ".scn", ".bif", ".svslide", ".dcm",
+)
+#: DICOM ImageType values (third item) of instances that are not the slide itself.
+_DICOM_NOT_SLIDE = ("LABEL", "OVERVIEW", "THUMBNAIL")
 #: Suffixes OpenSlide should read first: vendor layouts tifffile exposes differently, and non-TIFF containers.
 OPENSLIDE_SUFFIXES = (".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm")
 #: tifffile flags of vendor TIFF variants that OpenSlide understands better, with OpenSlide's vendor names.
@@ -460,6 +468,100 @@ def _float(text: str | None) -> float | None:
         return None
 
 
+# --- what is a slide ----------------------------------------------------------------------------------------------
+
+
+def is_slide_file(path: Path) -> bool:
+    """A name that ends in one of `SLIDE_SUFFIXES`, not a folder (a dangling link counts: opening it says so)."""
+    return path.name.lower().endswith(SLIDE_SUFFIXES) and not path.is_dir()
+
+
+@dataclass(frozen=True)
+class _DicomInstance:
+    path: Path
+    series: str | None  # Series Instance UID; None when the header cannot be read
+    kind: str  # ImageType value 3: VOLUME, LABEL, OVERVIEW, THUMBNAIL ("" when absent)
+    pixels: int  # TotalPixelMatrixColumns x TotalPixelMatrixRows (0 when absent)
+
+
+def _dicom_instance(path: Path) -> _DicomInstance:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
+            "SeriesInstanceUID", "ImageType", "TotalPixelMatrixColumns", "TotalPixelMatrixRows"])
+        image_type = list(ds.get("ImageType") or [])
+        return _DicomInstance(path, str(ds.get("SeriesInstanceUID") or "") or None,
+                              str(image_type[2]).upper() if len(image_type) > 2 else "",
+                              int(ds.get("TotalPixelMatrixColumns") or 0) * int(ds.get("TotalPixelMatrixRows") or 0))
+    except Exception:  # not DICOM, truncated, unreadable: left for open_slide to report
+        return _DicomInstance(path, None, "", 0)
+
+
+def dicom_series(files: Sequence[Path]) -> list[Path]:
+    """One file per DICOM series among `files` (.dcm instances), sorted by name.
+
+    Instances are grouped by folder and Series Instance UID (OpenSlide opens a whole series from any one
+    of its files); each series is represented by its largest VOLUME instance. A series made only of
+    label, overview or thumbnail instances is no slide and is left out. Files whose header cannot be read
+    form one group per folder, kept, so that opening them reports what is wrong.
+    """
+    groups: dict[tuple[Path, str | None], list[_DicomInstance]] = {}
+    for f in sorted(files, key=lambda p: p.name):
+        inst = _dicom_instance(f)
+        groups.setdefault((f.parent, inst.series), []).append(inst)
+    out = []
+    for (_, series), members in groups.items():
+        volumes = [m for m in members if m.kind not in _DICOM_NOT_SLIDE]
+        if volumes:
+            out.append(max(volumes, key=lambda m: m.pixels).path)  # max keeps the first of equals
+        elif series is None:
+            out.append(members[0].path)
+    return sorted(out, key=lambda p: p.name)
+
+
+def _dicom_files(folder: Path) -> tuple[list[Path], bool]:
+    """The .dcm files of `folder` and whether they are all its files."""
+    files = [p for p in folder.iterdir() if p.is_file()]
+    dcm = [p for p in files if p.suffix.lower() == ".dcm"]
+    return dcm, bool(dcm) and len(dcm) == len(files)
+
+
+def is_dicom_folder(path: Path) -> bool:
+    """A folder that is one slide: every file in it is a .dcm instance, all of one DICOM series."""
+    if not path.is_dir():
+        return False
+    dcm, only = _dicom_files(path)
+    return only and len(dicom_series(dcm)) == 1
+
+
+def slides_in_folder(folder: Path) -> list[Path]:
+    """The slides of a folder, sorted by name, without descending further: its slide files (loose
+    DICOM instances as one file per series) and its sub-folders that are DICOM slides."""
+    entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    files = [p for p in entries if is_slide_file(p)]
+    dcm = [p for p in files if p.suffix.lower() == ".dcm"]
+    keep = set(dicom_series(dcm)) if dcm else set()
+    slides = [p for p in files if p.suffix.lower() != ".dcm" or p in keep]
+    slides += [p for p in entries if p.is_dir() and is_dicom_folder(p)]
+    return sorted(slides, key=lambda p: p.name)
+
+
+def slide_key(path: Path) -> tuple[str, ...]:
+    """What identifies the slide that `path` opens: a DICOM series (from any of its files, or its folder)
+    or, for anything else, the resolved path."""
+    where = path.resolve()
+    if path.is_dir():
+        dcm, only = _dicom_files(path)
+        series = dicom_series(dcm) if only else []
+        path = series[0] if len(series) == 1 else path
+    if path.is_file() and path.suffix.lower() == ".dcm":
+        uid = _dicom_instance(path).series
+        if uid:
+            return str(path.parent.resolve()), uid
+    return (str(where),)
+
+
 # --- opening ------------------------------------------------------------------------------------------------------
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF, both byte orders
@@ -472,8 +574,9 @@ def open_slide(path: str | Path, *, backend: str = "auto", mpp: float | None = N
     OpenSlide for the rest and for vendor TIFF variants (NDPI, SCN, Philips, BIF); each falls back
     to the other when it cannot open the file. "tifffile" or "openslide" forces one.
     `mpp` (microns per level-0 pixel) overrides the file's metadata.
-    A directory is accepted only when it holds DICOM files (.dcm): OpenSlide opens the first one and
-    finds the other levels beside it; any other directory is a SlideNotFoundError.
+    A directory is accepted only when it is a DICOM slide (`is_dicom_folder`: only .dcm files, one series):
+    OpenSlide opens the series' largest VOLUME instance and finds the other levels beside it; any other
+    directory is a SlideNotFoundError.
     """
     from wsiats._tiff import TiffSlide
 
@@ -489,11 +592,15 @@ def open_slide(path: str | Path, *, backend: str = "auto", mpp: float | None = N
     if not path.exists():
         raise SlideNotFoundError(path, "no such file")
     if path.is_dir():
-        dcm = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".dcm")
-        if not dcm or backend == "tifffile":
-            raise SlideNotFoundError(path, "is a directory, not a slide file (only a folder of DICOM .dcm files is "
-                                           "read as one slide)")
-        return OpenSlideSlide(path, mpp=override, open_path=dcm[0])
+        dcm, only = _dicom_files(path)
+        series = dicom_series(dcm) if only else []
+        if len(series) > 1:
+            raise SlideNotFoundError(path, f"is a directory holding {len(series)} DICOM series, not one slide; "
+                                           "name one of its .dcm files")
+        if len(series) != 1 or backend == "tifffile":
+            raise SlideNotFoundError(path, "is a directory, not a slide file (only a folder whose files are all "
+                                           "DICOM .dcm instances of one series is read as one slide)")
+        return OpenSlideSlide(path, mpp=override, open_path=series[0])
     if not path.is_file():
         raise SlideNotFoundError(path, "is not a regular file")
     try:
