@@ -123,7 +123,6 @@ BAD_SLIDES: dict[str, tuple[Callable[[Path, Path], None] | None, str]] = {
     "absurd.tif": (_absurd, "level 0 claims 4000000 x 1024 px (limit 1000000 a side): the header is corrupt"),
     "png_renamed.tif": (_png_renamed, NOT_A_SLIDE),
     "text.tif": (lambda p, c: p.write_text("slide_id,label\na,b\n"), NOT_A_SLIDE),
-    "gray.tif": (lambda p, c: _slides.write_gray(p), "has 1 channel(s) of uint8; wsiats needs 8-bit RGB"),
     "gray16.tif": (lambda p, c: _slides.write_uint16(p), "has 1 channel(s) of uint16; wsiats needs 8-bit RGB"),
     "rgb16.tif": (lambda p, c: _slides.write_rgb16(p), "has 3 channel(s) of uint16; wsiats needs 8-bit RGB"),
     "five_channels.tif": (_five_channels, "has 5 channel(s) of uint8; wsiats needs 8-bit RGB"),

@@ -15,6 +15,7 @@ from typing import Any
 import _slides
 import numpy as np
 import pytest
+import tifffile
 from _slides import Generated, crop
 from PIL import Image
 
@@ -455,16 +456,53 @@ def test_absurd_or_inconsistent_dimensions_are_corrupt(tmp_path: Path, generic_j
 
 
 @pytest.mark.parametrize(("writer", "message"), [
-    (_slides.write_gray, "has 1 channel(s) of uint8; wsiats needs 8-bit RGB"),
-    (_slides.write_uint16, "has 1 channel(s) of uint16; wsiats needs 8-bit RGB"),
-    (_slides.write_rgb16, "has 3 channel(s) of uint16; wsiats needs 8-bit RGB"),
+    (_slides.write_uint16, "has 1 channel(s) of uint16; wsiats needs 8-bit RGB or 8-bit greyscale"),
+    (_slides.write_rgb16, "has 3 channel(s) of uint16; wsiats needs 8-bit RGB or 8-bit greyscale"),
 ])
 def test_non_rgb_images_are_unsupported(tmp_path: Path, writer: Any, message: str) -> None:
+    """Neither reader decodes these (OpenSlide opens them, then fails on the first pixel): tifffile's reason."""
     path = tmp_path / "img.tif"
     writer(path)
-    with pytest.raises(UnsupportedSlideError) as err:
-        open_slide(path)
-    assert str(err.value) == f"{path}: {message}"
+    for backend in ("auto", "tifffile"):
+        with pytest.raises(UnsupportedSlideError) as err:
+            open_slide(path, backend=backend)
+        assert str(err.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("photometric", ["minisblack", "miniswhite"])
+def test_8_bit_greyscale_is_read_as_rgb(tmp_path: Path, photometric: str) -> None:
+    path = tmp_path / "grey.tif"
+    grey = (np.arange(48 * 64).reshape(48, 64) % 251).astype(np.uint8)
+    tifffile.imwrite(path, grey, photometric=photometric, tile=(16, 16), compression="zlib")
+    want = 255 - grey if photometric == "miniswhite" else grey
+    with open_slide(path) as s:
+        assert s.backend == "tifffile"
+        np.testing.assert_array_equal(s.read_level(0), np.repeat(want[..., None], 3, axis=2))
+        np.testing.assert_array_equal(s.read_region((5, 7), 0, (20, 9)), np.repeat(want[7:16, 5:25, None], 3, axis=2))
+
+
+def test_real_grey_jpeg_pyramid_is_read_by_tifffile(shared_slides: Path) -> None:
+    """large_image's test_orient6.tif was refused ('has 1 channel(s) of uint8'), though OpenSlide reads it."""
+    path = shared_slides / "grey-jpeg-pyramid.tif"
+    with tifffile.TiffFile(path) as tif:
+        stored = [page.asarray() for page in tif.pages]
+    with _open(path) as s:
+        assert (s.backend, s.level_dimensions) == ("tifffile", ((120, 180), (60, 90), (30, 45)))
+        for level, grey in enumerate(stored):  # the stored grid: like OpenSlide, wsiats ignores Orientation
+            np.testing.assert_array_equal(s.read_level(level), np.repeat(grey[..., None], 3, axis=2))
+        assert s.read_view(max_size=32).image.shape == (32, 21, 3)
+
+
+def test_auto_falls_back_to_openslide_when_tifffile_refuses_the_pixels(tmp_path: Path) -> None:
+    path = tmp_path / "palette.tif"
+    index = (np.arange(32 * 32).reshape(32, 32) % 256).astype(np.uint8)
+    lut = np.stack([np.arange(256), 255 - np.arange(256), np.full(256, 128)]).astype(np.uint16) * 257
+    tifffile.imwrite(path, index, photometric="palette", colormap=lut, tile=(16, 16), compression="zlib")
+    with pytest.raises(UnsupportedSlideError, match="stores PALETTE pixels"):
+        open_slide(path, backend="tifffile")
+    with open_slide(path) as s:
+        assert s.backend == "openslide"
+        np.testing.assert_array_equal(s.read_level(0), (lut[:, index] // 257).transpose(1, 2, 0).astype(np.uint8))
 
 
 @pytest.mark.parametrize("premultiplied", [False, True])

@@ -163,6 +163,9 @@ class TiffSlide(Slide):
         W0, H0 = dims[0]
         self.level_downsamples = tuple((W0 / w + H0 / h) / 2 for w, h in dims)  # OpenSlide's convention
         key = levels[0].keyframe
+        # 8-bit greyscale (brightfield scanned in grey): each value becomes an RGB triple
+        self._grey = int(key.samplesperpixel) == 1
+        self._min_is_white = self._grey and int(key.photometric) == 0
         extra = tuple(int(e) for e in key.extrasamples)[:1]  # ExtraSamples 1: premultiplied alpha, 2: straight alpha
         self._alpha = int(key.samplesperpixel) == 4 and extra in ((1,), (2,))
         self._premultiplied = extra == (1,)
@@ -208,12 +211,13 @@ class TiffSlide(Slide):
         if extra:
             raise UnsupportedSlideError(self.path, f"holds a stack of images ({', '.join(extra)}); wsiats reads one "
                                                    "2-D RGB image per slide")
-        if channels not in (3, 4) or lev.dtype != np.uint8 or "Y" not in shape or "X" not in shape:
-            raise UnsupportedSlideError(self.path, f"has {channels} channel(s) of {lev.dtype}; wsiats needs 8-bit RGB")
-        if int(key.photometric) not in (2, 6):  # RGB, YCbCr
+        if channels not in (1, 3, 4) or lev.dtype != np.uint8 or "Y" not in shape or "X" not in shape:
+            raise UnsupportedSlideError(self.path, f"has {channels} channel(s) of {lev.dtype}; wsiats needs 8-bit RGB "
+                                                   "or 8-bit greyscale")
+        if int(key.photometric) not in ((0, 1) if channels == 1 else (2, 6)):  # grey: min-is-white/black; RGB, YCbCr
             raise UnsupportedSlideError(self.path, f"stores {getattr(key.photometric, 'name', key.photometric)} "
-                                                   "pixels; wsiats needs 8-bit RGB")
-        if lev.axes not in ("YXS", "SYX"):
+                                                   "pixels; wsiats needs 8-bit RGB or 8-bit greyscale")
+        if lev.axes not in (("YX",) if channels == 1 else ("YXS", "SYX")):
             raise UnsupportedSlideError(self.path, f"has pixel axes {lev.axes}; wsiats reads RGB stored as YXS or SYX")
         if int(key.photometric) == 6 and int(key.compression) != 7:  # YCbCr that is not JPEG: stays YCbCr in tifffile
             raise UnsupportedSlideError(self.path, "stores YCbCr pixels without JPEG; tifffile cannot convert them "
@@ -285,6 +289,9 @@ class TiffSlide(Slide):
 
     def _decode_box(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         data = self._levels[level].read(x0, y0, x1, y1)
+        if self._grey:
+            grey = data.reshape(y1 - y0, x1 - x0)
+            return np.repeat((255 - grey if self._min_is_white else grey)[..., None], 3, axis=2)
         if self._alpha:
             return _composite(data, premultiplied=self._premultiplied)
         return data if data.shape[2] == 3 else np.ascontiguousarray(data[..., :3])

@@ -570,9 +570,9 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF a
 def open_slide(path: str | Path, *, backend: str = "auto", mpp: float | None = None) -> Slide:
     """Open a whole-slide image lazily.
 
-    backend "auto": tifffile for the TIFF family (also any TIFF whose first series is 8-bit RGB),
+    backend "auto": tifffile for the TIFF family (8-bit RGB, or 8-bit greyscale read as RGB),
     OpenSlide for the rest and for vendor TIFF variants (NDPI, SCN, Philips, BIF); each falls back
-    to the other when it cannot open the file. "tifffile" or "openslide" forces one.
+    to the other when it cannot open the file or refuses its pixel layout (palette colours, say). "tifffile" or "openslide" forces one.
     `mpp` (microns per level-0 pixel) overrides the file's metadata.
     A directory is accepted only when it is a DICOM slide (`is_dicom_folder`: only .dcm files, one series):
     OpenSlide opens the series' largest VOLUME instance and finds the other levels beside it; any other
@@ -631,9 +631,10 @@ def open_slide(path: str | Path, *, backend: str = "auto", mpp: float | None = N
             raise first from None
     try:
         slide = TiffSlide(path, mpp=override)
-    except CorruptSlideError as exc:  # a TIFF tifffile cannot parse: OpenSlide's parser may be more forgiving
+    except (CorruptSlideError, UnsupportedSlideError) as exc:
+        # a TIFF tifffile cannot parse, or whose pixel layout it refuses: OpenSlide may read it
         try:
-            return OpenSlideSlide(path, mpp=override)
+            return _openslide_that_reads(path, override)
         except SlideError:
             raise exc from None
     if slide.vendor in _OPENSLIDE_TIFF_VENDORS.values():  # vendor TIFF variants: OpenSlide knows their layout
@@ -643,6 +644,18 @@ def open_slide(path: str | Path, *, backend: str = "auto", mpp: float | None = N
             return slide
         slide.close()
         return other
+    return slide
+
+
+def _openslide_that_reads(path: Path, mpp: float | None) -> OpenSlideSlide:
+    """OpenSlide as the fallback reader, checked by decoding one pixel: OpenSlide opens some TIFFs whose
+    pixels it then cannot decode (16-bit samples, for one), and tifffile's reason is the better message."""
+    slide = OpenSlideSlide(path, mpp=mpp)
+    try:
+        slide.read_region((0, 0), slide.level_count - 1, (1, 1))
+    except SlideError:
+        slide.close()
+        raise
     return slide
 
 
