@@ -159,6 +159,28 @@ def test_real_slides(shared_slides: Path, name: str, backend: str, vendor: str, 
         assert json.loads(json.dumps(describe(s)))["level_dimensions"] == [list(d) for d in dims]
 
 
+def test_ndpi_objective_from_its_tags_with_tifffile(shared_slides: Path) -> None:
+    """tifffile sees the 4 stored levels (OpenSlide adds 3 it scales down from JPEG); both read 40x from the tags."""
+    path = shared_slides / "fluorescence-TRITC.ndpi"
+    with open_slide(path, backend="tifffile") as t, open_slide(path) as auto:
+        assert (t.vendor, t.objective_power, t.level_count) == ("hamamatsu", 40.0, 4)
+        assert (auto.backend, auto.objective_power, auto.level_count) == ("openslide", 40.0, 7)
+        assert t.mpp == pytest.approx(auto.mpp) and t.mpp == pytest.approx((0.22818, 0.22818), abs=1e-5)
+        assert t.level_dimensions == auto.level_dimensions[:4]
+
+
+def test_old_style_jpeg_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "ojpeg.tif"
+    tifffile.imwrite(path, _slides.tissue_image(32, 32), photometric="ycbcr", tile=(16, 16), compression="jpeg")
+    _slides.patch_tag(path, 259, 6)  # Compression: old-style JPEG
+    for backend in ("auto", "tifffile"):
+        with pytest.raises(UnsupportedSlideError) as err:
+            open_slide(path, backend=backend)
+        assert str(err.value) == (f"{path}: uses old-style JPEG compression (TIFF compression 6, replaced in 1995), "
+                                  "which neither tifffile nor OpenSlide decodes; re-save it as tiled JPEG (e.g. vips "
+                                  "tiffsave --tile --pyramid --compression jpeg)")
+
+
 def test_boxes_tiff_mpp_unknown_with_both_backends(shared_slides: Path) -> None:
     for backend in ("tifffile", "openslide"):
         with pytest.warns(UserWarning, match="72 dpi, a software default"):

@@ -189,6 +189,8 @@ class TiffSlide(Slide):
                 found, source = (float(svs["MPP"]), float(svs["MPP"])), "aperio"
             if svs.get("AppMag"):
                 self.objective_power = float(svs["AppMag"])
+        if tif.is_ndpi and float(key.ndpi_tags.get("Magnification") or 0) > 0:  # Hamamatsu tag 65421
+            self.objective_power = float(key.ndpi_tags["Magnification"])
         if found is None and tif.is_ome:
             found, source = self._ome_mpp()
         if found is None and not (282 in key.tags and 283 in key.tags) and mpp is None:
@@ -208,6 +210,11 @@ class TiffSlide(Slide):
         shape = dict(zip(lev.axes, lev.shape))
         channels = int(shape.get("S", shape.get("C", 1)))
         extra = [f"{a}={n}" for a, n in shape.items() if a not in "YXSC" and n > 1]
+        if int(key.compression) == 6:  # tifffile reads such pages as YCbCr without a decoder
+            raise UnsupportedSlideError(self.path, "uses old-style JPEG compression (TIFF compression 6, replaced in "
+                                                   "1995), which neither tifffile nor OpenSlide decodes; re-save it "
+                                                   "as tiled JPEG (e.g. vips tiffsave --tile --pyramid "
+                                                   "--compression jpeg)")
         if extra:
             raise UnsupportedSlideError(self.path, f"holds a stack of images ({', '.join(extra)}); wsiats reads one "
                                                    "2-D RGB image per slide")

@@ -149,11 +149,12 @@ def csv_columns(classes: Sequence[str]) -> list[str]:
     return ["slide_id", "path", "prediction", *[f"p_{c}" for c in classes], "spread", "n_patches", "seconds", "error"]
 
 
-def _row(pred: Prediction, classes: Sequence[str]) -> dict[str, Any]:
+def _row(pred: Prediction, classes: Sequence[str], *, missing: str | None = "") -> dict[str, Any]:
+    """One slide's record; numbers a failed slide lacks are `missing` ("" in CSV, None -> null in JSON)."""
     row: dict[str, Any] = {"slide_id": pred.slide_id, "path": str(pred.path), "prediction": prediction_label(pred, classes)}
     for c, p in zip(classes, pred.probs or [math.nan] * len(classes)):
-        row[f"p_{c}"] = "" if math.isnan(p) else round(p, 6)
-    row.update(spread=round(pred.spread, 6) if pred.ok else "", n_patches=pred.n_patches,
+        row[f"p_{c}"] = missing if math.isnan(p) else round(p, 6)
+    row.update(spread=round(pred.spread, 6) if pred.ok else missing, n_patches=pred.n_patches,
                seconds=round(pred.seconds, 4), error=pred.error)
     return row
 
@@ -170,7 +171,7 @@ def write_predictions(path: str | Path, preds: Sequence[Prediction], classes: Se
     elif path.suffix.lower() == ".json":
         slides = []
         for pred in preds:
-            rec = _row(pred, classes)
+            rec = _row(pred, classes, missing=None)
             rec["passes"] = pred.passes
             rec["patches"] = pred.patches
             rec["tissue_fallback"] = pred.fell_back
