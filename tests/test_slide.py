@@ -559,6 +559,23 @@ def test_bad_tile_fails_naming_level_and_region(tmp_path: Path, generic_jpeg: Ge
             s.read_region((150, 0), 0, (20, 20))
 
 
+def test_jpeg_tile_with_its_end_zeroed_is_damaged_not_decoded(tmp_path: Path, generic_jpeg: Generated) -> None:
+    """libjpeg returns smeared pixels for such a tile without an error; the marker check refuses it."""
+    bad = tmp_path / "zeroed.tif"
+    shutil.copy(generic_jpeg.path, bad)
+    with tifffile.TiffFile(bad) as tif:
+        offset, count = int(tif.pages[0].dataoffsets[1]), int(tif.pages[0].databytecounts[1])
+    with open(bad, "r+b") as fh:
+        fh.seek(offset + count // 2)
+        fh.write(bytes(count - count // 2))
+    with open_slide(bad) as s, open_slide(generic_jpeg.path) as good:
+        np.testing.assert_array_equal(s.read_region((0, 0), 0, (100, 100)), good.read_region((0, 0), 0, (100, 100)))
+        with pytest.raises(SlideReadError) as err:
+            s.read_region((150, 0), 0, (20, 20))
+        assert str(err.value) == (f"{bad}: cannot read level 0 region x=150 y=0 20x20 px: ValueError: JPEG tile 1 is "
+                                  "damaged (no end-of-image marker): the file is corrupt")
+
+
 def test_bad_arguments_and_closed_slide(generic_tiff: Generated) -> None:
     with pytest.raises(ConfigError, match="--backend"):
         open_slide(generic_tiff.path, backend="pil")

@@ -73,6 +73,8 @@ class _TileLevel:
         self._decode = key.decode
         self._kwargs = {"jpegtables": page.jpegtables, "jpegheader": key.jpegheader, "_fullsize": True}
         self._fd, self._fill = fd, fill
+        # whole JPEG streams per tile (NDPI's tiles are restart intervals behind a shared header: not checked)
+        self._jpeg = int(key.compression) == 7 and key.jpegheader is None
 
     @staticmethod
     def supports(lev: Any) -> bool:
@@ -95,10 +97,21 @@ class _TileLevel:
                 data = os.pread(self._fd, count, offset)
                 if len(data) != count:
                     raise OSError(f"tile {index} ends past the end of the file")
+                if self._jpeg:
+                    _check_jpeg(data, index)
                 tile = self._decode(data, index, **self._kwargs)[0]
                 tile = tile.reshape(-1, tw, self._S)
                 dst[:] = tile[ay0 - ty * th: ay1 - ty * th, ax0 - tx * tw: ax1 - tx * tw]
         return out
+
+
+def _check_jpeg(data: bytes, index: int) -> None:
+    """libjpeg decodes a damaged stream without an error (grey or smeared blocks where data is missing), so a
+    JPEG tile must at least start with its start-of-image marker and end with its end-of-image marker
+    (trailing zero padding allowed): a tile whose end was cut or zeroed fails here."""
+    if not data.startswith(b"\xff\xd8") or not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        where = "start-of-image" if not data.startswith(b"\xff\xd8") else "end-of-image"
+        raise ValueError(f"JPEG tile {index} is damaged (no {where} marker): the file is corrupt")
 
 
 class _ZarrLevel:
