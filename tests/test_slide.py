@@ -370,10 +370,59 @@ def test_read_view_of_single_level_slide_is_chunked_without_seams(strip_tiff: Ge
         monkeypatch.setattr(s, "_read_px", spy)
         monkeypatch.setattr(slide_mod, "_VIEW_CHUNK", 100)
         chunked = s.read_view(downsample=6.5)
-    assert len(sizes) > 30 and max(w * h for w, h in sizes) <= 100 * 100  # never the whole level at once
+    # never the whole level at once: whole strips of 32 rows (blocks of 6 rows straddle them)
+    assert sizes == [(800, 32)] * 18 + [(800, 24)]
     np.testing.assert_array_equal(chunked.image, one_shot.image)  # chunk borders leave no seams
     assert chunked.image.shape == (round(600 / 6.5), round(800 / 6.5), 3)
     _assert_close_to_area(chunked.image, img)
+
+
+@pytest.mark.parametrize("ds", [3.0, 7.3, 1.0])
+def test_read_view_decodes_each_tile_once(tmp_path: Path, image: np.ndarray, ds: float) -> None:
+    """Chunks follow the tiles, so no tile is decoded again for the next chunk (it was, per 1024^2 chunk)."""
+    path = tmp_path / "one_level.tif"
+    _slides.write_generic_pyramid(path, image, n_levels=1, tile=96)  # 800 x 600: 9 x 7 tiles
+    with open_slide(path) as s:
+        one_shot = s.read_view(downsample=ds)
+        reader = s._levels[0]  # type: ignore[attr-defined]
+        decoded: list[int] = []
+        original = reader._decode
+
+        def counting(data: bytes, index: int, **kw: Any) -> Any:
+            decoded.append(index)
+            return original(data, index, **kw)
+
+        reader._decode = counting
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(slide_mod, "_VIEW_CHUNK", 200)  # 2 x 2 tiles a chunk
+            chunked = s.read_view(downsample=ds)
+    assert sorted(decoded) == list(range(63))
+    np.testing.assert_array_equal(chunked.image, one_shot.image)
+    _assert_close_to_area(chunked.image, image)
+
+
+def test_tile_or_strip_over_the_decoded_size_limit_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2.6 MB file with one 30000^2 deflate tile made `info` take 2.7 GB: the header says how big tiles are."""
+    path = tmp_path / "bomb.tif"
+    tifffile.imwrite(path, np.full((1024, 2048, 3), 240, np.uint8), photometric="rgb", tile=(1024, 2048),
+                     compression="zlib")  # 6 MiB when decoded, a few kB on disk
+    monkeypatch.setenv("WSIATS_MAX_TILE_MB", "4")
+    for backend in ("auto", "tifffile"):
+        with pytest.raises(SlideError) as err:
+            open_slide(path, backend=backend)
+        assert str(err.value) == (f"{path}: level 0 stores tiles of 2048 x 1024 px (6 MiB each, decoded), over the "
+                                  "4 MiB limit of one decoded tile or strip (a decompression bomb?); --max-tile-mb "
+                                  "raises the limit")
+    strips = tmp_path / "strips.tif"
+    tifffile.imwrite(strips, np.full((1024, 2048, 3), 240, np.uint8), photometric="rgb", rowsperstrip=1024)
+    with pytest.raises(SlideError, match=r"level 0 stores strips of 2048 x 1024 px \(6 MiB each"):
+        open_slide(strips)
+    monkeypatch.setenv("WSIATS_MAX_TILE_MB", "8")
+    with open_slide(path) as s:
+        assert s.read_region((5, 5), 0, (1, 1)).tolist() == [[[240, 240, 240]]]
+    monkeypatch.setenv("WSIATS_MAX_TILE_MB", "lots")
+    with pytest.raises(ConfigError, match="WSIATS_MAX_TILE_MB must be a positive number of MiB, not 'lots'"):
+        open_slide(path)
 
 
 # --- laziness on a 10-gigapixel slide -------------------------------------------------------------------------------

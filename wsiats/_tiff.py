@@ -25,9 +25,11 @@ from wsiats.slide import (
     _UNITS_UM,
     Slide,
     _check_side,
+    _check_tile_bytes,
     _composite,
     _exc_text,
     _warn,
+    max_tile_bytes,
 )
 
 
@@ -69,6 +71,7 @@ class _TileLevel:
             self._th, self._tw = int(key.rowsperstrip) or self._H, self._W
         self._ntx = -(-self._W // self._tw)
         self.stripped = not key.is_tiled
+        self.tile = (self._tw, self._th)
         self._S = int(key.samplesperpixel)
         self._decode = key.decode
         self._kwargs = {"jpegtables": page.jpegtables, "jpegheader": key.jpegheader, "_fullsize": True}
@@ -123,6 +126,10 @@ class _ZarrLevel:
         self._store = series.aszarr(level=level, fillvalue=fill)
         self._array = zarr.open(self._store, mode="r")
         self._planar = series.levels[level].axes == "SYX"
+        key = series.levels[level].keyframe
+        self.stripped = not key.is_tiled
+        self.tile = ((int(key.tilewidth), int(key.tilelength)) if key.is_tiled
+                     else (int(key.imagewidth), int(key.rowsperstrip) or int(key.imagelength)))
 
     def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         if self._planar:
@@ -245,6 +252,12 @@ class TiffSlide(Slide):
         _check_side(self.path, level, int(shape["X"]), int(shape["Y"]))
         size, H, W = os.path.getsize(self.path), int(key.imagelength), int(key.imagewidth)
         if key.is_tiled:
+            what, tw, th = "tiles", int(key.tilewidth), int(key.tilelength)
+        else:
+            what, tw, th = "strips", W, int(key.rowsperstrip) or H
+        _check_tile_bytes(self.path, level, what, tw, th,
+                          tw * th * (1 if int(key.planarconfig) == 2 else int(key.samplesperpixel)))
+        if key.is_tiled:
             expected = -(-H // int(key.tilelength)) * -(-W // int(key.tilewidth))
         else:
             expected = -(-H // (int(key.rowsperstrip) or H))
@@ -262,11 +275,14 @@ class TiffSlide(Slide):
                                                    f"has {size}")
 
     def _view_chunk(self, level: int) -> tuple[int, int]:
-        reader = self._levels[level]
-        if isinstance(reader, _TileLevel) and reader.stripped:  # full-width rows: each strip is decoded once
-            width = self.level_dimensions[level][0]
-            return width, max(1, _slide._VIEW_CHUNK * _slide._VIEW_CHUNK // width)
-        return _slide._VIEW_CHUNK, _slide._VIEW_CHUNK
+        """About _VIEW_CHUNK**2 px of whole tiles (full-width rows of whole strips): each tile or strip is
+        decoded once per view."""
+        reader, n = self._levels[level], _slide._VIEW_CHUNK
+        tw, th = reader.tile
+        if reader.stripped:
+            rows = max(1, n * n // tw)
+            return tw, -(-rows // th) * th
+        return max(1, round(n / tw)) * tw, max(1, round(n / th)) * th
 
     def _svs_meta(self) -> dict[str, Any]:
         from tifffile.tifffile import svs_description_metadata
@@ -317,7 +333,13 @@ class TiffSlide(Slide):
         return data if data.shape[2] == 3 else np.ascontiguousarray(data[..., :3])
 
     def _associated(self, name: str) -> np.ndarray:
-        img = np.asarray(self._assoc[name].asarray())
+        series = self._assoc[name]
+        shape = dict(zip(series.axes, series.shape))
+        if int(np.prod(series.shape)) > max_tile_bytes():  # decoded whole: the same bound as one tile
+            raise SlideError(self.path, f"associated image {name!r} is {shape.get('X')} x {shape.get('Y')} px, over "
+                                        f"the {max_tile_bytes() / 2**20:g} MiB limit of one decoded image "
+                                        "(--max-tile-mb raises it)")
+        img = np.asarray(series.asarray())
         if img.dtype != np.uint8:
             raise SlideReadError(self.path, f"associated image {name!r} is {img.dtype}, not 8-bit")
         img = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img

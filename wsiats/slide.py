@@ -54,6 +54,10 @@ _OPENSLIDE_TIFF_VENDORS = {"ndpi": "hamamatsu", "scn": "leica", "philips": "phil
 MAX_SIDE = 10**6
 #: Pixel budget of one whole-level read or one view (2**28 px = 768 MiB of RGB).
 PIXEL_BUDGET = 2**28
+#: Largest decoded size of one tile or strip, in MiB, unless WSIATS_MAX_TILE_MB (`wsiats --max-tile-mb`) says
+#: otherwise. Scanners write 240-1024 px tiles (0.2-3 MiB); 64 MiB is a 4729 x 4729 RGB tile. A few-MB file
+#: whose one deflate tile decodes to gigabytes is a decompression bomb.
+MAX_TILE_MB = 64.0
 #: Side of the source chunks a view is assembled from when its source level is large (3 MiB of RGB).
 _VIEW_CHUNK = 1024
 #: Levels whose downsample is within 1% of the requested one count as equal (pyramid rounding).
@@ -245,10 +249,11 @@ class Slide(abc.ABC):
         Give `downsample`, or `mpp` (microns per view pixel; needs a known slide mpp), and/or
         `max_size` (longest side; with another argument it caps the size). With none, max_size=1024.
         The view is area-averaged from the nearest finer level. A large source level is processed in
-        chunks of `_VIEW_CHUNK` source px: each chunk is reduced by integer factors (kx, ky) =
-        floor(source px per view px) with block means, and since chunk sides are multiples of kx and
-        ky no block straddles two chunks, so there are no seams (chunked and one-shot reads give the
-        same pixels); the small intermediate is then box-resized once to the final size.
+        chunks of about `_VIEW_CHUNK` source px that the backend aligns with its tiles or strips, so each
+        tile is decoded once per view. Each chunk is reduced by integer factors (kx, ky) = floor(source
+        px per view px) with block means (PIL's reduce); a block that straddles two chunks is summed from
+        both and averaged as PIL would, so there are no seams (chunked and one-shot reads give the same
+        pixels); the small intermediate is then box-resized once to the final size.
         """
         self._check_open()
         W0, H0 = self.dimensions
@@ -275,21 +280,20 @@ class Slide(abc.ABC):
         level = self.best_level_for_downsample(min(W0 / out_w, H0 / out_h))
         lw, lh = self.level_dimensions[level]
         kx, ky = max(1, int(lw / out_w)), max(1, int(lh / out_h))
-        cw, ch = self._view_chunk(level)
-        cw = lw if cw >= lw else max(kx, cw // kx * kx)
-        ch = lh if ch >= lh else max(ky, ch // ky * ky)
+        cw, ch = (min(v, full) for v, full in zip(self._view_chunk(level), (lw, lh)))
         mid = np.empty((-(-lh // ky), -(-lw // kx), 3), np.uint8)
         corners = [(cx, cy) for cy in range(0, lh, ch) for cx in range(0, lw, cw)]
+        blocks = _BlockSums(mid.shape[:2], (kx, ky), (lw, lh))
         in_flight = threading.BoundedSemaphore(4)  # at most 4 chunks decoded at once
 
-        def one(i: int) -> None:  # chunks write disjoint blocks of `mid`, so they can run in parallel
+        def one(i: int) -> None:  # chunks write disjoint whole blocks of `mid`, so they can run in parallel
             cx, cy = corners[i]
             with in_flight:
                 chunk = self._read_px(level, cx, cy, min(cw, lw - cx), min(ch, lh - cy), 255)
-                small = np.asarray(Image.fromarray(chunk).reduce((kx, ky))) if kx * ky > 1 else chunk
-            mid[cy // ky: cy // ky + small.shape[0], cx // kx: cx // kx + small.shape[1]] = small
+                blocks.add(mid, chunk, cx, cy)
 
         self._map(one, len(corners), None)
+        blocks.finish(mid)
         if mid.shape[:2] != (out_h, out_w):
             img = Image.fromarray(mid).resize((out_w, out_h), Image.Resampling.BOX, box=(0, 0, lw / kx, lh / ky))
             mid = np.asarray(img)
@@ -370,6 +374,55 @@ class Slide(abc.ABC):
             pass
 
 
+class _BlockSums:
+    """Block means of a level assembled chunk by chunk: each chunk's whole blocks are reduced by PIL at once;
+    the pixels of blocks cut by a chunk border are summed here and averaged when every chunk is in, with
+    PIL's own rounding, so a chunked view equals a one-shot one."""
+
+    def __init__(self, shape: tuple[int, int], k: tuple[int, int], size: tuple[int, int]) -> None:
+        self.k, self.size = k, size
+        self._sums: np.ndarray | None = None  # (rows, cols, 3) uint32, made at the first cut block
+        self._cut = np.zeros(shape, bool)
+        self._lock = threading.Lock()
+
+    def add(self, mid: np.ndarray, chunk: np.ndarray, cx: int, cy: int) -> None:
+        (kx, ky), (lw, lh) = self.k, self.size
+        h, w = chunk.shape[:2]
+        # whole blocks: from the first block start in the chunk to the last block end in it (or the level's end)
+        ax, ay = -(-cx // kx) * kx, -(-cy // ky) * ky
+        bx = lw if cx + w == lw else (cx + w) // kx * kx
+        by = lh if cy + h == lh else (cy + h) // ky * ky
+        if bx > ax and by > ay:
+            inner = chunk[ay - cy: by - cy, ax - cx: bx - cx]
+            small = np.asarray(Image.fromarray(inner).reduce((kx, ky))) if kx * ky > 1 else inner
+            mid[ay // ky: ay // ky + small.shape[0], ax // kx: ax // kx + small.shape[1]] = small
+        if (ax, ay, bx, by) == (cx, cy, cx + w, cy + h):
+            return
+        # the rest of the chunk: bands along its borders whose blocks other chunks complete
+        inside = np.zeros((h, w), bool)
+        inside[max(ay - cy, 0): max(by - cy, 0), max(ax - cx, 0): max(bx - cx, 0)] = True
+        rows = np.arange(cy, cy + h) // ky
+        cols = np.arange(cx, cx + w) // kx
+        partial = np.where(~inside)
+        where = (rows[partial[0]], cols[partial[1]])
+        with self._lock:
+            if self._sums is None:
+                self._sums = np.zeros((*self._cut.shape, 3), np.uint32)
+            np.add.at(self._sums, where, chunk[partial].astype(np.uint32))
+            self._cut[where] = True
+
+    def finish(self, mid: np.ndarray) -> None:
+        if self._sums is None:
+            return
+        (kx, ky), (lw, lh) = self.k, self.size
+        r, c = np.nonzero(self._cut)
+        n = (np.minimum(ky, lh - r * ky) * np.minimum(kx, lw - c * kx)).astype(np.uint64)  # pixels per block
+        # PIL's rounding: ((sum + n // 2) * multiplier) >> 24, multiplier = (UINT32)(2**32 as float / (256 n))
+        mult = (np.float32(4294967296.0) / (256 * n).astype(np.float32)).astype(np.uint64)
+        sums = self._sums[r, c].astype(np.uint64)
+        mid[r, c] = (((sums + (n // 2)[:, None]) * mult[:, None]) >> 24).astype(np.uint8)
+
+
 def _composite(rgba: np.ndarray, *, premultiplied: bool) -> np.ndarray:
     """RGB over white: premultiplied rgb + (255 - a); straight rgb * a / 255 + (255 - a)."""
     if rgba.size == 0 or rgba[..., 3].min() == 255:  # opaque: nothing to blend
@@ -393,6 +446,26 @@ def _warn(message: str) -> None:
 def _exc_text(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def max_tile_bytes() -> int:
+    """The decoded size allowed to one tile or strip: `MAX_TILE_MB`, or WSIATS_MAX_TILE_MB when set."""
+    text = os.environ.get("WSIATS_MAX_TILE_MB", "").strip()
+    try:
+        mb = float(text) if text else MAX_TILE_MB
+    except ValueError:
+        mb = math.nan
+    if not (math.isfinite(mb) and mb > 0):
+        raise ConfigError(f"WSIATS_MAX_TILE_MB must be a positive number of MiB, not {text!r}")
+    return int(mb * 2**20)
+
+
+def _check_tile_bytes(path: Path, level: int, what: str, w: int, h: int, nbytes: int) -> None:
+    limit = max_tile_bytes()
+    if nbytes > limit:
+        raise SlideError(path, f"level {level} stores {what} of {w} x {h} px ({nbytes / 2**20:.0f} MiB each, "
+                               f"decoded), over the {limit / 2**20:g} MiB limit of one decoded tile or strip (a "
+                               "decompression bomb?); --max-tile-mb raises the limit")
 
 
 def _check_side(path: Path, level: int, w: int, h: int) -> None:
@@ -435,6 +508,9 @@ class OpenSlideSlide(Slide):
             self.associated_names = tuple(sorted(osr.associated_images.keys()))
             for i, (w, h) in enumerate(self.level_dimensions):
                 _check_side(path, i, w, h)
+                tw, th = (_float(self.properties.get(f"openslide.level[{i}].tile-{k}")) for k in ("width", "height"))
+                if tw and th:  # OpenSlide decodes whole tiles, as ARGB
+                    _check_tile_bytes(path, i, "tiles", int(tw), int(th), int(tw * th * 4))
         except SlideError:
             self._osr.close()
             raise
@@ -588,6 +664,7 @@ def open_slide(path: str | Path, *, backend: str = "auto", mpp: float | None = N
         override = math.nan
     if override is not None and not (math.isfinite(override) and override > 0):
         raise ConfigError(f"--mpp must be a positive number of microns per pixel, not {mpp!r}")
+    max_tile_bytes()  # a bad WSIATS_MAX_TILE_MB is a usage error, not a bad slide
     path = Path(path)
     if not path.exists():
         raise SlideNotFoundError(path, "no such file")
