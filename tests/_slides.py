@@ -251,6 +251,16 @@ def write_sparse_huge(path: Path, *, size: int = 100_000, tile: int = 256, block
     return SparseSlide(path=path, size=size, block=block, blocks=blocks, color=color, level_dimensions=tuple(dims))
 
 
+def write_empty_huge(path: Path, *, size: int = 200_000, tile: int = 2048) -> None:
+    """One level of `size` x `size` px whose tiles are all empty but the first: a small file whose header
+    claims a huge image, without a pyramid to read a view or a coarse patch from."""
+    first = np.full((tile, tile, 3), 255, np.uint8)
+    n = (-(-size // tile)) ** 2
+    with tifffile.TiffWriter(path, bigtiff=True, shaped=False) as tw:
+        tw.write((first if i == 0 else None for i in range(n)), shape=(size, size, 3), dtype=np.uint8,
+                 photometric="rgb", tile=(tile, tile), compression="zlib", maxworkers=1)
+
+
 # --- breaking files on purpose -----------------------------------------------------------------------------------
 
 

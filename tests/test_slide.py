@@ -425,6 +425,28 @@ def test_tile_or_strip_over_the_decoded_size_limit_is_refused(tmp_path: Path, mo
         open_slide(path)
 
 
+def test_views_and_patches_of_a_huge_header_without_pyramid_are_refused_at_once(tmp_path: Path) -> None:
+    """200000^2 px of empty tiles: a view at downsample 2000 read all 4e10 px (> 60 s), a patch at 4000
+    allocated gigabytes; both now stop before reading, naming the option."""
+    path = tmp_path / "huge.tif"
+    _slides.write_empty_huge(path)
+    t0 = time.perf_counter()
+    with open_slide(path) as s:
+        with pytest.raises(SlideError) as err:
+            s.read_view(downsample=2000)
+        assert str(err.value) == (f"{path}: a view at downsample 2000 (--view-downsample or --view-mpp) would decode "
+                                  "level 0 whole (200000 x 200000 px), over the 4294967296-pixel budget of a view; the "
+                                  "slide has no coarser level to read it from")
+        with pytest.raises(SlideError) as err:
+            s.read_patches(np.array([[1e5, 1e5]] * 10), 224, downsample=4000)
+        assert str(err.value) == (f"{path}: 10 patch(es) of 224 px at downsample 4000 (--patch-downsample or "
+                                  "--patch-mpp, --patch-size) would decode 896001 x 896001 px of level 0 each, over "
+                                  "the 268435456-pixel budget of a patch read; the slide has no coarser level to read "
+                                  "them from")
+        assert s.read_patches(np.array([[1e5, 1e5]]), 224, downsample=16).shape == (1, 224, 224, 3)  # 3585^2: fine
+    assert time.perf_counter() - t0 < 5
+
+
 # --- laziness on a 10-gigapixel slide -------------------------------------------------------------------------------
 
 

@@ -58,6 +58,11 @@ PIXEL_BUDGET = 2**28
 #: otherwise. Scanners write 240-1024 px tiles (0.2-3 MiB); 64 MiB is a 4729 x 4729 RGB tile. A few-MB file
 #: whose one deflate tile decodes to gigabytes is a decompression bomb.
 MAX_TILE_MB = 64.0
+#: Pixels a view may decode from its source level (2**32: a 65536^2 level without a pyramid, minutes of
+#: decoding), and all the patches of one `read_patches` call from theirs: a header claiming 10^6 x 10^6 px
+#: must not make a view or a patch at a large downsample read (or allocate) it whole.
+VIEW_READ_BUDGET = 2**32
+PATCH_READ_BUDGET = PIXEL_BUDGET
 #: Side of the source chunks a view is assembled from when its source level is large (3 MiB of RGB).
 _VIEW_CHUNK = 1024
 #: Levels whose downsample is within 1% of the requested one count as equal (pyramid rounding).
@@ -205,6 +210,12 @@ class Slide(abc.ABC):
         level = self.best_level_for_downsample(downsample)
         sx, sy = self._scale(level)
         exact = abs(self.level_downsamples[level] / downsample - 1.0) <= _LEVEL_TOLERANCE
+        src = size if exact else math.ceil(size * downsample / min(sx, sy)) + 1  # source px a side, at most
+        if len(centers) * max(src, size) ** 2 > PATCH_READ_BUDGET:
+            raise SlideError(self.path, f"{len(centers)} patch(es) of {size} px at downsample {downsample:.4g} "
+                                        f"(--patch-downsample or --patch-mpp, --patch-size) would decode {src} x "
+                                        f"{src} px of level {level} each, over the {PATCH_READ_BUDGET}-pixel budget "
+                                        "of a patch read; the slide has no coarser level to read them from")
         out = np.empty((len(centers), size, size, 3), np.uint8)
 
         def one(i: int) -> None:
@@ -279,6 +290,10 @@ class Slide(abc.ABC):
                                         "use a larger downsample")
         level = self.best_level_for_downsample(min(W0 / out_w, H0 / out_h))
         lw, lh = self.level_dimensions[level]
+        if lw * lh > VIEW_READ_BUDGET:
+            raise SlideError(self.path, f"a view at downsample {ds:.4g} (--view-downsample or --view-mpp) would "
+                                        f"decode level {level} whole ({lw} x {lh} px), over the {VIEW_READ_BUDGET}-"
+                                        "pixel budget of a view; the slide has no coarser level to read it from")
         kx, ky = max(1, int(lw / out_w)), max(1, int(lh / out_h))
         cw, ch = (min(v, full) for v, full in zip(self._view_chunk(level), (lw, lh)))
         mid = np.empty((-(-lh // ky), -(-lw // kx), 3), np.uint8)
