@@ -131,6 +131,27 @@ def write_svs_like(path: Path, image: np.ndarray, *, n_levels: int = 3, tile: in
     return {"levels": levels, "thumbnail": thumb, "label": label_img, "macro": macro_img}
 
 
+def write_svs_fractional(path: Path, *, size: tuple[int, int] = (2001, 1601), tile: int = 128) -> list[np.ndarray]:
+    """An Aperio-like SVS whose level 1 has a downsample that is not whole (2001 x 1601 -> 1000 x 800:
+    2.001125, as scanners round level sizes), lossless, over a 2-px checkerboard so that level 1 holds
+    1-px detail: any interpolation between its pixels shows."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    on = ((yy // 2 + xx // 2) % 2).astype(bool)
+    level0 = np.where(on[..., None], np.array([90, 40, 130], np.uint8), np.array([245, 230, 240], np.uint8))
+    level1 = np.asarray(Image.fromarray(level0).resize((w // 2, h // 2), Image.Resampling.BOX))
+    head = "Aperio Image Library v12.0.0 \r\n"
+    with tifffile.TiffWriter(path, shaped=False) as tw:
+        tw.write(level0, photometric="rgb", tile=(tile, tile), compression="zlib",
+                 description=f"{head}{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) RAW|AppMag = 20|MPP = 0.2500")
+        thumb = area_downsample(level0, 16)
+        tw.write(thumb, photometric="rgb", rowsperstrip=16, compression="zlib",
+                 description=f"{head}{w}x{h} -> {thumb.shape[1]}x{thumb.shape[0]}")
+        tw.write(level1, photometric="rgb", tile=(tile, tile), compression="zlib",
+                 description=f"{head}{w}x{h} -> {w // 2}x{h // 2}")
+    return [level0, level1]
+
+
 def write_strips(path: Path, image: np.ndarray, *, mpp: float | None = 0.5, rowsperstrip: int = 32) -> None:
     """Single-level, stripped (not tiled) RGB TIFF: the path that must be read in chunks."""
     with tifffile.TiffWriter(path, shaped=False) as tw:

@@ -323,6 +323,25 @@ def test_read_patches_between_levels_are_area_resized(generic_tiff: Generated) -
     assert np.mean(shifted) > np.mean(errors) + 1  # one patch pixel off is measurably worse
 
 
+@pytest.mark.parametrize("downsample", [2.0, 2.001125, 3.0, 1.5])
+def test_openslide_patches_at_a_fractional_level_are_not_blended(tmp_path: Path, downsample: float) -> None:
+    """Level 1 has downsample 2.001125: OpenSlide blends every read of it that does not start at its origin
+    (up to 96 grey levels off here, on 1-px detail). Patches now come from a level it addresses exactly,
+    resized once: the area average of level 0 over the patch's box."""
+    path = tmp_path / "fractional.svs"
+    level0 = _slides.write_svs_fractional(path)[0]
+    rng = np.random.default_rng(3)
+    centers = np.column_stack([rng.uniform(100, 1900, 12), rng.uniform(100, 1500, 12)])
+    with open_slide(path, backend="openslide") as s:
+        assert (s.vendor, s.level_downsamples) == ("aperio", (1.0, 2.001125))
+        got = s.read_patches(centers, 40, downsample=downsample)
+    for patch, (cx, cy) in zip(got, centers):
+        x0, y0, _, _ = patch_box((cx, cy), 40, downsample)
+        box = (x0, y0, x0 + 40 * downsample, y0 + 40 * downsample)
+        np.testing.assert_array_equal(patch, np.asarray(Image.fromarray(level0).resize(
+            (40, 40), Image.Resampling.BOX, box=box)))
+
+
 def test_best_level_for_downsample(generic_tiff: Generated, shared_slides: Path) -> None:
     with open_slide(generic_tiff.path) as s:
         got = [s.best_level_for_downsample(d) for d in (0.5, 1.0, 1.9, 1.99, 2.0, 3.9, 4.0, 100.0)]

@@ -207,7 +207,7 @@ class Slide(abc.ABC):
         centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
         if size < 1 or downsample <= 0:
             raise ValueError(f"patch size must be >= 1 and downsample > 0, got {size} and {downsample}")
-        level = self.best_level_for_downsample(downsample)
+        level = self._patch_level(downsample)
         sx, sy = self._scale(level)
         exact = abs(self.level_downsamples[level] / downsample - 1.0) <= _LEVEL_TOLERANCE
         src = size if exact else math.ceil(size * downsample / min(sx, sy)) + 1  # source px a side, at most
@@ -234,6 +234,10 @@ class Slide(abc.ABC):
 
         self._map(one, len(centers), workers)
         return out
+
+    def _patch_level(self, downsample: float) -> int:
+        """The level patches at `downsample` are read from (and resized from, when it differs)."""
+        return self.best_level_for_downsample(downsample)
 
     def read_level(self, level: int) -> np.ndarray:
         """The whole of `level` as (h, w, 3) uint8; SlideError above the pixel budget (2**28 px)."""
@@ -537,6 +541,18 @@ class OpenSlideSlide(Slide):
         self.objective_power = _float(p.get("openslide.objective-power"))
         mx, my = _float(p.get("openslide.mpp-x")), _float(p.get("openslide.mpp-y"))
         self._set_mpp((mx, my or mx) if mx else None, "openslide", mpp)
+
+    def _patch_level(self, downsample: float) -> int:
+        """The coarsest level <= `downsample` whose downsample is whole. OpenSlide reads a level at level-0
+        coordinates divided by its downsample, so at a level whose downsample is not whole (an SVS level at
+        2.000506) every read that does not start at the origin lands between pixels and is blended: up to
+        37 grey levels off the stored pixels. Patches come from a level OpenSlide addresses exactly, on its
+        own grid (level 0 at worst), resized once, as the tifffile backend does."""
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if abs(ds - round(ds)) < 1e-9 and self.level_downsamples[best] < ds <= downsample * (1 + _LEVEL_TOLERANCE):
+                best = i
+        return best
 
     def _decode_box(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         ds = self.level_downsamples[level]  # OpenSlide takes level-0 coordinates and divides by this
