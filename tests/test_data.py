@@ -160,12 +160,15 @@ def test_one_dicom_folder_rule_for_open_slide_and_find_slides(tmp_path: Path, sh
             assert s.dimensions == dims
 
 
-def test_slide_rules_live_in_one_place() -> None:
+def test_slide_rules_live_in_one_place(tmp_path: Path) -> None:
     import wsiats.data
     import wsiats.slide
 
-    assert wsiats.data.SLIDE_SUFFIXES is wsiats.slide.SLIDE_SUFFIXES and ".qptiff" in wsiats.slide.SLIDE_SUFFIXES
+    assert wsiats.data.SLIDE_SUFFIXES is wsiats.slide.SLIDE_SUFFIXES
     assert not hasattr(wsiats.data, "_is_dicom_folder")
+    d = _cohort(tmp_path, ["a"])
+    (d / "scan.qptiff").write_bytes((d / "a.tif").read_bytes())  # PerkinElmer/Akoya: was skipped silently
+    assert [p.name for p in find_slides([d])] == ["a.tif", "scan.qptiff"]
 
 
 _ids = st.text(alphabet=string.ascii_letters + string.digits + "_-.", min_size=1, max_size=12).filter(
