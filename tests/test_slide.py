@@ -19,6 +19,7 @@ import tifffile
 from _slides import Generated, crop
 from PIL import Image
 
+import wsiats._base
 import wsiats.slide as slide_mod
 from wsiats.errors import (
     ConfigError,
@@ -396,7 +397,7 @@ def test_read_view_of_single_level_slide_is_chunked_without_seams(strip_tiff: Ge
             return original(level, x, y, w, h, fill)
 
         monkeypatch.setattr(s, "_read_px", spy)
-        monkeypatch.setattr(slide_mod, "_VIEW_CHUNK", 100)
+        monkeypatch.setattr(wsiats._base, "_VIEW_CHUNK", 100)
         chunked = s.read_view(downsample=6.5)
     # never the whole level at once: whole strips of 32 rows (blocks of 6 rows straddle them)
     assert sizes == [(800, 32)] * 18 + [(800, 24)]
@@ -422,7 +423,7 @@ def test_read_view_decodes_each_tile_once(tmp_path: Path, image: np.ndarray, ds:
 
         reader._decode = counting
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(slide_mod, "_VIEW_CHUNK", 200)  # 2 x 2 tiles a chunk
+            mp.setattr(wsiats._base, "_VIEW_CHUNK", 200)  # 2 x 2 tiles a chunk
             chunked = s.read_view(downsample=ds)
     assert sorted(decoded) == list(range(63))
     np.testing.assert_array_equal(chunked.image, one_shot.image)

@@ -18,9 +18,8 @@ from xml.etree import ElementTree
 
 import numpy as np
 
-from wsiats import slide as _slide
-from wsiats.errors import CorruptSlideError, SlideError, SlideReadError, UnsupportedSlideError
-from wsiats.slide import (
+from wsiats import _base
+from wsiats._base import (
     _OPENSLIDE_TIFF_VENDORS,
     _UNITS_UM,
     Slide,
@@ -31,6 +30,7 @@ from wsiats.slide import (
     _warn,
     max_tile_bytes,
 )
+from wsiats.errors import CorruptSlideError, SlideError, SlideReadError, UnsupportedSlideError
 
 
 class _LogCollector(logging.Handler):
@@ -277,7 +277,7 @@ class TiffSlide(Slide):
     def _view_chunk(self, level: int) -> tuple[int, int]:
         """About _VIEW_CHUNK**2 px of whole tiles (full-width rows of whole strips): each tile or strip is
         decoded once per view."""
-        reader, n = self._levels[level], _slide._VIEW_CHUNK
+        reader, n = self._levels[level], _base._VIEW_CHUNK
         tw, th = reader.tile
         if reader.stripped:
             rows = max(1, n * n // tw)
