@@ -147,6 +147,11 @@ SHARED = [
     ("boxes.tiff", "tifffile", "generic-tiff", ((300, 250), (150, 125), (75, 62), (37, 31)), None, None, ()),
     ("sm_image.dcm", "openslide", "dicom", ((50, 50),), 0.499, None, ()),
     ("dicom-boxes", "openslide", "dicom", ((16, 16),), 0.499, 20.0, ("thumbnail",)),
+    ("small-HE-levels.tiff", "tifffile", "generic-tiff", ((300, 250), (150, 125), (75, 62), (37, 31)), None, None,
+     ()),
+    ("grey-jpeg-pyramid.tif", "tifffile", "generic-tiff", ((120, 180), (60, 90), (30, 45)), None, None, ()),
+    ("fluorescence-TRITC.ndpi", "openslide", "hamamatsu",
+     tuple((3968 >> i, 4864 >> i) for i in range(7)), 0.2281750559028887, 40.0, ("macro",)),
 ]
 
 
