@@ -131,6 +131,27 @@ def write_svs_like(path: Path, image: np.ndarray, *, n_levels: int = 3, tile: in
     return {"levels": levels, "thumbnail": thumb, "label": label_img, "macro": macro_img}
 
 
+def write_svs_fractional(path: Path, *, size: tuple[int, int] = (2001, 1601), tile: int = 128) -> list[np.ndarray]:
+    """An Aperio-like SVS whose level 1 has a downsample that is not whole (2001 x 1601 -> 1000 x 800:
+    2.001125, as scanners round level sizes), lossless, over a 2-px checkerboard so that level 1 holds
+    1-px detail: any interpolation between its pixels shows."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    on = ((yy // 2 + xx // 2) % 2).astype(bool)
+    level0 = np.where(on[..., None], np.array([90, 40, 130], np.uint8), np.array([245, 230, 240], np.uint8))
+    level1 = np.asarray(Image.fromarray(level0).resize((w // 2, h // 2), Image.Resampling.BOX))
+    head = "Aperio Image Library v12.0.0 \r\n"
+    with tifffile.TiffWriter(path, shaped=False) as tw:
+        tw.write(level0, photometric="rgb", tile=(tile, tile), compression="zlib",
+                 description=f"{head}{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) RAW|AppMag = 20|MPP = 0.2500")
+        thumb = area_downsample(level0, 16)
+        tw.write(thumb, photometric="rgb", rowsperstrip=16, compression="zlib",
+                 description=f"{head}{w}x{h} -> {thumb.shape[1]}x{thumb.shape[0]}")
+        tw.write(level1, photometric="rgb", tile=(tile, tile), compression="zlib",
+                 description=f"{head}{w}x{h} -> {w // 2}x{h // 2}")
+    return [level0, level1]
+
+
 def write_strips(path: Path, image: np.ndarray, *, mpp: float | None = 0.5, rowsperstrip: int = 32) -> None:
     """Single-level, stripped (not tiled) RGB TIFF: the path that must be read in chunks."""
     with tifffile.TiffWriter(path, shaped=False) as tw:
@@ -249,6 +270,16 @@ def write_sparse_huge(path: Path, *, size: int = 100_000, tile: int = 256, block
                      compression="jpeg", compressionargs={"level": 90}, subfiletype=1 if i else 0,
                      resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER", maxworkers=1)
     return SparseSlide(path=path, size=size, block=block, blocks=blocks, color=color, level_dimensions=tuple(dims))
+
+
+def write_empty_huge(path: Path, *, size: int = 200_000, tile: int = 2048) -> None:
+    """One level of `size` x `size` px whose tiles are all empty but the first: a small file whose header
+    claims a huge image, without a pyramid to read a view or a coarse patch from."""
+    first = np.full((tile, tile, 3), 255, np.uint8)
+    n = (-(-size // tile)) ** 2
+    with tifffile.TiffWriter(path, bigtiff=True, shaped=False) as tw:
+        tw.write((first if i == 0 else None for i in range(n)), shape=(size, size, 3), dtype=np.uint8,
+                 photometric="rgb", tile=(tile, tile), compression="zlib", maxworkers=1)
 
 
 # --- breaking files on purpose -----------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from wsiats.errors import ConfigError, LabelsError, SlideNotFoundError
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("a.svs", "a"), ("case.01.ome.tif", "case.01"), ("x.OME.TIFF", "x"), ("y.ndpi", "y"), ("z.tiff", "z")],
+    [("a.svs", "a"), ("case.01.ome.tif", "case.01"), ("x.OME.TIFF", "x"), ("y.ndpi", "y"), ("z.tiff", "z"),
+     ("scan.qptiff", "scan")],
 )
 def test_slide_id_strips_slide_extensions(name: str, expected: str) -> None:
     assert slide_id(name) == expected
@@ -108,6 +109,66 @@ def test_find_slides_takes_dicom_series_folders_as_slides(tmp_path: Path) -> Non
     assert find_slides([d / "a_series"]) == [d / "a_series"]
     with pytest.raises(SlideNotFoundError, match="DICOM series folders"):
         find_slides([d / "not_a_series"])
+
+
+def _dicom_export(folder: Path, shared: Path, *, others: tuple[str, ...] = ()) -> Path:
+    """A real DICOM export's loose instances (level 0 and its thumbnail, one series) beside other files."""
+    import shutil
+
+    folder.mkdir()
+    for name in ("boxes_0.dcm", "boxes_1.dcm", *others):
+        shutil.copy(shared / ("dicom-boxes" if name.startswith("boxes_") else "") / name, folder / name)
+    return folder
+
+
+def test_loose_dicom_instances_are_one_slide_per_series(tmp_path: Path, shared_slides: Path) -> None:
+    """boxes_1.dcm is the thumbnail instance of boxes_0's series: not a second slide (issue 14 item 14)."""
+    d = _dicom_export(tmp_path / "export", shared_slides, others=("small.svs", "sm_image.dcm"))
+    assert [p.name for p in find_slides([d])] == ["boxes_0.dcm", "sm_image.dcm", "small.svs"]
+    assert [p.name for p in find_slides([str(d / "*.dcm")])] == ["boxes_0.dcm", "sm_image.dcm"]
+    # one series named twice (by two of its files) is one slide
+    assert [p.name for p in find_slides([d / "boxes_0.dcm", d / "boxes_1.dcm"])] == ["boxes_0.dcm"]
+    labels = _write(tmp_path, "slide_id,label\nboxes_0,a\nsmall,b\nsm_image,b\n")
+    items, _ = build_cohort(d, labels)
+    assert [it.path.name for it in items] == ["boxes_0.dcm", "small.svs", "sm_image.dcm"]
+    with pytest.raises(LabelsError, match="no slide file .* for slide_id boxes_1"):
+        build_cohort(d, _write(tmp_path, "slide_id,label\nboxes_1,a\nsmall,b\n"))
+
+
+def test_one_dicom_folder_rule_for_open_slide_and_find_slides(tmp_path: Path, shared_slides: Path) -> None:
+    """A folder is one DICOM slide only when all its files are instances of one series (issue 14 item 15)."""
+    from wsiats.slide import is_dicom_folder, open_slide
+
+    series = _dicom_export(tmp_path / "series", shared_slides)
+    mixed = _dicom_export(tmp_path / "mixed", shared_slides, others=("small.svs", "CMU-1-Small-Region.svs"))
+    two = _dicom_export(tmp_path / "two", shared_slides, others=("sm_image.dcm",))
+    assert [is_dicom_folder(p) for p in (series, mixed, two)] == [True, False, False]
+    assert find_slides([series]) == [series]
+    with open_slide(series) as s:
+        assert s.level_dimensions == ((16, 16),) and s.associated_names == ("thumbnail",)
+    assert [p.name for p in find_slides([mixed])] == ["CMU-1-Small-Region.svs", "boxes_0.dcm", "small.svs"]
+    with pytest.raises(SlideNotFoundError) as err:
+        open_slide(mixed)  # was one 16 x 16 DICOM slide
+    assert str(err.value) == (f"{mixed}: is a directory, not a slide file (only a folder whose files are all DICOM "
+                              ".dcm instances of one series is read as one slide)")
+    assert [p.name for p in find_slides([two])] == ["boxes_0.dcm", "sm_image.dcm"]
+    with pytest.raises(SlideNotFoundError) as err:
+        open_slide(two)
+    assert str(err.value) == f"{two}: is a directory holding 2 DICOM series, not one slide; name one of its .dcm files"
+    for name, dims in (("boxes_0.dcm", (16, 16)), ("sm_image.dcm", (50, 50))):
+        with open_slide(two / name) as s:
+            assert s.dimensions == dims
+
+
+def test_slide_rules_live_in_one_place(tmp_path: Path) -> None:
+    import wsiats.data
+    import wsiats.slide
+
+    assert wsiats.data.SLIDE_SUFFIXES is wsiats.slide.SLIDE_SUFFIXES
+    assert not hasattr(wsiats.data, "_is_dicom_folder")
+    d = _cohort(tmp_path, ["a"])
+    (d / "scan.qptiff").write_bytes((d / "a.tif").read_bytes())  # PerkinElmer/Akoya: was skipped silently
+    assert [p.name for p in find_slides([d])] == ["a.tif", "scan.qptiff"]
 
 
 _ids = st.text(alphabet=string.ascii_letters + string.digits + "_-.", min_size=1, max_size=12).filter(

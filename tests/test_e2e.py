@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from wsiats.cli import cli
+from wsiats.data import find_slides
 from wsiats.train import METRIC_COLUMNS
 
 TINY = ["--batch-size", "2", "--n-patches", "4", "--patch-size", "32", "--view-downsample", "16", "--workers", "0", "-q"]
@@ -144,10 +145,14 @@ def test_predict_and_heatmap_on_real_scanner_files(shared_slides: Path, run_dir:
         rows = list(csv.DictReader(fh))
     assert [r["slide_id"] for r in rows] == ["CMU-1-Small-Region", "small", "boxes", "sm_image", "dicom-boxes"]
     assert all(r["error"] == "" and int(r["n_patches"]) >= 1 for r in rows)
-    code, text = invoke("heatmap", shared_slides, "--model", run_dir, "--out", tmp_path / "maps", "-q")  # the folder
+    # the whole folder: also the fluorescence NDPI, the grey JPEG pyramid, the RGBA and the strip TIFF
+    n = len(find_slides([shared_slides]))
+    assert n >= 10
+    code, text = invoke("heatmap", shared_slides, "--model", run_dir, "--out", tmp_path / "maps", "-q")
     assert code == 0, text
-    assert text.strip() == f"wrote 5 heatmap(s) to {tmp_path / 'maps'}, 0 failed"
-    assert len(list((tmp_path / "maps").glob("*.png"))) == 5  # the DICOM series folder is one of them
+    assert text.strip() == f"wrote {n} heatmap(s) to {tmp_path / 'maps'}, 0 failed"
+    assert len(list((tmp_path / "maps").glob("*.png"))) == n
+    assert (tmp_path / "maps" / "dicom-boxes.png").is_file()  # the DICOM series folder is one slide
 
 
 _PEAK_RSS = """

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
+import tifffile
 from click.testing import CliRunner
 from _slides import Generated
 
@@ -46,3 +48,21 @@ def test_info_errors_are_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["info", str(junk)])
     assert result.exit_code == 1
     assert result.stderr.strip() == f"Error: {junk}: not a whole-slide image format tifffile or OpenSlide can read"
+
+
+def test_decompression_bomb_is_refused_unless_the_limit_is_raised(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """One 5000^2 deflate tile, 72 MiB decoded from a 0.1 MB file: over the 64 MiB default."""
+    path = tmp_path / "bomb.tif"
+    tifffile.imwrite(path, np.full((5000, 5000, 3), 250, np.uint8), photometric="rgb", tile=(5008, 5008),
+                     compression="zlib")
+    assert path.stat().st_size < 200_000
+    monkeypatch.delenv("WSIATS_MAX_TILE_MB", raising=False)  # restored after the test: --max-tile-mb sets it
+    result = CliRunner().invoke(cli, ["info", str(path)])
+    assert result.exit_code == 1
+    assert result.output == (f"Error: {path}: level 0 stores tiles of 5008 x 5008 px (72 MiB each, decoded), over "
+                             "the 64 MiB limit of one decoded tile or strip (a decompression bomb?); --max-tile-mb "
+                             "raises the limit\n")
+    result = CliRunner().invoke(cli, ["--max-tile-mb", "80", "info", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["level_dimensions"] == [[5000, 5000]]

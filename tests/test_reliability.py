@@ -113,6 +113,19 @@ def _bad_tile(path: Path, cohort: Path) -> None:
     _slides.corrupt_tile(path, index=n // 2 + 4)
 
 
+def _zeroed_tiles(path: Path, cohort: Path) -> None:
+    # The second half of every JPEG tile zeroed (a copy cut short on a preallocated file): libjpeg decodes
+    # such tiles without an error, so the slide used to be predicted as if nothing were wrong.
+    _slides.write_generic_pyramid(path, _slides.tissue_image(1024, 1024, seed=2), n_levels=1, tile=128,
+                                  compression="jpeg")
+    with tifffile.TiffFile(path) as tif:
+        spans = list(zip(tif.pages[0].dataoffsets, tif.pages[0].databytecounts))
+    data = bytearray(path.read_bytes())
+    for offset, count in spans:
+        data[offset + count // 2: offset + count] = bytes(count - count // 2)
+    path.write_bytes(bytes(data))
+
+
 #: name -> (how to make it, the cause its error must state)
 BAD_SLIDES: dict[str, tuple[Callable[[Path, Path], None] | None, str]] = {
     "missing.tif": (None, "no such file"),
@@ -123,7 +136,6 @@ BAD_SLIDES: dict[str, tuple[Callable[[Path, Path], None] | None, str]] = {
     "absurd.tif": (_absurd, "level 0 claims 4000000 x 1024 px (limit 1000000 a side): the header is corrupt"),
     "png_renamed.tif": (_png_renamed, NOT_A_SLIDE),
     "text.tif": (lambda p, c: p.write_text("slide_id,label\na,b\n"), NOT_A_SLIDE),
-    "gray.tif": (lambda p, c: _slides.write_gray(p), "has 1 channel(s) of uint8; wsiats needs 8-bit RGB"),
     "gray16.tif": (lambda p, c: _slides.write_uint16(p), "has 1 channel(s) of uint16; wsiats needs 8-bit RGB"),
     "rgb16.tif": (lambda p, c: _slides.write_rgb16(p), "has 3 channel(s) of uint16; wsiats needs 8-bit RGB"),
     "five_channels.tif": (_five_channels, "has 5 channel(s) of uint8; wsiats needs 8-bit RGB"),
@@ -131,6 +143,8 @@ BAD_SLIDES: dict[str, tuple[Callable[[Path, Path], None] | None, str]] = {
                                 "32909> not supported (the pixels use a compression this tifffile/imagecodecs build "
                                 "cannot decode; try --backend openslide)"),
     "bad_tile.tif": (_bad_tile, "cannot read level 0 region x=0 y=0 1024x1024 px: "),
+    "zeroed_tiles.tif": (_zeroed_tiles, "cannot read level 0 region x=0 y=0 1024x1024 px: ValueError: JPEG tile 0 "
+                                        "is damaged (no end-of-image marker): the file is corrupt"),
 }
 
 
@@ -147,7 +161,8 @@ def bad(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --- slides ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [n for n in BAD_SLIDES if n != "bad_tile.tif"] + ["folder.tif"])
+@pytest.mark.parametrize("name", [n for n in BAD_SLIDES if n not in ("bad_tile.tif", "zeroed_tiles.tif")]
+                         + ["folder.tif"])
 def test_info_on_a_bad_slide(bad: Path, name: str) -> None:
     path = bad / name
     cause = BAD_SLIDES[name][1] if name in BAD_SLIDES else "is a directory, not a slide file"

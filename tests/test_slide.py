@@ -15,9 +15,11 @@ from typing import Any
 import _slides
 import numpy as np
 import pytest
+import tifffile
 from _slides import Generated, crop
 from PIL import Image
 
+import wsiats._base
 import wsiats.slide as slide_mod
 from wsiats.errors import (
     ConfigError,
@@ -38,6 +40,17 @@ def _open(path: Path, backend: str = "auto", **kw: Any) -> Slide:
 
 def _area(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+
+
+def _refusal(path: Path, error: type[SlideError], backends: tuple[str, ...] = ("auto", "tifffile")) -> str:
+    """The one message with which every backend in `backends` refuses to open `path`."""
+    messages = set()
+    for backend in backends:
+        with pytest.raises(error) as err:
+            open_slide(path, backend=backend)
+        messages.add(str(err.value))
+    assert len(messages) == 1, messages
+    return messages.pop()
 
 
 def _diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -110,6 +123,23 @@ def test_implausible_mpp_is_dropped_with_a_warning(tmp_path: Path, image: np.nda
         assert s.mpp is None
 
 
+@pytest.mark.parametrize("name", ["strip-rgb.tif", "rgba-tiled.tiff"])
+def test_missing_resolution_tag_is_named_not_called_implausible(shared_slides: Path, name: str) -> None:
+    """Real files with no XResolution/YResolution: tifffile's 1-px-per-inch default is not a resolution."""
+    path = shared_slides / name
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = open_slide(path, backend="tifffile")
+    with s:
+        assert s.mpp is None and s.mpp_source is None
+    assert [str(w.message) for w in caught] == [
+        f"{path}: no resolution tag (XResolution/YResolution), so mpp is unknown (pass --mpp to set it)"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # --mpp given: nothing to warn about
+        with open_slide(path, mpp=0.5) as s:
+            assert s.mpp == (0.5, 0.5)
+
+
 SHARED = [
     # file, backend chosen by auto, vendor, level dimensions, mpp, objective, associated images
     ("CMU-1-Small-Region.svs", "tifffile", "aperio", ((2220, 2967),), 0.499, 20.0, ("label", "macro", "thumbnail")),
@@ -117,6 +147,11 @@ SHARED = [
     ("boxes.tiff", "tifffile", "generic-tiff", ((300, 250), (150, 125), (75, 62), (37, 31)), None, None, ()),
     ("sm_image.dcm", "openslide", "dicom", ((50, 50),), 0.499, None, ()),
     ("dicom-boxes", "openslide", "dicom", ((16, 16),), 0.499, 20.0, ("thumbnail",)),
+    ("small-HE-levels.tiff", "tifffile", "generic-tiff", ((300, 250), (150, 125), (75, 62), (37, 31)), None, None,
+     ()),
+    ("grey-jpeg-pyramid.tif", "tifffile", "generic-tiff", ((120, 180), (60, 90), (30, 45)), None, None, ()),
+    ("fluorescence-TRITC.ndpi", "openslide", "hamamatsu",
+     tuple((3968 >> i, 4864 >> i) for i in range(7)), 0.2281750559028887, 40.0, ("macro",)),
 ]
 
 
@@ -139,6 +174,26 @@ def test_real_slides(shared_slides: Path, name: str, backend: str, vendor: str, 
         view = s.read_view(max_size=64)
         assert max(view.image.shape[:2]) <= 64 and view.image.dtype == np.uint8
         assert json.loads(json.dumps(describe(s)))["level_dimensions"] == [list(d) for d in dims]
+
+
+def test_ndpi_objective_from_its_tags_with_tifffile(shared_slides: Path) -> None:
+    """tifffile sees the 4 stored levels (OpenSlide adds 3 it scales down from JPEG); both read 40x from the tags."""
+    path = shared_slides / "fluorescence-TRITC.ndpi"
+    with open_slide(path, backend="tifffile") as t, open_slide(path) as auto:
+        assert (t.vendor, t.objective_power, t.level_count) == ("hamamatsu", 40.0, 4)
+        assert (auto.backend, auto.objective_power, auto.level_count) == ("openslide", 40.0, 7)
+        assert t.mpp == pytest.approx(auto.mpp) and t.mpp == pytest.approx((0.22818, 0.22818), abs=1e-5)
+        assert t.level_dimensions == auto.level_dimensions[:4]
+
+
+def test_old_style_jpeg_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "ojpeg.tif"
+    tifffile.imwrite(path, _slides.tissue_image(32, 32), photometric="ycbcr", tile=(16, 16), compression="jpeg")
+    _slides.patch_tag(path, 259, 6)  # Compression: old-style JPEG
+    assert _refusal(path, UnsupportedSlideError) == (f"{path}: uses old-style JPEG compression (TIFF compression 6, replaced in 1995), "
+                                                     "which neither tifffile nor OpenSlide decodes; re-save it as "
+                                                     "tiled JPEG (e.g. vips tiffsave --tile --pyramid --compression "
+                                                     "jpeg)")
 
 
 def test_boxes_tiff_mpp_unknown_with_both_backends(shared_slides: Path) -> None:
@@ -283,6 +338,25 @@ def test_read_patches_between_levels_are_area_resized(generic_tiff: Generated) -
     assert np.mean(shifted) > np.mean(errors) + 1  # one patch pixel off is measurably worse
 
 
+@pytest.mark.parametrize("downsample", [2.0, 2.001125, 3.0, 1.5])
+def test_openslide_patches_at_a_fractional_level_are_not_blended(tmp_path: Path, downsample: float) -> None:
+    """Level 1 has downsample 2.001125: OpenSlide blends every read of it that does not start at its origin
+    (up to 96 grey levels off here, on 1-px detail). Patches now come from a level it addresses exactly,
+    resized once: the area average of level 0 over the patch's box."""
+    path = tmp_path / "fractional.svs"
+    level0 = _slides.write_svs_fractional(path)[0]
+    rng = np.random.default_rng(3)
+    centers = np.column_stack([rng.uniform(100, 1900, 12), rng.uniform(100, 1500, 12)])
+    with open_slide(path, backend="openslide") as s:
+        assert (s.vendor, s.level_downsamples) == ("aperio", (1.0, 2.001125))
+        got = s.read_patches(centers, 40, downsample=downsample)
+    for patch, (cx, cy) in zip(got, centers):
+        x0, y0, _, _ = patch_box((cx, cy), 40, downsample)
+        box = (x0, y0, x0 + 40 * downsample, y0 + 40 * downsample)
+        np.testing.assert_array_equal(patch, np.asarray(Image.fromarray(level0).resize(
+            (40, 40), Image.Resampling.BOX, box=box)))
+
+
 def test_best_level_for_downsample(generic_tiff: Generated, shared_slides: Path) -> None:
     with open_slide(generic_tiff.path) as s:
         got = [s.best_level_for_downsample(d) for d in (0.5, 1.0, 1.9, 1.99, 2.0, 3.9, 4.0, 100.0)]
@@ -328,12 +402,80 @@ def test_read_view_of_single_level_slide_is_chunked_without_seams(strip_tiff: Ge
             return original(level, x, y, w, h, fill)
 
         monkeypatch.setattr(s, "_read_px", spy)
-        monkeypatch.setattr(slide_mod, "_VIEW_CHUNK", 100)
+        monkeypatch.setattr(wsiats._base, "_VIEW_CHUNK", 100)
         chunked = s.read_view(downsample=6.5)
-    assert len(sizes) > 30 and max(w * h for w, h in sizes) <= 100 * 100  # never the whole level at once
+    # never the whole level at once: whole strips of 32 rows (blocks of 6 rows straddle them)
+    assert sizes == [(800, 32)] * 18 + [(800, 24)]
     np.testing.assert_array_equal(chunked.image, one_shot.image)  # chunk borders leave no seams
     assert chunked.image.shape == (round(600 / 6.5), round(800 / 6.5), 3)
     _assert_close_to_area(chunked.image, img)
+
+
+@pytest.mark.parametrize("ds", [3.0, 7.3, 1.0])
+def test_read_view_decodes_each_tile_once(tmp_path: Path, image: np.ndarray, ds: float) -> None:
+    """Chunks follow the tiles, so no tile is decoded again for the next chunk (it was, per 1024^2 chunk)."""
+    path = tmp_path / "one_level.tif"
+    _slides.write_generic_pyramid(path, image, n_levels=1, tile=96)  # 800 x 600: 9 x 7 tiles
+    with open_slide(path) as s:
+        one_shot = s.read_view(downsample=ds)
+        reader = s._levels[0]  # type: ignore[attr-defined]
+        decoded: list[int] = []
+        original = reader._decode
+
+        def counting(data: bytes, index: int, **kw: Any) -> Any:
+            decoded.append(index)
+            return original(data, index, **kw)
+
+        reader._decode = counting
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(wsiats._base, "_VIEW_CHUNK", 200)  # 2 x 2 tiles a chunk
+            chunked = s.read_view(downsample=ds)
+    assert sorted(decoded) == list(range(63))
+    np.testing.assert_array_equal(chunked.image, one_shot.image)
+    _assert_close_to_area(chunked.image, image)
+
+
+def test_tile_or_strip_over_the_decoded_size_limit_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2.6 MB file with one 30000^2 deflate tile made `info` take 2.7 GB: the header says how big tiles are."""
+    path = tmp_path / "bomb.tif"
+    tifffile.imwrite(path, np.full((1024, 2048, 3), 240, np.uint8), photometric="rgb", tile=(1024, 2048),
+                     compression="zlib")  # 6 MiB when decoded, a few kB on disk
+    monkeypatch.setenv("WSIATS_MAX_TILE_MB", "4")
+    assert _refusal(path, SlideError) == (f"{path}: level 0 stores tiles of 2048 x 1024 px (6 MiB each, decoded), "
+                                          "over the 4 MiB limit of one decoded tile or strip (a decompression "
+                                          "bomb?); --max-tile-mb raises the limit")
+    strips = tmp_path / "strips.tif"
+    tifffile.imwrite(strips, np.full((1024, 2048, 3), 240, np.uint8), photometric="rgb", rowsperstrip=1024)
+    with pytest.raises(SlideError, match=r"level 0 stores strips of 2048 x 1024 px \(6 MiB each"):
+        open_slide(strips)
+    monkeypatch.setenv("WSIATS_MAX_TILE_MB", "8")
+    with open_slide(path) as s:
+        assert s.read_region((5, 5), 0, (1, 1)).tolist() == [[[240, 240, 240]]]
+    monkeypatch.setenv("WSIATS_MAX_TILE_MB", "lots")
+    with pytest.raises(ConfigError, match="WSIATS_MAX_TILE_MB must be a positive number of MiB, not 'lots'"):
+        open_slide(path)
+
+
+def test_views_and_patches_of_a_huge_header_without_pyramid_are_refused_at_once(tmp_path: Path) -> None:
+    """200000^2 px of empty tiles: a view at downsample 2000 read all 4e10 px (> 60 s), a patch at 4000
+    allocated gigabytes; both now stop before reading, naming the option."""
+    path = tmp_path / "huge.tif"
+    _slides.write_empty_huge(path)
+    t0 = time.perf_counter()
+    with open_slide(path) as s:
+        with pytest.raises(SlideError) as err:
+            s.read_view(downsample=2000)
+        assert str(err.value) == (f"{path}: a view at downsample 2000 (--view-downsample or --view-mpp) would decode "
+                                  "level 0 whole (200000 x 200000 px), over the 4294967296-pixel budget of a view; the "
+                                  "slide has no coarser level to read it from")
+        with pytest.raises(SlideError) as err:
+            s.read_patches(np.array([[1e5, 1e5]] * 10), 224, downsample=4000)
+        assert str(err.value) == (f"{path}: 10 patch(es) of 224 px at downsample 4000 (--patch-downsample or "
+                                  "--patch-mpp, --patch-size) would decode 896001 x 896001 px of level 0 each, over "
+                                  "the 268435456-pixel budget of a patch read; the slide has no coarser level to read "
+                                  "them from")
+        assert s.read_patches(np.array([[1e5, 1e5]]), 224, downsample=16).shape == (1, 224, 224, 3)  # 3585^2: fine
+    assert time.perf_counter() - t0 < 5
 
 
 # --- laziness on a 10-gigapixel slide -------------------------------------------------------------------------------
@@ -438,16 +580,50 @@ def test_absurd_or_inconsistent_dimensions_are_corrupt(tmp_path: Path, generic_j
 
 
 @pytest.mark.parametrize(("writer", "message"), [
-    (_slides.write_gray, "has 1 channel(s) of uint8; wsiats needs 8-bit RGB"),
-    (_slides.write_uint16, "has 1 channel(s) of uint16; wsiats needs 8-bit RGB"),
-    (_slides.write_rgb16, "has 3 channel(s) of uint16; wsiats needs 8-bit RGB"),
+    (_slides.write_uint16, "has 1 channel(s) of uint16; wsiats needs 8-bit RGB or 8-bit greyscale"),
+    (_slides.write_rgb16, "has 3 channel(s) of uint16; wsiats needs 8-bit RGB or 8-bit greyscale"),
 ])
 def test_non_rgb_images_are_unsupported(tmp_path: Path, writer: Any, message: str) -> None:
+    """Neither reader decodes these (OpenSlide opens them, then fails on the first pixel): tifffile's reason."""
     path = tmp_path / "img.tif"
     writer(path)
-    with pytest.raises(UnsupportedSlideError) as err:
-        open_slide(path)
-    assert str(err.value) == f"{path}: {message}"
+    assert _refusal(path, UnsupportedSlideError) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("photometric", ["minisblack", "miniswhite"])
+def test_8_bit_greyscale_is_read_as_rgb(tmp_path: Path, photometric: str) -> None:
+    path = tmp_path / "grey.tif"
+    grey = (np.arange(48 * 64).reshape(48, 64) % 251).astype(np.uint8)
+    tifffile.imwrite(path, grey, photometric=photometric, tile=(16, 16), compression="zlib")
+    want = 255 - grey if photometric == "miniswhite" else grey
+    with open_slide(path) as s:
+        assert s.backend == "tifffile"
+        np.testing.assert_array_equal(s.read_level(0), np.repeat(want[..., None], 3, axis=2))
+        np.testing.assert_array_equal(s.read_region((5, 7), 0, (20, 9)), np.repeat(want[7:16, 5:25, None], 3, axis=2))
+
+
+def test_real_grey_jpeg_pyramid_is_read_by_tifffile(shared_slides: Path) -> None:
+    """large_image's test_orient6.tif was refused ('has 1 channel(s) of uint8'), though OpenSlide reads it."""
+    path = shared_slides / "grey-jpeg-pyramid.tif"
+    with tifffile.TiffFile(path) as tif:
+        stored = [page.asarray() for page in tif.pages]
+    with _open(path) as s:
+        assert (s.backend, s.level_dimensions) == ("tifffile", ((120, 180), (60, 90), (30, 45)))
+        for level, grey in enumerate(stored):  # the stored grid: like OpenSlide, wsiats ignores Orientation
+            np.testing.assert_array_equal(s.read_level(level), np.repeat(grey[..., None], 3, axis=2))
+        assert s.read_view(max_size=32).image.shape == (32, 21, 3)
+
+
+def test_auto_falls_back_to_openslide_when_tifffile_refuses_the_pixels(tmp_path: Path) -> None:
+    path = tmp_path / "palette.tif"
+    index = (np.arange(32 * 32).reshape(32, 32) % 256).astype(np.uint8)
+    lut = np.stack([np.arange(256), 255 - np.arange(256), np.full(256, 128)]).astype(np.uint16) * 257
+    tifffile.imwrite(path, index, photometric="palette", colormap=lut, tile=(16, 16), compression="zlib")
+    with pytest.raises(UnsupportedSlideError, match="stores PALETTE pixels"):
+        open_slide(path, backend="tifffile")
+    with open_slide(path) as s:
+        assert s.backend == "openslide"
+        np.testing.assert_array_equal(s.read_level(0), (lut[:, index] // 257).transpose(1, 2, 0).astype(np.uint8))
 
 
 @pytest.mark.parametrize("premultiplied", [False, True])
@@ -480,6 +656,23 @@ def test_bad_tile_fails_naming_level_and_region(tmp_path: Path, generic_jpeg: Ge
         np.testing.assert_array_equal(s.read_region((0, 0), 0, (100, 100)), good.read_region((0, 0), 0, (100, 100)))
         with pytest.raises(SlideReadError, match=r"badtile\.tif: cannot read level 0 region x=1\d\d y=0"):
             s.read_region((150, 0), 0, (20, 20))
+
+
+def test_jpeg_tile_with_its_end_zeroed_is_damaged_not_decoded(tmp_path: Path, generic_jpeg: Generated) -> None:
+    """libjpeg returns smeared pixels for such a tile without an error; the marker check refuses it."""
+    bad = tmp_path / "zeroed.tif"
+    shutil.copy(generic_jpeg.path, bad)
+    with tifffile.TiffFile(bad) as tif:
+        offset, count = int(tif.pages[0].dataoffsets[1]), int(tif.pages[0].databytecounts[1])
+    with open(bad, "r+b") as fh:
+        fh.seek(offset + count // 2)
+        fh.write(bytes(count - count // 2))
+    with open_slide(bad) as s, open_slide(generic_jpeg.path) as good:
+        np.testing.assert_array_equal(s.read_region((0, 0), 0, (100, 100)), good.read_region((0, 0), 0, (100, 100)))
+        with pytest.raises(SlideReadError) as err:
+            s.read_region((150, 0), 0, (20, 20))
+        assert str(err.value) == (f"{bad}: cannot read level 0 region x=150 y=0 20x20 px: ValueError: JPEG tile 1 is "
+                                  "damaged (no end-of-image marker): the file is corrupt")
 
 
 def test_bad_arguments_and_closed_slide(generic_tiff: Generated) -> None:

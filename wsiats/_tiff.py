@@ -18,17 +18,19 @@ from xml.etree import ElementTree
 
 import numpy as np
 
-from wsiats import slide as _slide
-from wsiats.errors import CorruptSlideError, SlideError, SlideReadError, UnsupportedSlideError
-from wsiats.slide import (
+from wsiats import _base
+from wsiats._base import (
     _OPENSLIDE_TIFF_VENDORS,
     _UNITS_UM,
     Slide,
     _check_side,
+    _check_tile_bytes,
     _composite,
     _exc_text,
     _warn,
+    max_tile_bytes,
 )
+from wsiats.errors import CorruptSlideError, SlideError, SlideReadError, UnsupportedSlideError
 
 
 class _LogCollector(logging.Handler):
@@ -69,10 +71,13 @@ class _TileLevel:
             self._th, self._tw = int(key.rowsperstrip) or self._H, self._W
         self._ntx = -(-self._W // self._tw)
         self.stripped = not key.is_tiled
+        self.tile = (self._tw, self._th)
         self._S = int(key.samplesperpixel)
         self._decode = key.decode
         self._kwargs = {"jpegtables": page.jpegtables, "jpegheader": key.jpegheader, "_fullsize": True}
         self._fd, self._fill = fd, fill
+        # whole JPEG streams per tile (NDPI's tiles are restart intervals behind a shared header: not checked)
+        self._jpeg = int(key.compression) == 7 and key.jpegheader is None
 
     @staticmethod
     def supports(lev: Any) -> bool:
@@ -95,10 +100,21 @@ class _TileLevel:
                 data = os.pread(self._fd, count, offset)
                 if len(data) != count:
                     raise OSError(f"tile {index} ends past the end of the file")
+                if self._jpeg:
+                    _check_jpeg(data, index)
                 tile = self._decode(data, index, **self._kwargs)[0]
                 tile = tile.reshape(-1, tw, self._S)
                 dst[:] = tile[ay0 - ty * th: ay1 - ty * th, ax0 - tx * tw: ax1 - tx * tw]
         return out
+
+
+def _check_jpeg(data: bytes, index: int) -> None:
+    """libjpeg decodes a damaged stream without an error (grey or smeared blocks where data is missing), so a
+    JPEG tile must at least start with its start-of-image marker and end with its end-of-image marker
+    (trailing zero padding allowed): a tile whose end was cut or zeroed fails here."""
+    if not data.startswith(b"\xff\xd8") or not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        where = "start-of-image" if not data.startswith(b"\xff\xd8") else "end-of-image"
+        raise ValueError(f"JPEG tile {index} is damaged (no {where} marker): the file is corrupt")
 
 
 class _ZarrLevel:
@@ -110,6 +126,10 @@ class _ZarrLevel:
         self._store = series.aszarr(level=level, fillvalue=fill)
         self._array = zarr.open(self._store, mode="r")
         self._planar = series.levels[level].axes == "SYX"
+        key = series.levels[level].keyframe
+        self.stripped = not key.is_tiled
+        self.tile = ((int(key.tilewidth), int(key.tilelength)) if key.is_tiled
+                     else (int(key.imagewidth), int(key.rowsperstrip) or int(key.imagelength)))
 
     def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         if self._planar:
@@ -163,6 +183,9 @@ class TiffSlide(Slide):
         W0, H0 = dims[0]
         self.level_downsamples = tuple((W0 / w + H0 / h) / 2 for w, h in dims)  # OpenSlide's convention
         key = levels[0].keyframe
+        # 8-bit greyscale (brightfield scanned in grey): each value becomes an RGB triple
+        self._grey = int(key.samplesperpixel) == 1
+        self._min_is_white = self._grey and int(key.photometric) == 0
         extra = tuple(int(e) for e in key.extrasamples)[:1]  # ExtraSamples 1: premultiplied alpha, 2: straight alpha
         self._alpha = int(key.samplesperpixel) == 4 and extra in ((1,), (2,))
         self._premultiplied = extra == (1,)
@@ -186,9 +209,15 @@ class TiffSlide(Slide):
                 found, source = (float(svs["MPP"]), float(svs["MPP"])), "aperio"
             if svs.get("AppMag"):
                 self.objective_power = float(svs["AppMag"])
+        if tif.is_ndpi and float(key.ndpi_tags.get("Magnification") or 0) > 0:  # Hamamatsu tag 65421
+            self.objective_power = float(key.ndpi_tags["Magnification"])
         if found is None and tif.is_ome:
             found, source = self._ome_mpp()
-        if found is None:
+        if found is None and not (282 in key.tags and 283 in key.tags) and mpp is None:
+            # tifffile reports a missing tag as 1 pixel per inch: say the tag is missing instead
+            _warn(f"{self.path}: no resolution tag (XResolution/YResolution), so mpp is unknown (pass --mpp to "
+                  "set it)")
+        elif found is None:
             found, source = _tiff_resolution_mpp(key)
         self._set_mpp(found, source, mpp)
         self._assoc = {se.name.lower(): se for se in tif.series
@@ -201,21 +230,33 @@ class TiffSlide(Slide):
         shape = dict(zip(lev.axes, lev.shape))
         channels = int(shape.get("S", shape.get("C", 1)))
         extra = [f"{a}={n}" for a, n in shape.items() if a not in "YXSC" and n > 1]
+        if int(key.compression) == 6:  # tifffile reads such pages as YCbCr without a decoder
+            raise UnsupportedSlideError(self.path, "uses old-style JPEG compression (TIFF compression 6, replaced in "
+                                                   "1995), which neither tifffile nor OpenSlide decodes; re-save it "
+                                                   "as tiled JPEG (e.g. vips tiffsave --tile --pyramid "
+                                                   "--compression jpeg)")
         if extra:
             raise UnsupportedSlideError(self.path, f"holds a stack of images ({', '.join(extra)}); wsiats reads one "
                                                    "2-D RGB image per slide")
-        if channels not in (3, 4) or lev.dtype != np.uint8 or "Y" not in shape or "X" not in shape:
-            raise UnsupportedSlideError(self.path, f"has {channels} channel(s) of {lev.dtype}; wsiats needs 8-bit RGB")
-        if int(key.photometric) not in (2, 6):  # RGB, YCbCr
+        if channels not in (1, 3, 4) or lev.dtype != np.uint8 or "Y" not in shape or "X" not in shape:
+            raise UnsupportedSlideError(self.path, f"has {channels} channel(s) of {lev.dtype}; wsiats needs 8-bit RGB "
+                                                   "or 8-bit greyscale")
+        if int(key.photometric) not in ((0, 1) if channels == 1 else (2, 6)):  # grey: min-is-white/black; RGB, YCbCr
             raise UnsupportedSlideError(self.path, f"stores {getattr(key.photometric, 'name', key.photometric)} "
-                                                   "pixels; wsiats needs 8-bit RGB")
-        if lev.axes not in ("YXS", "SYX"):
+                                                   "pixels; wsiats needs 8-bit RGB or 8-bit greyscale")
+        if lev.axes not in (("YX",) if channels == 1 else ("YXS", "SYX")):
             raise UnsupportedSlideError(self.path, f"has pixel axes {lev.axes}; wsiats reads RGB stored as YXS or SYX")
         if int(key.photometric) == 6 and int(key.compression) != 7:  # YCbCr that is not JPEG: stays YCbCr in tifffile
             raise UnsupportedSlideError(self.path, "stores YCbCr pixels without JPEG; tifffile cannot convert them "
                                                    "to RGB")
         _check_side(self.path, level, int(shape["X"]), int(shape["Y"]))
         size, H, W = os.path.getsize(self.path), int(key.imagelength), int(key.imagewidth)
+        if key.is_tiled:
+            what, tw, th = "tiles", int(key.tilewidth), int(key.tilelength)
+        else:
+            what, tw, th = "strips", W, int(key.rowsperstrip) or H
+        _check_tile_bytes(self.path, level, what, tw, th,
+                          tw * th * (1 if int(key.planarconfig) == 2 else int(key.samplesperpixel)))
         if key.is_tiled:
             expected = -(-H // int(key.tilelength)) * -(-W // int(key.tilewidth))
         else:
@@ -234,11 +275,14 @@ class TiffSlide(Slide):
                                                    f"has {size}")
 
     def _view_chunk(self, level: int) -> tuple[int, int]:
-        reader = self._levels[level]
-        if isinstance(reader, _TileLevel) and reader.stripped:  # full-width rows: each strip is decoded once
-            width = self.level_dimensions[level][0]
-            return width, max(1, _slide._VIEW_CHUNK * _slide._VIEW_CHUNK // width)
-        return _slide._VIEW_CHUNK, _slide._VIEW_CHUNK
+        """About _VIEW_CHUNK**2 px of whole tiles (full-width rows of whole strips): each tile or strip is
+        decoded once per view."""
+        reader, n = self._levels[level], _base._VIEW_CHUNK
+        tw, th = reader.tile
+        if reader.stripped:
+            rows = max(1, n * n // tw)
+            return tw, -(-rows // th) * th
+        return max(1, round(n / tw)) * tw, max(1, round(n / th)) * th
 
     def _svs_meta(self) -> dict[str, Any]:
         from tifffile.tifffile import svs_description_metadata
@@ -281,12 +325,21 @@ class TiffSlide(Slide):
 
     def _decode_box(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         data = self._levels[level].read(x0, y0, x1, y1)
+        if self._grey:
+            grey = data.reshape(y1 - y0, x1 - x0)
+            return np.repeat((255 - grey if self._min_is_white else grey)[..., None], 3, axis=2)
         if self._alpha:
             return _composite(data, premultiplied=self._premultiplied)
         return data if data.shape[2] == 3 else np.ascontiguousarray(data[..., :3])
 
     def _associated(self, name: str) -> np.ndarray:
-        img = np.asarray(self._assoc[name].asarray())
+        series = self._assoc[name]
+        shape = dict(zip(series.axes, series.shape))
+        if int(np.prod(series.shape)) > max_tile_bytes():  # decoded whole: the same bound as one tile
+            raise SlideError(self.path, f"associated image {name!r} is {shape.get('X')} x {shape.get('Y')} px, over "
+                                        f"the {max_tile_bytes() / 2**20:g} MiB limit of one decoded image "
+                                        "(--max-tile-mb raises it)")
+        img = np.asarray(series.asarray())
         if img.dtype != np.uint8:
             raise SlideReadError(self.path, f"associated image {name!r} is {img.dtype}, not 8-bit")
         img = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img

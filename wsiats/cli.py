@@ -64,7 +64,10 @@ def _show_warning(message: Warning | str, category: type[Warning], *args: Any, *
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="wsiats")
 @click.option("-v", "--verbose", is_flag=True, help="Log what the library does (to stderr).")
-def cli(verbose: bool) -> None:
+@click.option("--max-tile-mb", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MIB",
+              help="Largest decoded tile or strip a slide may have, in MiB  [default: 64]; bigger ones are "
+                   "refused as decompression bombs.")
+def cli(verbose: bool, max_tile_mb: float | None) -> None:
     """Classify whole-slide images with attention sampling.
 
     A small attention network looks at a low-resolution view of each slide, a few
@@ -76,6 +79,8 @@ def cli(verbose: bool) -> None:
     import warnings
 
     warnings.showwarning = _show_warning
+    if max_tile_mb is not None:  # the environment carries it into DataLoader worker processes too
+        os.environ["WSIATS_MAX_TILE_MB"] = repr(max_tile_mb)
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 

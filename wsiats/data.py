@@ -22,12 +22,8 @@ import torch
 from torch.utils.data import Dataset
 
 from wsiats.errors import LabelsError, SlideNotFoundError
+from wsiats.slide import SLIDE_SUFFIXES, dicom_series, is_dicom_folder, slide_key, slides_in_folder
 
-#: File endings wsiats treats as slides when it scans a folder (OpenSlide's and the TIFF family).
-SLIDE_SUFFIXES = (
-    ".ome.tiff", ".ome.tif", ".svs", ".tif", ".tiff", ".btf", ".ndpi", ".vms", ".vmu",
-    ".mrxs", ".scn", ".bif", ".svslide", ".dcm",
-)
 SPLITS = ("train", "val", "test")
 
 log = logging.getLogger(__name__)
@@ -54,8 +50,10 @@ class Item:
 def find_slides(inputs: Iterable[str | Path]) -> list[Path]:
     """Expand files, folders and glob patterns, in order, once each.
 
-    A folder gives its slide files and its DICOM series sub-folders (one slide each), sorted by
-    name, without descending further; a folder of .dcm files is itself one slide.
+    A folder gives `wsiats.slide.slides_in_folder`: its slide files and its DICOM series sub-folders (one
+    slide each), sorted by name, without descending further; a DICOM folder (`is_dicom_folder`) is itself
+    one slide. Loose DICOM instances (in a folder or a pattern's matches) give one file per series. A
+    slide named twice (also as another file of its DICOM series) is listed once.
     """
     found: list[Path] = []
     for raw in inputs:
@@ -65,29 +63,25 @@ def find_slides(inputs: Iterable[str | Path]) -> list[Path]:
             matches = [Path(p) for p in sorted(glob.glob(text))]
             if not matches:
                 raise SlideNotFoundError(path, "no file matches this pattern")
-            found.extend(matches)
-        elif path.is_dir() and not _is_dicom_folder(path):
-            slides = sorted(p for p in path.iterdir() if (p.is_file() and p.name.lower().endswith(SLIDE_SUFFIXES))
-                            or (p.is_dir() and _is_dicom_folder(p)))
+            dcm = {p for p in matches if p.is_file() and p.suffix.lower() == ".dcm"}
+            keep = set(dicom_series(sorted(dcm)))
+            found.extend(p for p in matches if p in keep or p not in dcm)
+        elif path.is_dir() and not is_dicom_folder(path):
+            slides = slides_in_folder(path)
             if not slides:
                 raise SlideNotFoundError(path, f"folder holds no slides ({', '.join(SLIDE_SUFFIXES[:6])} ..., "
                                                "or DICOM series folders)")
             found.extend(slides)
         else:
             found.append(path)
-    seen: set[Path] = set()
+    seen: set[tuple[str, ...]] = set()
     unique = []
     for p in found:
-        key = p.resolve()
+        key = slide_key(p)
         if key not in seen:
             seen.add(key)
             unique.append(p)
     return unique
-
-
-def _is_dicom_folder(path: Path) -> bool:
-    files = [p for p in path.iterdir() if p.is_file()]
-    return bool(files) and all(p.suffix.lower() == ".dcm" for p in files)
 
 
 def read_labels(csv_path: str | Path) -> list[dict[str, str]]:
@@ -150,9 +144,8 @@ def build_cohort(
         raise SlideNotFoundError(slide_dir, "slide folder not found")
     rows = read_labels(labels_csv)
     files = {}
-    for p in sorted(slide_dir.iterdir()):
-        if p.name.lower().endswith(SLIDE_SUFFIXES) or (p.is_dir() and _is_dicom_folder(p)):
-            files.setdefault(slide_id(p), p)
+    for p in slides_in_folder(slide_dir):
+        files.setdefault(slide_id(p), p)
     unknown = [r["slide_id"] for r in rows if r["slide_id"] not in files]
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")

@@ -29,7 +29,7 @@ from wsiats.errors import ConfigError, WsiatsError
 from wsiats.models import ATSModel
 from wsiats.pipeline import PreparedView, SlideBatchItem, SlidePool, forward_batch, prepare_view
 from wsiats.runtime import autocast_factory, select_device
-from wsiats.slide import open_slide
+from wsiats.slide import Slide, open_slide
 
 
 log = logging.getLogger(__name__)
@@ -83,11 +83,17 @@ class Predictor:
         self.mc, self.topk, self.seed, self.workers = (1 if topk else mc), topk, seed, workers
         self.backend, self.mpp = backend, mpp
 
-    def view(self, path: Path) -> PreparedView:
+    def view(self, path: Path) -> tuple[Slide, PreparedView]:
+        """Open the slide and read its view. The slide stays open: the patches are read from this handle
+        (a file replaced between the view and the patches cannot mix two slides); the caller closes it."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with open_slide(path, backend=self.backend, mpp=self.mpp) as slide:
-                return prepare_view(slide, self.cfg)
+            slide = open_slide(path, backend=self.backend, mpp=self.mpp)
+            try:
+                return slide, prepare_view(slide, self.cfg)
+            except BaseException:
+                slide.close()
+                raise
 
     def predict_view(self, path: Path, view: PreparedView, pool: SlidePool) -> Prediction:
         """Run the passes on one slide's prepared view."""
@@ -114,10 +120,11 @@ class Predictor:
         return pred
 
     def predict(self, paths: Sequence[Path], *, lookahead: int = 2) -> Iterator[Prediction]:
-        """Yield one Prediction per path, in order; a failing slide yields its error."""
-        pool = SlidePool(capacity=4, backend=self.backend, mpp=self.mpp)
+        """Yield one Prediction per path, in order; a failing slide yields its error.
+
+        Each slide is opened once: its view and its patches are read from that one handle."""
         executor = ThreadPoolExecutor(max_workers=max(1, min(lookahead, len(paths))))
-        futures: dict[int, Future[PreparedView]] = {}
+        futures: dict[int, Future[tuple[Slide, PreparedView]]] = {}
         try:
             for i, path in enumerate(paths):
                 for j in range(i, min(i + lookahead + 1, len(paths))):
@@ -125,8 +132,9 @@ class Predictor:
                         futures[j] = executor.submit(self.view, paths[j])
                 t0 = time.perf_counter()
                 try:
-                    view = futures.pop(i).result()
-                    pred = self.predict_view(path, view, pool)
+                    slide, view = futures.pop(i).result()
+                    with slide:
+                        pred = self.predict_view(path, view, _Opened(slide))
                 except WsiatsError as exc:
                     pred = Prediction(slide_id(path), path, error=str(exc))
                 except (OSError, RuntimeError, ValueError, MemoryError) as exc:
@@ -138,7 +146,20 @@ class Predictor:
             for fut in futures.values():
                 fut.cancel()
             executor.shutdown(wait=True, cancel_futures=True)
-            pool.close()
+            for fut in futures.values():  # views read ahead for slides never predicted: close their slides
+                if not fut.cancelled() and fut.exception() is None:
+                    fut.result()[0].close()
+
+
+class _Opened(SlidePool):
+    """What `forward_batch` reads the patches from: the slide this prediction opened for its view."""
+
+    def __init__(self, slide: Slide) -> None:
+        super().__init__(capacity=1)
+        self._slide = slide
+
+    def get(self, path: Path) -> Slide:
+        return self._slide
 
 
 def prediction_label(pred: Prediction, classes: Sequence[str]) -> str:
@@ -149,11 +170,12 @@ def csv_columns(classes: Sequence[str]) -> list[str]:
     return ["slide_id", "path", "prediction", *[f"p_{c}" for c in classes], "spread", "n_patches", "seconds", "error"]
 
 
-def _row(pred: Prediction, classes: Sequence[str]) -> dict[str, Any]:
+def _row(pred: Prediction, classes: Sequence[str], *, missing: str | None = "") -> dict[str, Any]:
+    """One slide's record; numbers a failed slide lacks are `missing` ("" in CSV, None -> null in JSON)."""
     row: dict[str, Any] = {"slide_id": pred.slide_id, "path": str(pred.path), "prediction": prediction_label(pred, classes)}
     for c, p in zip(classes, pred.probs or [math.nan] * len(classes)):
-        row[f"p_{c}"] = "" if math.isnan(p) else round(p, 6)
-    row.update(spread=round(pred.spread, 6) if pred.ok else "", n_patches=pred.n_patches,
+        row[f"p_{c}"] = missing if math.isnan(p) else round(p, 6)
+    row.update(spread=round(pred.spread, 6) if pred.ok else missing, n_patches=pred.n_patches,
                seconds=round(pred.seconds, 4), error=pred.error)
     return row
 
@@ -170,7 +192,7 @@ def write_predictions(path: str | Path, preds: Sequence[Prediction], classes: Se
     elif path.suffix.lower() == ".json":
         slides = []
         for pred in preds:
-            rec = _row(pred, classes)
+            rec = _row(pred, classes, missing=None)
             rec["passes"] = pred.passes
             rec["patches"] = pred.patches
             rec["tissue_fallback"] = pred.fell_back
