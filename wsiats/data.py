@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import zipfile
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
@@ -51,27 +52,27 @@ class Item:
     split: str | None = None
 
 
-def find_slides(inputs: Iterable[str | Path]) -> list[Path]:
+def find_slides(inputs: Iterable[str | Path], *, recursive: bool = False) -> list[Path]:
     """Expand files, folders and glob patterns, in order, once each.
 
     A folder gives its slide files and its DICOM series sub-folders (one slide each), sorted by
-    name, without descending further; a folder of .dcm files is itself one slide.
+    name; with `recursive`, those of its sub-folders too (a `**` in a glob pattern also descends).
+    A folder of .dcm files is itself one slide.
     """
     found: list[Path] = []
     for raw in inputs:
         text = str(raw)
         path = Path(text)
         if any(ch in text for ch in "*?[") and not path.exists():
-            matches = [Path(p) for p in sorted(glob.glob(text))]
+            matches = [Path(p) for p in sorted(glob.glob(text, recursive=True))]
             if not matches:
                 raise SlideNotFoundError(path, "no file matches this pattern")
             found.extend(matches)
         elif path.is_dir() and not _is_dicom_folder(path):
-            slides = sorted(p for p in path.iterdir() if (p.is_file() and p.name.lower().endswith(SLIDE_SUFFIXES))
-                            or (p.is_dir() and _is_dicom_folder(p)))
+            slides = _slides_in(path, recursive=recursive)
             if not slides:
-                raise SlideNotFoundError(path, f"folder holds no slides ({', '.join(SLIDE_SUFFIXES[:6])} ..., "
-                                               "or DICOM series folders)")
+                raise SlideNotFoundError(path, "folder holds no slides (" + ", ".join(SLIDE_SUFFIXES[:6]) + " ..., or "
+                                               "DICOM series folders)" + _nested_hint(path))
             found.extend(slides)
         else:
             found.append(path)
@@ -83,6 +84,37 @@ def find_slides(inputs: Iterable[str | Path]) -> list[Path]:
             seen.add(key)
             unique.append(p)
     return unique
+
+
+def _slides_in(folder: Path, *, recursive: bool, _seen: set[Path] | None = None) -> list[Path]:
+    """Slide files and DICOM series folders in `folder`, sorted by name (sub-folders' too with `recursive`)."""
+    seen = _seen if _seen is not None else set()
+    seen.add(folder.resolve())  # a link back up the tree is not followed twice
+    found: list[Path] = []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name.lower().endswith(SLIDE_SUFFIXES):
+            found.append(p)
+        elif p.is_dir() and _is_dicom_folder(p):
+            found.append(p)
+        elif recursive and p.is_dir() and p.resolve() not in seen:
+            found.extend(_slides_in(p, recursive=True, _seen=seen))
+    return found
+
+
+def _nested_hint(folder: Path) -> str:
+    """'; its sub-folders hold N slide(s): ...' when they do, else ''."""
+    nested = [p for p in _slides_in(folder, recursive=True) if p.parent != folder]
+    if not nested:
+        return ""
+    suffix = Counter(_suffix(p) for p in nested).most_common(1)[0][0]
+    return (f"; its sub-folders hold {len(nested)} slide(s): pass --recursive, or a glob such as "
+            f"'{folder / '**' / ('*' + suffix)}'")
+
+
+def _suffix(path: Path) -> str:
+    """The slide extension of a file name ('.ome.tif', '.svs', ...), '' for a DICOM series folder."""
+    lower = path.name.lower()
+    return next((s for s in SLIDE_SUFFIXES if lower.endswith(s)), "") if path.is_file() else ""
 
 
 def _is_dicom_folder(path: Path) -> bool:
@@ -138,25 +170,48 @@ def read_labels(csv_path: str | Path) -> list[dict[str, str]]:
     return rows
 
 
-def build_cohort(
+@dataclass
+class Cohort:
+    """Labels matched to slide files, and what did not match."""
+
+    items: list[Item]
+    classes: list[str]
+    missing: list[str]  # labelled slide ids with no slide file
+    unlabelled: list[Path]  # slide files whose id has no label
+
+
+def match_cohort(
     slide_dir: str | Path,
     labels_csv: str | Path,
     *,
     classes: Sequence[str] | None = None,
-) -> tuple[list[Item], list[str]]:
-    """Match labels to slide files. Returns items and class names (sorted, unless given)."""
+    recursive: bool = False,
+    allow_missing: bool = False,
+) -> Cohort:
+    """Match labels to the slide files of `slide_dir` (and of its sub-folders with `recursive`).
+
+    A labelled slide without a file is an error unless `allow_missing` (the CLI's --skip-bad).
+    Class names are sorted (unless given) over the labelled slides that have a file.
+    """
     slide_dir = Path(slide_dir)
     if not slide_dir.is_dir():
         raise SlideNotFoundError(slide_dir, "slide folder not found")
     rows = read_labels(labels_csv)
-    files = {}
-    for p in sorted(slide_dir.iterdir()):
-        if p.name.lower().endswith(SLIDE_SUFFIXES) or (p.is_dir() and _is_dicom_folder(p)):
-            files.setdefault(slide_id(p), p)
-    unknown = [r["slide_id"] for r in rows if r["slide_id"] not in files]
-    if unknown:
-        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise LabelsError(f"{labels_csv}: no slide file in {slide_dir} for slide_id {shown}")
+    labelled = {r["slide_id"] for r in rows}
+    files: dict[str, Path] = {}
+    for p in _slides_in(slide_dir, recursive=recursive):
+        sid = slide_id(p)
+        if sid in files and sid in labelled:
+            raise LabelsError(f"{labels_csv}: slide_id {sid!r} matches two files, {files[sid]} and {p}; rename one")
+        files.setdefault(sid, p)
+    missing = [r["slide_id"] for r in rows if r["slide_id"] not in files]
+    rows = [r for r in rows if r["slide_id"] in files]
+    if missing and (not allow_missing or not rows):
+        text = f"{labels_csv}: no slide file in {slide_dir} for slide_id {short_list(missing)}"
+        hint = "" if recursive else _nested_hint(slide_dir)
+        if not hint and len({r["label"] for r in rows}) > 1:
+            hint = f"; pass --skip-bad to train on the {len(rows)} labelled slide(s) that have one"
+        raise LabelsError(text + hint)
     names = list(classes) if classes is not None else sorted({r["label"] for r in rows})
     if classes is None and len(names) < 2:
         raise LabelsError(f"{labels_csv}: only one class ({names[0]!r}); training needs at least two")
@@ -165,7 +220,25 @@ def build_cohort(
     if bad:
         raise LabelsError(f"{labels_csv}: label(s) {', '.join(bad)} not among the model's classes {', '.join(names)}")
     items = [Item(r["slide_id"], files[r["slide_id"]], index[r["label"]], r.get("split") or None) for r in rows]
-    return items, names
+    return Cohort(items, names, missing, [p for sid, p in files.items() if sid not in labelled])
+
+
+def build_cohort(
+    slide_dir: str | Path,
+    labels_csv: str | Path,
+    *,
+    classes: Sequence[str] | None = None,
+    recursive: bool = False,
+) -> tuple[list[Item], list[str]]:
+    """Match labels to slide files (every labelled slide must have one). Returns items and class names."""
+    cohort = match_cohort(slide_dir, labels_csv, classes=classes, recursive=recursive)
+    return cohort.items, cohort.classes
+
+
+def short_list(names: Sequence[object], shown: int = 5) -> str:
+    """'a, b, c, d, e and 7 more'."""
+    text = ", ".join(str(n) for n in names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def split_items(items: Sequence[Item], *, val_fraction: float, seed: int) -> tuple[list[Item], list[Item], list[Item]]:
@@ -237,11 +310,8 @@ class ViewDataset(Dataset):
         return i, view
 
     def _load(self, i: int) -> object:
-        import warnings
-
         from wsiats.errors import WsiatsError
-        from wsiats.pipeline import prepare_view
-        from wsiats.slide import open_slide
+        from wsiats.pipeline import load_view
 
         path = self.items[i].path
         file = self._file(path)
@@ -250,10 +320,7 @@ class ViewDataset(Dataset):
             if view is not None:
                 return view
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with open_slide(path, backend=self.backend, mpp=self.mpp) as slide:
-                    view = prepare_view(slide, self.cfg)  # type: ignore[arg-type]
+            view = load_view(path, self.cfg, backend=self.backend, mpp=self.mpp)  # type: ignore[arg-type]
         except WsiatsError as exc:
             return str(exc)
         if file is not None:
@@ -291,7 +358,7 @@ class ViewDataset(Dataset):
 
 
 #: Version of the view cache files; a change makes earlier files unused.
-_VIEW_FILE_FORMAT = 1
+_VIEW_FILE_FORMAT = 2  # 2: with the slide's mpp and notes
 
 
 def _view_bytes(view: object) -> int:
@@ -307,7 +374,10 @@ def _write_view_file(file: Path, view: object) -> None:
     try:
         with atomic_open(file, "wb") as fh:
             np.savez(fh, image=view.image, mask=view.mask, downsample=np.asarray(view.downsample, dtype=np.float64),
-                     fell_back=np.asarray(view.fell_back))  # type: ignore[attr-defined]
+                     fell_back=np.asarray(view.fell_back),  # type: ignore[attr-defined]
+                     mpp=np.asarray(np.nan if view.mpp is None else view.mpp),  # type: ignore[attr-defined]
+                     mpp_source=np.asarray(view.mpp_source or ""),  # type: ignore[attr-defined]
+                     notes=np.asarray(view.notes, dtype=str).reshape(-1))  # type: ignore[attr-defined]
     except OSError as exc:
         log.warning("%s: cannot write the view cache file (%s); going on without it", file, exc)
 
@@ -320,10 +390,12 @@ def _read_view_file(file: Path) -> object | None:
         with np.load(file, allow_pickle=False) as z:
             image, mask = z["image"], z["mask"]
             downsample, fell_back = z["downsample"], z["fell_back"]
+            mpp, mpp_source, notes = float(z["mpp"]), str(z["mpp_source"]), [str(n) for n in z["notes"]]
         if image.dtype != np.uint8 or image.ndim != 3 or mask.dtype != np.bool_ or mask.shape != image.shape[:2]:
             raise ValueError("unexpected arrays")
         return PreparedView(image=image, mask=mask, downsample=(float(downsample[0]), float(downsample[1])),
-                            fell_back=bool(fell_back))
+                            fell_back=bool(fell_back), mpp=None if math.isnan(mpp) else mpp,
+                            mpp_source=mpp_source or None, notes=notes)
     except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as exc:
         log.warning("%s: unusable view cache file (%s); reading the slide", file, exc)
         return None

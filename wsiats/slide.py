@@ -25,7 +25,7 @@ import re
 import sys
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,12 +374,41 @@ def _composite(rgba: np.ndarray, *, premultiplied: bool) -> np.ndarray:
     return np.minimum(out, 255).astype(np.uint8)
 
 
-def _warn(message: str) -> None:
-    """warnings.warn attributed to the first caller outside this module."""
+_collecting = threading.local()
+
+
+@contextlib.contextmanager
+def collect_notes() -> Iterator[list[str]]:
+    """Within the block, in this thread only, the warnings wsiats gives about a slide (a resolution that is
+    a software default, a slide without tissue, ...) are appended to the yielded list instead of issued.
+
+    This is how a slide's facts travel with its result from the threads that prepare it: unlike
+    `warnings.catch_warnings`, which is process-wide, it never hides another thread's warnings.
+    """
+    stack = _collecting.__dict__.setdefault("stack", [])
+    notes: list[str] = []
+    stack.append(notes)
+    try:
+        yield notes
+    finally:
+        stack.pop()
+
+
+def note(message: str) -> None:
+    """A fact about a slide: kept (once) by the innermost `collect_notes` of this thread, else a UserWarning
+    attributed to the first caller outside this module."""
+    stack = getattr(_collecting, "stack", None)
+    if stack:
+        if message not in stack[-1]:
+            stack[-1].append(message)
+        return
     frame, level = sys._getframe(1), 2
     while frame is not None and frame.f_code.co_filename == __file__:
         frame, level = frame.f_back, level + 1  # type: ignore[assignment]
     warnings.warn(message, UserWarning, stacklevel=level)
+
+
+_warn = note
 
 
 def _exc_text(exc: BaseException) -> str:
