@@ -105,8 +105,8 @@ def _blank_warning(path: Path) -> str:
 
 
 def _half_warning(path: Path) -> str:
-    return (f"Warning: {path}: resolution 0.5 um/px, the training slides' was 0.25 um/px (x2.00): the view and "
-            "patches show another magnification than the model learned (pass --mpp if the file's resolution is wrong)")
+    return (f"Warning: {path}: resolution 0.5 um/px, 2.00x the training slides' 0.25 um/px: the view and patches "
+            "show another magnification than the model learned (pass --mpp if the file's resolution is wrong)")
 
 
 # --- 1: every warning about a slide reaches the user once, whatever the prefetch threads do ---------------------
@@ -151,8 +151,8 @@ def test_warns_when_fewer_patches_than_trained_can_be_sampled(run: Path, tmp_pat
     tiny = _tissue(tmp_path / "tiny.tif", seed=3, size=32)  # a 2 x 2 view, two cells of it tissue, for 6 patches
     result = invoke("predict", tiny, "--model", run, "--out", tmp_path / "p.csv", "--mc", "3", "-q")
     assert result.exit_code == 0, result.output
-    assert warnings_of(result)[-1] == (f"Warning: {tiny}: only 2 of 6 patches could be sampled (the tissue covers 2 "
-                                       "cells of the view); the model was trained with 6")
+    assert warnings_of(result)[-1] == (f"Warning: {tiny}: only 2 of 6 patches could be sampled (the view has 2 cell(s) "
+                                       "to sample from); the model was trained with 6")
     assert len(warnings_of(result)) == len(set(warnings_of(result)))  # once, not once per pass
 
 
@@ -166,6 +166,28 @@ def test_train_records_the_cohort_resolution_and_old_runs_still_load(cohort: Pat
     assert "train_mpp" not in (old / "config.yaml").read_text() and load_run_config(old).train_mpp is None
     result = invoke("predict", cohort / "slides" / "s0.tif", "--model", old, "--out", tmp_path / "p.csv", "-q")
     assert result.exit_code == 0 and warnings_of(result) == []
+
+
+def test_no_resolution_warning_when_the_view_and_patches_are_set_in_microns(mixed: dict[str, list[Path]],
+                                                                          tmp_path: Path) -> None:
+    physical = _run(tmp_path / "physical", train_mpp=0.25, view_mpp=4.0, patch_mpp=0.25)
+    result = invoke("predict", mixed["half"][0], "--model", physical, "--out", tmp_path / "p.csv", "-q")
+    assert result.exit_code == 0 and warnings_of(result) == []
+    patches_only = _run(tmp_path / "patches_only", train_mpp=0.25, patch_mpp=0.25)
+    result = invoke("predict", mixed["half"][0], "--model", patches_only, "--out", tmp_path / "p.csv", "-q")
+    assert warnings_of(result) == [_half_warning(mixed["half"][0]).replace("the view and patches show", "the view shows")]
+
+
+def test_train_warns_once_per_slide_across_epochs_and_loader_processes(cohort: Path, tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for src in sorted((cohort / "slides").iterdir()):
+        (slides / src.name).write_bytes(src.read_bytes())
+    blank, dpi72 = _blank(slides / "s0.tif"), _72dpi(slides / "s1.tif", seed=50)
+    result = invoke("train", slides, "--labels", cohort / "labels.csv", "--out", tmp_path / "run", *TRAIN,
+                    "--epochs", "2", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert warnings_of(result) == [_dpi72_warning(dpi72), _blank_warning(blank)]
 
 
 # --- 4: progress that shows in a log -----------------------------------------------------------------------------

@@ -125,12 +125,13 @@ class Predictor:
         cfg, notes = self.cfg, []
         parts = [name for name, physical in (("view", cfg.view_mpp), ("patches", cfg.patch_mpp)) if physical is None]
         if cfg.train_mpp and view.mpp and parts and abs(view.mpp / cfg.train_mpp - 1) > MPP_TOLERANCE:
-            notes.append(f"{path}: resolution {view.mpp:.3g} um/px, the training slides' was {cfg.train_mpp:.3g} um/px "
-                         f"(x{view.mpp / cfg.train_mpp:.2f}): the {' and '.join(parts)} show another magnification "
-                         "than the model learned (pass --mpp if the file's resolution is wrong)")
+            what = "the view shows" if parts == ["view"] else f"the {' and '.join(parts)} show"
+            notes.append(f"{path}: resolution {view.mpp:.3g} um/px, {view.mpp / cfg.train_mpp:.2f}x the training "
+                         f"slides' {cfg.train_mpp:.3g} um/px: {what} another magnification than the model learned "
+                         "(pass --mpp if the file's resolution is wrong)")
         if sampled < cfg.n_patches:
-            notes.append(f"{path}: only {sampled} of {cfg.n_patches} patches could be sampled (the tissue covers "
-                         f"{int(view.mask.sum())} cells of the view); the model was trained with "
+            notes.append(f"{path}: only {sampled} of {cfg.n_patches} patches could be sampled (the view has "
+                         f"{int(view.mask.sum())} cell(s) to sample from); the model was trained with "
                          f"{self.trained_n_patches}")
         return notes
 
