@@ -249,19 +249,13 @@ def _load_option_file(ctx: click.Context, param: click.Parameter, value: Path | 
     """`--config FILE`: its keys (the long flag names) become option defaults; flags override them."""
     if value is None:
         return None
-    import yaml
+    from wsiats.config import read_mapping
 
     path = Path(value)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise _ConfigFileError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise _ConfigFileError(f"{path}: not a readable YAML file ({type(exc).__name__})") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise _ConfigFileError(f"{path}: expected a mapping of option: value, got {type(raw).__name__}")
+        raw = read_mapping(path)
+    except ConfigError as exc:
+        raise _ConfigFileError(str(exc)) from None
     options = _config_keys(ctx.command)
     given = {str(k).replace("-", "_"): v for k, v in raw.items()}
     unknown = sorted(set(given) - set(options))

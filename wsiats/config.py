@@ -204,8 +204,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     raise ConfigError(f"{source}: {name} must be {kind}, got {value!r} (default {default!r})")
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a config YAML into a checked dict of overrides (unknown keys are errors)."""
+def read_mapping(path: str | Path) -> dict[Any, Any]:
+    """The option: value mapping of a YAML config file (empty for an empty file); ConfigError names the file."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -217,6 +217,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value, got {type(raw).__name__}")
+    return raw
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config YAML into a checked dict of overrides (unknown keys are errors)."""
+    path = Path(path)
+    raw = read_mapping(path)
     unknown = sorted(set(raw) - set(_FIELDS))
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(map(str, unknown))}; valid keys: {', '.join(_FIELDS)}")

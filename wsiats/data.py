@@ -17,12 +17,16 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from wsiats.errors import LabelsError, SlideNotFoundError
+
+if TYPE_CHECKING:
+    from wsiats.pipeline import PreparedView
 
 #: File endings wsiats treats as slides when it scans a folder (OpenSlide's and the TIFF family).
 SLIDE_SUFFIXES = (
@@ -367,17 +371,15 @@ def _view_bytes(view: object) -> int:
     return int(image.nbytes + mask.nbytes) if image is not None and mask is not None else 0
 
 
-def _write_view_file(file: Path, view: object) -> None:
+def _write_view_file(file: Path, view: PreparedView) -> None:
     """Store a prepared view; the cache only speeds things up, so a failure to write is logged, not raised."""
     from wsiats._io import atomic_open
 
     try:
         with atomic_open(file, "wb") as fh:
             np.savez(fh, image=view.image, mask=view.mask, downsample=np.asarray(view.downsample, dtype=np.float64),
-                     fell_back=np.asarray(view.fell_back),  # type: ignore[attr-defined]
-                     mpp=np.asarray(np.nan if view.mpp is None else view.mpp),  # type: ignore[attr-defined]
-                     mpp_source=np.asarray(view.mpp_source or ""),  # type: ignore[attr-defined]
-                     notes=np.asarray(view.notes, dtype=str).reshape(-1))  # type: ignore[attr-defined]
+                     fell_back=np.asarray(view.fell_back), mpp=np.asarray(np.nan if view.mpp is None else view.mpp),
+                     mpp_source=np.asarray(view.mpp_source or ""), notes=np.array(view.notes, dtype=np.str_).reshape(-1))
     except OSError as exc:
         log.warning("%s: cannot write the view cache file (%s); going on without it", file, exc)
 

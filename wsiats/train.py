@@ -110,8 +110,10 @@ def _warn(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
-def _noted(view: PreparedView | str, report: Callable[[list[str]], None]) -> PreparedView | str:
-    if not isinstance(view, str):
+def _noted(view: object, report: Callable[[list[str]], None]) -> PreparedView | str:
+    """A view from a ViewDataset, after reporting its notes (an error message passes as it is)."""
+    assert isinstance(view, (PreparedView, str))
+    if isinstance(view, PreparedView):
         report(view.notes)
     return view
 
