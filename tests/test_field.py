@@ -341,6 +341,10 @@ def test_info_takes_folders_and_globs_like_predict(shared_slides: Path, nested: 
     assert [Path(r["path"]).name for r in json.loads(result.stdout)] == ["n0.tif", "n1.tif"]
     result = invoke("info", nested / "a")
     assert result.exit_code == 0 and f"{nested / 'a' / 'n0.tif'}" in result.output
+    missing = nested / "missing.tif"
+    result = invoke("info", nested / "a", missing)  # a batch goes on past a slide it cannot open
+    assert result.exit_code == 1 and f"{nested / 'a' / 'n0.tif'}\n" in result.output
+    assert result.output.splitlines()[-1] == f"failed: {missing}: no such file"
 
 
 def test_nested_folders_say_how_to_include_them(nested: Path, run: Path, tmp_path: Path) -> None:

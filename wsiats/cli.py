@@ -154,7 +154,11 @@ def info(slides: tuple[str, ...], backend: str, mpp: float | None, recursive: bo
             if len(paths) == 1:
                 raise
             failed.append(str(exc))
-    _show_info(records, as_json)
+            continue
+        if not as_json:  # each table as its slide is read, below the warnings about it
+            _show_info(records[-1:], as_json)
+    if as_json:
+        _show_info(records, as_json)
     for text in failed:
         click.echo(f"failed: {text}", err=True)
     if failed:
