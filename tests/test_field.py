@@ -247,6 +247,15 @@ def test_predict_checks_labels_before_reading_slides(mixed: dict[str, list[Path]
     assert not read and not out.exists()
 
 
+def test_predict_labels_of_failed_slides_only(run: Path, tmp_path: Path) -> None:
+    labels, missing = tmp_path / "labels.csv", tmp_path / "m0.tif"
+    labels.write_text("slide_id,label\nm0,negative\n")
+    result = invoke("predict", missing, "--model", run, "--out", tmp_path / "p.csv", "--labels", labels, "-q")
+    assert result.exit_code == 1 and result.output.splitlines() == [
+        f"wrote {tmp_path / 'p.csv'}: 0 slide(s) predicted, 1 failed", "0 labelled slides: every slide with a label failed",
+        f"failed: {missing}: no such file"]
+
+
 def test_predict_json_confusion_names_its_classes(mixed: dict[str, list[Path]], run: Path, tmp_path: Path) -> None:
     labels = tmp_path / "labels.csv"
     labels.write_text("slide_id,label\nt0,negative\nt1,positive\n")

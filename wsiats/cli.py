@@ -523,6 +523,9 @@ def _label_metrics(preds: list[Any], truth: dict[str, str], classes: list[str]) 
 
 
 def _print_metrics(m: dict[str, Any], classes: list[str]) -> None:
+    if not m["n"]:
+        console.print("0 labelled slides: every slide with a label failed")
+        return
     auc = "n/a" if m["auc"] != m["auc"] else f"{m['auc']:.3f}"
     console.print(f"{m['n']} labelled slides: accuracy {m['accuracy']:.3f}, balanced accuracy "
                   f"{m['balanced_accuracy']:.3f}, AUC {auc}")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,7 +99,7 @@ class _NotingLoader(DataLoader):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.on_notes = on_notes
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[list[tuple[int, object]]]:  # type: ignore[override]
         for batch in super().__iter__():
             for _, view in batch:
                 if not isinstance(view, str):
@@ -202,12 +203,14 @@ def train(
     message (default: a UserWarning).
     """
     said: set[str] = set()
+    first_rank = os.environ.get("RANK", "0") == "0"  # under torchrun every rank checks the whole cohort
 
-    def report(notes: Sequence[str]) -> None:
+    def report(notes: Sequence[str], *, every_rank: bool = True) -> None:
         for text in notes:
-            if text not in said:
+            if text not in said and (every_rank or first_rank):
                 said.add(text)
                 (on_note or _warn)(text)
+
     out_dir = Path(out_dir)
     if resume:
         saved = load_run_config(out_dir)
@@ -219,13 +222,13 @@ def train(
     items, classes = cohort.items, cohort.classes
     if cohort.missing:
         report([f"{labels_csv}: {len(cohort.missing)} labelled slide(s) have no slide file in {slide_dir} "
-                f"({short_list(cohort.missing)}); training on the {len(items)} that have one"])
+                f"({short_list(cohort.missing)}); training on the {len(items)} that have one"], every_rank=False)
     if cohort.unlabelled:
         report([f"{slide_dir}: {len(cohort.unlabelled)} slide file(s) have no label in {labels_csv} and are left "
-                f"out ({short_list([p.name for p in cohort.unlabelled])})"])
+                f"out ({short_list([p.name for p in cohort.unlabelled])})"], every_rank=False)
     cfg.classes = classes
     bad, mpps, notes = check_slides(items, backend=backend, mpp=mpp)
-    report(notes)
+    report(notes, every_rank=False)  # the views' notes come from the rank that reads them
     skipped = []
     if bad:
         listing = "; ".join(f"{it.path}: {why}" for it, why in bad)
@@ -299,8 +302,8 @@ def train(
             row["lr"] = optimizer.param_groups[0]["lr"]
             scheduler.step()
             if val_items:
-                v = evaluate(model, val_items, lambda i: _noted(val_ds[i][1], report), cfg=cfg, pool=pool, device=device,
-                             seed=cfg.seed, autocast=autocast, ctx=ctx)
+                v = evaluate(model, val_items, lambda i: _noted(val_ds[i][1], report), cfg=cfg, pool=pool,
+                             device=device, seed=cfg.seed, autocast=autocast, ctx=ctx)
                 row.update(val_loss=v["loss"], val_acc=v["acc"], val_auc=v["auc"])
                 key = (v["acc"], -v["loss"])
             else:
