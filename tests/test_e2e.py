@@ -96,7 +96,10 @@ def test_predict_csv_and_json(cohort: Path, run_dir: Path, tmp_path: Path) -> No
     assert text.startswith(f"wrote {out}: 8 slide(s) predicted, 0 failed\n8 labelled slides: accuracy ")
     assert "confusion (rows: truth, columns: prediction)" in text
     rows = list(csv.DictReader(open(out)))
-    assert list(rows[0]) == ["slide_id", "path", "prediction", "p_negative", "p_positive", "spread", "n_patches", "seconds", "error"]
+    assert list(rows[0]) == ["slide_id", "path", "prediction", "p_negative", "p_positive", "spread", "n_patches", "seconds",
+                             "mpp", "mpp_source", "tissue_fallback", "warnings", "error"]
+    assert {(r["mpp"], r["tissue_fallback"], r["warnings"]) for r in rows} == {("0.25", "False", "")}
+    assert {r["mpp_source"] for r in rows} == {"ome", "tiff-resolution"}  # every third synth slide is an OME-TIFF
     assert len(rows) == 8 and all(r["error"] == "" for r in rows)
     for r in rows:
         assert math.isclose(float(r["p_negative"]) + float(r["p_positive"]), 1.0, abs_tol=1e-5)

@@ -8,13 +8,14 @@ is no import cycle between the public module and its backends.
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 import os
 import re
 import sys
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -436,12 +437,41 @@ _SLIDE_FILES = frozenset(os.path.join(os.path.dirname(__file__), name)
                          for name in ("_base.py", "_tiff.py", "_openslide.py", "slide.py"))
 
 
-def _warn(message: str) -> None:
-    """warnings.warn attributed to the first caller outside the slide modules."""
+_collecting = threading.local()
+
+
+@contextlib.contextmanager
+def collect_notes() -> Iterator[list[str]]:
+    """Within the block, in this thread only, the warnings wsiats gives about a slide (a resolution that is
+    a software default, a slide without tissue, ...) are appended to the yielded list instead of issued.
+
+    This is how a slide's facts travel with its result from the threads that prepare it: unlike
+    `warnings.catch_warnings`, which is process-wide, it never hides another thread's warnings.
+    """
+    stack = _collecting.__dict__.setdefault("stack", [])
+    notes: list[str] = []
+    stack.append(notes)
+    try:
+        yield notes
+    finally:
+        stack.pop()
+
+
+def note(message: str) -> None:
+    """A fact about a slide: kept (once) by the innermost `collect_notes` of this thread, else a UserWarning
+    attributed to the first caller outside the slide modules."""
+    stack = getattr(_collecting, "stack", None)
+    if stack:
+        if message not in stack[-1]:
+            stack[-1].append(message)
+        return
     frame, level = sys._getframe(1), 2
     while frame is not None and frame.f_code.co_filename in _SLIDE_FILES:
         frame, level = frame.f_back, level + 1  # type: ignore[assignment]
     warnings.warn(message, UserWarning, stacklevel=level)
+
+
+_warn = note
 
 
 def _exc_text(exc: BaseException) -> str:

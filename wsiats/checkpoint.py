@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from wsiats._io import atomic_path
 from wsiats.config import Config, load_run_config
+from wsiats.data import short_list
 from wsiats.errors import CheckpointError
 from wsiats.models import ATSModel
 
@@ -51,16 +52,43 @@ def load_weights_into(model: torch.nn.Module, path: str | Path) -> None:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: corrupt or not a safetensors file ({exc})") from None
+    mismatch = _mismatch(model.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f"{path}: weights do not match config.yaml ({mismatch}); they come from another run, "
+                              "or config.yaml was edited")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not match config.yaml ({first})") from None
+        raise CheckpointError(f"{path}: weights do not match config.yaml ({' '.join(str(exc).split())})") from None
+
+
+def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """What differs between the tensors a model wants and those of a file ('' when nothing does)."""
+    shapes = [f"{k} is {list(found[k].shape)} in the file, {list(v.shape)} in the model"
+              for k, v in expected.items() if k in found and found[k].shape != v.shape]
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    parts = []
+    if shapes:
+        parts.append(shapes[0] + (f" (and {len(shapes) - 1} more tensors of other shapes)" if len(shapes) > 1 else ""))
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing from the file: {short_list(missing, 3)}")
+    if extra:
+        parts.append(f"{len(extra)} unexpected tensor(s) in the file: {short_list(extra, 3)}")
+    return "; ".join(parts)
 
 
 def load_model(run_dir: str | Path, *, which: str = MODEL_FILE) -> tuple[ATSModel, Config]:
-    """Read a run folder's config and weights; the model is in eval mode on the CPU."""
+    """Read a run folder's config and weights; the model is in eval mode on the CPU.
+
+    `run_dir` may also be a weights file in a run folder (RUN/model.safetensors, RUN/last.safetensors).
+    """
     run_dir = Path(run_dir)
+    if run_dir.is_file() and run_dir.suffix == ".safetensors" and (run_dir.parent / "config.yaml").is_file():
+        run_dir, which = run_dir.parent, run_dir.name
+    elif run_dir.is_file():
+        raise CheckpointError(f"{run_dir}: is a file; pass the run folder written by `wsiats train` (the folder "
+                              "that holds config.yaml and model.safetensors)")
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: model folder not found; pass the --out folder of `wsiats train`")
     cfg = load_run_config(run_dir)

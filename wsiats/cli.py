@@ -10,7 +10,7 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ from wsiats.errors import ConfigError, Interrupted, WsiatsError
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 F = TypeVar("F", bound=Callable[..., Any])
+R = TypeVar("R", bound=Any)
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -61,6 +62,26 @@ def _show_warning(message: Warning | str, category: type[Warning], *args: Any, *
     click.echo(f"Warning: {message}", err=True)
 
 
+def _print_warning(message: str) -> None:
+    """A fact about a slide or the cohort, from the library's results: one `Warning: ...` line."""
+    click.echo(f"Warning: {message}", err=True)
+
+
+def _warned(results: Iterable[R]) -> Iterator[R]:
+    """Each result (a prediction, a heatmap) as it comes, after printing the warnings about its slide."""
+    for result in results:
+        for text in result.notes:
+            _print_warning(text)
+        yield result
+
+
+def _log_verbosely(ctx: click.Context | None = None, param: click.Parameter | None = None, value: bool = True) -> None:
+    if value:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="wsiats")
 @click.option("-v", "--verbose", is_flag=True, help="Log what the library does (to stderr).")
@@ -75,14 +96,21 @@ def cli(verbose: bool, max_tile_mb: float | None) -> None:
 
     Shell completion (bash): eval "$(_WSIATS_COMPLETE=bash_source wsiats)"
     """
-    import logging
     import warnings
 
     warnings.showwarning = _show_warning
     if max_tile_mb is not None:  # the environment carries it into DataLoader worker processes too
         os.environ["WSIATS_MAX_TILE_MB"] = repr(max_tile_mb)
-    if verbose:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _log_verbosely(value=verbose)
+
+
+verbose_option = click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=_log_verbosely,
+                              help="Log what the library does (to stderr).")
+quiet_option = click.option("-q", "--quiet", is_flag=True,
+                            help="No progress bars or per-slide progress lines (warnings, epoch lines and the summary "
+                                 "stay).")
+recursive_option = click.option("--recursive", is_flag=True,
+                                help="Also take the slides in the sub-folders of a folder given.")
 
 
 backend_option = click.option(
@@ -101,25 +129,50 @@ mpp_option = click.option(
 
 
 @cli.command()
-@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("slides", nargs=-1, required=True, type=str)
 @backend_option
 @mpp_option
+@recursive_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@verbose_option
+@quiet_option
 @_reports_errors
-def info(slides: tuple[Path, ...], backend: str, mpp: float | None, as_json: bool) -> None:
-    """Show levels, dimensions, resolution and associated images of SLIDES.
+def info(slides: tuple[str, ...], backend: str, mpp: float | None, recursive: bool, as_json: bool,
+         quiet: bool) -> None:
+    """Show levels, dimensions, resolution and associated images of SLIDES (files, folders or glob patterns).
 
     \b
     Example:
         wsiats info slides/case_001.svs --json
     """
+    from wsiats.data import find_slides
     from wsiats.slide import describe, open_slide
 
-    records = []
-    for path in slides:
-        with open_slide(path, backend=backend, mpp=mpp) as slide:
-            slide.read_region((0, 0), slide.level_count - 1, (1, 1))  # decode one tile: a missing codec shows here
-            records.append(describe(slide))
+    paths = find_slides(slides, recursive=recursive)
+    records, failed = [], []
+    for path in paths:
+        try:
+            with open_slide(path, backend=backend, mpp=mpp) as slide:
+                slide.read_region((0, 0), slide.level_count - 1, (1, 1))  # decode one tile: a missing codec shows here
+                records.append(describe(slide))
+        except WsiatsError as exc:
+            if len(paths) == 1:
+                raise
+            failed.append(str(exc))
+            continue
+        if not as_json:  # each table as its slide is read, below the warnings about it
+            _show_info(records[-1:], as_json)
+    if as_json:
+        _show_info(records, as_json)
+    for text in failed:
+        click.echo(f"failed: {text}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+def _show_info(records: list[dict[str, Any]], as_json: bool) -> None:
+    if not records:
+        return
     if as_json:
         click.echo(json.dumps(records if len(records) > 1 else records[0], indent=2))
         return
@@ -140,23 +193,36 @@ def info(slides: tuple[Path, ...], backend: str, mpp: float | None, as_json: boo
         )
 
 
+class _FeatureNetOption(click.Option):
+    """--feature-net: its help lists the registered networks, looked up only when help is shown (torch loads)."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        from wsiats.models import list_feature_nets
+
+        self.help = (self.help or "").replace("a registered name", ", ".join(list_feature_nets()), 1)
+        return super().get_help_record(ctx)
+
+
 def _config_options(func: F) -> F:
     """One option per `Config` field; None means 'not given' so the config file applies."""
     import dataclasses
 
-    from wsiats.config import Config, field_help
+    from wsiats.config import RUN_FIELDS, Config, field_help
 
-    skip = {"classes", "version"}
     for f in reversed(dataclasses.fields(Config)):
-        if f.name in skip:
+        if f.name in RUN_FIELDS:
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
         if kind == "bool":
-            option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=field_help(f.name))
+            shown = flag if f.default else f"--no-{flag[2:]}"
+            option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None,
+                                  help=f"{field_help(f.name)} [default: {shown}]")
         else:
             typ: Any = float if "float" in kind else int if "int" in kind else str
-            option = click.option(flag, f.name, type=typ, default=None, help=f"{field_help(f.name)} [default: {f.default}]")
+            shown = "" if f.default is None else f" [default: {f.default}]"
+            option = click.option(flag, f.name, type=typ, default=None, help=field_help(f.name) + shown,
+                                  cls=_FeatureNetOption if f.name == "feature_net" else click.Option)
         func = option(func)
     return func
 
@@ -170,24 +236,118 @@ def _config_overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
 
 
-quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+class _ConfigFileError(click.ClickException):
+    """A bad --config file: one `Error: FILE: ...` line, exit 2 like any bad option."""
+
+    exit_code = 2
+
+
+def _option_key(param: click.Parameter) -> str:
+    """The --config key of an option: its long flag name with underscores (`--n-patches` -> n_patches)."""
+    longs = [o for o in param.opts if o.startswith("--")] or param.opts
+    return longs[0].lstrip("-").replace("-", "_")
+
+
+def _config_keys(command: click.Command) -> dict[str, click.Option]:
+    """Every option of `command` that a --config file may set, by key."""
+    return {_option_key(p): p for p in command.params
+            if isinstance(p, click.Option) and p.name not in ("config_file", "print_config", "help")}
+
+
+def _load_option_file(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """`--config FILE`: its keys (the long flag names) become option defaults; flags override them."""
+    if value is None:
+        return None
+    from wsiats.config import read_mapping
+
+    path = Path(value)
+    try:
+        raw = read_mapping(path)
+    except ConfigError as exc:
+        raise _ConfigFileError(str(exc)) from None
+    options = _config_keys(ctx.command)
+    given = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(given) - set(options))
+    if unknown:
+        raise _ConfigFileError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(options)}")
+    defaults = {options[k].name: _option_value(ctx, options[k], k, v, path) for k, v in given.items()}
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return path
+
+
+def _option_value(ctx: click.Context, option: click.Option, key: str, value: Any, source: Path) -> Any:
+    """A --config value checked against its option's type, strictly (no 1 for true, no 2.5 for an integer)."""
+    import dataclasses
+
+    from wsiats.config import Config, _coerce
+
+    if option.name in {f.name for f in dataclasses.fields(Config)}:
+        try:
+            return _coerce(key, value, str(source))
+        except ConfigError as exc:
+            raise _ConfigFileError(str(exc)) from None
+    if value is None:
+        return None
+    typ = option.type
+    if option.is_flag:
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(typ, click.types.IntParamType):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(typ, click.types.FloatParamType):
+        ok, kind = isinstance(value, (int, float, str)) and not isinstance(value, bool), "a number"
+    else:
+        ok, kind = isinstance(value, str), "a string"
+    if not ok:
+        raise _ConfigFileError(f"{source}: {key} must be {kind}, got {value!r}")
+    try:
+        return option.type_cast_value(ctx, value)
+    except click.BadParameter as exc:
+        raise _ConfigFileError(f"{source}: {key}: {exc.message}") from None
+
+
+option_file = click.option(
+    "--config", "config_file", type=click.Path(path_type=Path), default=None, is_eager=True,
+    expose_value=True, callback=_load_option_file,
+    help="YAML of option: value, keys the long flag names (n_patches: 20); flags override it.",
+)
+
+
+def _write_resolved(path: Path, ctx: click.Context) -> None:
+    """Record the options a command ran with next to its outputs (keys as in --config)."""
+    import yaml
+
+    from wsiats._io import atomic_open
+
+    record: dict[str, Any] = {"wsiats": __version__}
+    for param in ctx.command.params:
+        if param.name in ctx.params and param.name != "config_file":
+            v = ctx.params[param.name]
+            key = _option_key(param) if isinstance(param, click.Option) else str(param.name)
+            record[key] = str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(record, fh, sort_keys=False)
 
 
 @cli.command()
-@click.argument("slide_dir", type=click.Path(path_type=Path))
-@click.option("--labels", "labels", required=True, type=click.Path(path_type=Path), help="CSV: slide_id,label[,split].")
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run folder to write.")
-@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="YAML with option: value (flags override it).")
+@click.argument("slide_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--labels", "labels", type=click.Path(path_type=Path), default=None,
+              help="CSV: slide_id,label[,split] (required).")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None, help="Run folder to write (required).")
+@option_file
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
-@click.option("--skip-bad", is_flag=True, help="Train on the readable slides when some cannot be opened.")
-@click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
+@click.option("--skip-bad", is_flag=True,
+              help="Train on the labelled slides that have a readable file when some are missing or unreadable.")
+@recursive_option
+@click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML (a --config file) and exit.")
 @backend_option
 @mpp_option
+@verbose_option
 @quiet_option
 @_config_options
 @_reports_errors
-def train(slide_dir: Path, labels: Path, out: Path, config_file: Path | None, resume: bool, skip_bad: bool,
-          print_config: bool, backend: str, mpp: float | None, quiet: bool, **kwargs: Any) -> None:
+def train(slide_dir: Path | None, labels: Path | None, out: Path | None, config_file: Path | None, resume: bool,
+          skip_bad: bool, recursive: bool, print_config: bool, backend: str, mpp: float | None, quiet: bool,
+          **kwargs: Any) -> None:
     """Train an attention-sampling model on the slides in SLIDE_DIR.
 
     Writes RUN/config.yaml, RUN/model.safetensors (best on validation), RUN/last.safetensors
@@ -197,30 +357,49 @@ def train(slide_dir: Path, labels: Path, out: Path, config_file: Path | None, re
     Example:
         wsiats train cohort/slides --labels cohort/labels.csv --out runs/exp1 --epochs 20
     """
+    import time
+
     import yaml
 
-    from wsiats.config import resolve
+    from wsiats._progress import clock
+    from wsiats.config import RUN_FIELDS, load_run_config, resolve
     from wsiats.train import train as run_training
 
-    cfg = resolve(config_file=config_file, overrides=_config_overrides(kwargs))
+    cfg = resolve(overrides=_config_overrides(kwargs))
     if print_config:
-        click.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False), nl=False)
+        doc = {k: v for k, v in cfg.to_dict().items() if k not in RUN_FIELDS}
+        paths = {"labels": labels, "out": out}
+        doc.update({k: str(v) for k, v in paths.items() if v is not None})
+        doc.update(backend=backend, mpp=mpp, skip_bad=skip_bad, recursive=recursive)
+        click.echo(yaml.safe_dump(doc, sort_keys=False), nl=False)
         return
+    for what, given in (("argument 'SLIDE_DIR'", slide_dir), ("option '--labels'", labels), ("option '--out'", out)):
+        if given is None:
+            raise click.UsageError(f"Missing {what}.")
+    assert slide_dir is not None and labels is not None and out is not None
     if (out / "last_state.pt").exists() and not resume:  # a run that finished an epoch; config.yaml alone is not one
         raise click.ClickException(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
+    total = cfg.epochs
+    if resume:
+        try:
+            total = load_run_config(out).epochs
+        except WsiatsError:
+            pass  # train() says what is wrong with the run folder
+    t0, shown = time.perf_counter(), []
 
     def show(row: dict[str, float]) -> None:
-        if quiet:
-            return
+        shown.append(row)
+        epoch = int(row["epoch"])
+        eta = (time.perf_counter() - t0) / len(shown) * max(total - epoch, 0)
         val = "" if row["val_loss"] != row["val_loss"] else (
             f"  val loss {row['val_loss']:.3f} acc {row['val_acc']:.3f} auc {row['val_auc']:.3f}")
         console.print(
-            f"epoch {int(row['epoch'])}: train loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}{val}"
-            f"  entropy {row['attention_entropy']:.2f}  {row['seconds_per_slide']:.3f} s/slide"
+            f"epoch {epoch}/{total}: train loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}{val}"
+            f"  entropy {row['attention_entropy']:.2f}  {row['seconds_per_slide']:.3f} s/slide, ETA {clock(eta)}"
         )
 
     result = run_training(slide_dir, labels, out, cfg, resume=resume, skip_bad=skip_bad, backend=backend,
-                          mpp=mpp, on_epoch=show, progress=not quiet)
+                          mpp=mpp, on_epoch=show, progress=not quiet, recursive=recursive, on_note=_print_warning)
     if result.rank != 0:
         return
     if result.skipped:
@@ -234,52 +413,17 @@ def train(slide_dir: Path, labels: Path, out: Path, config_file: Path | None, re
         f"{result.n_train}/{result.n_val}/{result.n_test}", str(result.epochs_run), str(result.best_epoch + 1),
         "n/a" if best_acc != best_acc else f"{best_acc:.3f}",
     )
-    if not quiet:
-        console.print(table)
-        console.print(f"model: {out / 'model.safetensors'}")
+    console.print(table)
+    console.print(f"model: {out / 'model.safetensors'}")
 
 
-def _load_option_file(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
-    """`--config FILE` for predict/heatmap: its keys become option defaults; flags override."""
-    if value is None:
-        return None
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(value).read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise click.BadParameter(f"{value}: not a readable YAML file ({type(exc).__name__})") from None
-    if not isinstance(data, dict):
-        raise click.BadParameter(f"{value}: expected a mapping of option: value")
-    names = {p.name for p in ctx.command.params if p.name not in ("slides", "config_file")}
-    unknown = sorted(str(k) for k in set(data) - names)
-    if unknown:
-        raise click.BadParameter(f"{value}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
-    ctx.default_map = {**(ctx.default_map or {}), **data}
-    return value
-
-
-option_file = click.option(
-    "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), default=None, is_eager=True,
-    expose_value=True, callback=_load_option_file,
-    help="YAML with option: value for this command (flags override it).",
-)
-
-
-def _write_resolved(path: Path, params: dict[str, Any]) -> None:
-    """Record the options a command ran with next to its outputs."""
-    import yaml
-
-    from wsiats._io import atomic_open
-
-    plain = {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
-    with atomic_open(path, "w", encoding="utf-8") as fh:
-        yaml.safe_dump({"wsiats": __version__, **plain}, fh, sort_keys=False)
+model_option = click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+                            help="Run folder written by `wsiats train` (or the model.safetensors in it).")
 
 
 @cli.command()
 @click.argument("slides", nargs=-1, required=True, type=str)
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="Run folder written by `wsiats train`.")
+@model_option
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Output file: .csv or .json.")
 @click.option("--labels", "labels", type=click.Path(path_type=Path), default=None, help="Labels CSV: also report accuracy, AUC, confusion.")
 @click.option("--mc", type=click.IntRange(min=1), default=1, show_default=True, help="Average this many sampling passes; report their spread.")
@@ -291,51 +435,57 @@ def _write_resolved(path: Path, params: dict[str, Any]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @backend_option
 @mpp_option
+@recursive_option
+@verbose_option
 @quiet_option
 @option_file
 @_reports_errors
 def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | None, mc: int, topk: bool,
             n_patches: int | None, seed: int, device: str, workers: int, as_json: bool, backend: str,
-            mpp: float | None, quiet: bool, config_file: Path | None) -> None:
+            mpp: float | None, recursive: bool, quiet: bool, config_file: Path | None) -> None:
     """Classify SLIDES (files, folders or glob patterns) with a trained model.
 
     A slide that fails is recorded in the error column and the others go on; the exit
-    status is 1 when any failed.
+    status is 1 when any failed. Writes OUT and OUT.config.yaml (the options it ran with).
 
     \b
     Example:
         wsiats predict cohort/slides --model runs/exp1 --out predictions.csv
     """
     from wsiats._progress import track
-    from wsiats.data import find_slides
+    from wsiats.data import find_slides, read_labels
     from wsiats.predict import Predictor, write_predictions
 
     if out.suffix.lower() not in (".csv", ".json"):
         raise ConfigError(f"{out}: --out must end in .csv or .json")
     from wsiats import distributed
 
-    paths = find_slides(slides)
+    truth = None if labels is None else {r["slide_id"]: r["label"] for r in read_labels(labels)}  # before any slide
+    paths = find_slides(slides, recursive=recursive)
     ctx, dev = distributed.setup(device)
     try:
         predictor = Predictor(model_dir, device=dev, mc=mc, topk=topk, seed=seed, workers=workers,
                               backend=backend, mpp=mpp, n_patches=n_patches)
+        if truth is not None:
+            _check_labels(truth, labels, paths, predictor.classes)
         out.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after predicting every slide
         mine = distributed.shard(ctx, len(paths))  # under torchrun each rank takes every world_size-th slide
-        done = list(zip(mine, track(predictor.predict([paths[i] for i in mine]), total=len(mine),
-                                    description="predicting", disable=quiet or not ctx.is_main)))
+        done = list(zip(mine, _warned(track(predictor.predict([paths[i] for i in mine]), total=len(mine),
+                                            description="predicting", disable=quiet or not ctx.is_main, unit="slide",
+                                            label=lambda p: p.slide_id + ("" if p.ok else " (failed)")))))
         preds = [p for _, p in sorted((pair for part in distributed.gather(ctx, done) for pair in part),
                                       key=lambda pair: pair[0])]
         if not ctx.is_main:
             return
         write_predictions(out, preds, predictor.classes,
                           extra={"model": str(model_dir), "mc": predictor.mc, "topk": topk})
-        _write_resolved(out.with_name(out.name + ".config.yaml"), click.get_current_context().params)
+        _write_resolved(out.with_name(out.name + ".config.yaml"), click.get_current_context())
     finally:
         distributed.teardown(ctx)
     failed = [p for p in preds if not p.ok]
     summary: dict[str, Any] = {"slides": len(preds), "failed": len(failed), "out": str(out)}
-    if labels is not None:
-        summary["metrics"] = _label_metrics(preds, labels, predictor.classes)
+    if truth is not None:
+        summary["metrics"] = _label_metrics(preds, truth, predictor.classes)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -348,27 +498,39 @@ def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | 
         sys.exit(1)
 
 
-def _label_metrics(preds: list[Any], labels: Path, classes: list[str]) -> dict[str, Any]:
-    import numpy as np
-
-    from wsiats.data import read_labels
+def _check_labels(truth: dict[str, str], labels: Path | None, paths: list[Path], classes: list[str]) -> None:
+    """Before any slide is read: some of the slides have a label, and every such label is a class of the model."""
+    from wsiats.data import slide_id
     from wsiats.errors import LabelsError
-    from wsiats.metrics import classification_metrics
 
-    truth = {r["slide_id"]: r["label"] for r in read_labels(labels)}
-    ok = [p for p in preds if p.ok and p.slide_id in truth]
-    if not ok:
-        raise LabelsError(f"{labels}: none of the predicted slides has a label")
-    unknown = sorted({truth[p.slide_id] for p in ok} - set(classes))
+    found = [truth[slide_id(p)] for p in paths if slide_id(p) in truth]
+    if not found:
+        raise LabelsError(f"{labels}: none of the slides to predict has a label (slide_id is the file name "
+                          "without its extension)")
+    unknown = sorted(set(found) - set(classes))
     if unknown:
         raise LabelsError(f"{labels}: label(s) {', '.join(unknown)} are not classes of the model ({', '.join(classes)})")
+
+
+def _label_metrics(preds: list[Any], truth: dict[str, str], classes: list[str]) -> dict[str, Any]:
+    import numpy as np
+
+    from wsiats.metrics import classification_metrics
+
+    ok = [p for p in preds if p.ok and p.slide_id in truth]
+    if not ok:  # every labelled slide failed
+        return {"n": 0, "classes": list(classes)}
     y = np.array([classes.index(truth[p.slide_id]) for p in ok])
     m = classification_metrics(y, np.array([p.probs for p in ok]), n_classes=len(classes))
     m["n"] = len(ok)
+    m["classes"] = list(classes)  # the order of the confusion matrix's rows (truth) and columns (prediction)
     return m
 
 
 def _print_metrics(m: dict[str, Any], classes: list[str]) -> None:
+    if not m["n"]:
+        console.print("0 labelled slides: every slide with a label failed")
+        return
     auc = "n/a" if m["auc"] != m["auc"] else f"{m['auc']:.3f}"
     console.print(f"{m['n']} labelled slides: accuracy {m['accuracy']:.3f}, balanced accuracy "
                   f"{m['balanced_accuracy']:.3f}, AUC {auc}")
@@ -383,22 +545,25 @@ def _print_metrics(m: dict[str, Any], classes: list[str]) -> None:
 
 @cli.command()
 @click.argument("slides", nargs=-1, required=True, type=str)
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="Run folder written by `wsiats train`.")
+@model_option
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Folder for the PNG, TIFF and GeoJSON files.")
 @click.option("--top", type=click.IntRange(min=1), default=50, show_default=True, help="Highest-attention patches in the GeoJSON.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @backend_option
 @mpp_option
+@recursive_option
+@verbose_option
 @quiet_option
 @option_file
 @_reports_errors
 def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, device: str, backend: str,
-            mpp: float | None, quiet: bool, config_file: Path | None) -> None:
+            mpp: float | None, recursive: bool, quiet: bool, config_file: Path | None) -> None:
     """Draw where the model looks on SLIDES.
 
     Per slide: OUT/<id>.png (thumbnail with the attention overlay and a colour bar),
     OUT/<id>.attention.tif (float32 map; its downsample to level 0 stored in the file) and
-    OUT/<id>.geojson (the highest-attention patches, importable in QuPath).
+    OUT/<id>.geojson (the highest-attention patches, importable in QuPath); and once
+    OUT/heatmap.config.yaml (the options it ran with).
 
     \b
     Example:
@@ -408,12 +573,14 @@ def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, devic
     from wsiats.data import find_slides
     from wsiats.heatmap import heatmap_slides
 
-    paths = find_slides(slides)
-    results = list(track(heatmap_slides(paths, model_dir, out, top=top, device=device, backend=backend, mpp=mpp),
-                         total=len(paths), description="heatmaps", disable=quiet))
+    paths = find_slides(slides, recursive=recursive)
+    results = list(_warned(track(heatmap_slides(paths, model_dir, out, top=top, device=device, backend=backend,
+                                                mpp=mpp),
+                                 total=len(paths), description="heatmaps", disable=quiet, unit="slide",
+                                 label=lambda r: r.slide_id + (" (failed)" if r.error else ""))))
     failed = [r for r in results if r.error]
     if len(failed) < len(results):
-        _write_resolved(out / "heatmap.config.yaml", click.get_current_context().params)
+        _write_resolved(out / "heatmap.config.yaml", click.get_current_context())
     console.print(f"wrote {len(results) - len(failed)} heatmap(s) to {out}, {len(failed)} failed")
     if failed:
         for r in failed:
@@ -428,6 +595,7 @@ def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, devic
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.25, show_default=True,
               help="Fraction of each class marked split=test in labels.csv.")
+@verbose_option
 @quiet_option
 @_reports_errors
 def synth(out: Path, n: int, size: int, seed: int, test_fraction: float, quiet: bool) -> None:
@@ -463,6 +631,7 @@ def _make_cohort(out: Path, *, quiet: bool, make: Callable[..., Path], **kw: Any
 @click.option("--n", "n", type=click.IntRange(min=8), default=48, show_default=True, help="Slides in the cohort.")
 @click.option("--size", type=click.IntRange(min=1024), default=4096, show_default=True, help="Level-0 side of each slide.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (default: the demo's tuned value).")
+@verbose_option
 @quiet_option
 @_reports_errors
 def demo(out: Path, seed: int, n: int, size: int, epochs: int | None, quiet: bool) -> None:
@@ -501,16 +670,15 @@ def demo(out: Path, seed: int, n: int, size: int, epochs: int | None, quiet: boo
         shutil.rmtree(run)
 
     def show(row: dict[str, float]) -> None:
-        if not quiet:
-            console.print(f"  epoch {int(row['epoch'])}: train loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}"
-                          f"  val acc {row['val_acc']:.3f}  entropy {row['attention_entropy']:.2f}")
+        console.print(f"  epoch {int(row['epoch'])}/{cfg.epochs}: train loss {row['train_loss']:.3f} acc "
+                      f"{row['train_acc']:.3f}  val acc {row['val_acc']:.3f}  entropy {row['attention_entropy']:.2f}")
 
-    run_training(cohort / "slides", labels, run, cfg, on_epoch=show, progress=not quiet)
+    run_training(cohort / "slides", labels, run, cfg, on_epoch=show, progress=not quiet, on_note=_print_warning)
     items, classes = build_cohort(cohort / "slides", labels)
     _, _, test = split_items(items, val_fraction=0, seed=seed)
     console.print(f"[3/4] predicting {len(test)} held-out slides")
     predictor = Predictor(run, mc=1, seed=seed)
-    preds = list(predictor.predict([it.path for it in test]))
+    preds = list(_warned(predictor.predict([it.path for it in test])))
     pred_file = out / "predictions.json"
     write_predictions(pred_file, preds, predictor.classes, extra={"model": str(run)})
     failed = [p for p in preds if not p.ok]
@@ -520,7 +688,7 @@ def demo(out: Path, seed: int, n: int, size: int, epochs: int | None, quiet: boo
     m = classification_metrics(y, np.array([p.probs for p in preds]), n_classes=len(classes))
     heat_dir = out / "heatmaps"
     console.print(f"[4/4] drawing heatmaps of the held-out slides into {heat_dir}")
-    list(heatmap_slides([it.path for it in test], run, heat_dir, top=20))
+    list(_warned(heatmap_slides([it.path for it in test], run, heat_dir, top=20)))
     minutes = (time.perf_counter() - t0) / 60
     auc = "n/a" if m["auc"] != m["auc"] else f"{m['auc']:.3f}"
     console.print(

@@ -50,7 +50,7 @@ class Config:
     attention: str = "learned"
     """'learned' (attention network) or 'uniform' (the paper's U-N baseline)."""
     feature_net: str = "small-cnn"
-    """Feature network name (see `wsiats.models.list_feature_nets`)."""
+    """Feature network: a registered name, timm:<model name> or hf-hub:<repo>."""
     feature_weights: str | None = None
     """Local weights for the feature network (.safetensors, or a weights-only torch file)."""
     feature_dim: int = 32
@@ -109,6 +109,8 @@ class Config:
     # --- bookkeeping, filled by `train`
     classes: list[str] = field(default_factory=list)
     """Class names in label order (set by `train`)."""
+    train_mpp: float | None = None
+    """Median level-0 microns per pixel of the training slides (set by `train`; None when unknown)."""
     version: int = CONFIG_VERSION
     """Configuration format version."""
 
@@ -178,6 +180,8 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+#: Fields `train` fills in and records in RUN/config.yaml: facts about the run, not options.
+RUN_FIELDS = ("classes", "train_mpp", "version")
 
 
 def field_help(name: str) -> str:
@@ -195,6 +199,14 @@ def field_help(name: str) -> str:
     return ""
 
 
+def _number(text: str) -> float:
+    """A float as people write it (3e-3, 1E4, 1_000), NaN when the text is not one."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Check a value read from YAML against the field's type; no silent conversions."""
     default = _FIELDS[name].default
@@ -205,6 +217,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {name} must not be empty")
     if "float" in annotation and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if "float" in annotation and isinstance(value, str) and math.isfinite(number := _number(value)):
+        return number  # PyYAML (YAML 1.1) reads 3e-3 and 1e4, without a dot, as strings
     if "int" in annotation and isinstance(value, int) and not isinstance(value, bool):
         return value
     if "bool" in annotation and isinstance(value, bool):
@@ -217,8 +231,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     raise ConfigError(f"{source}: {name} must be {kind}, got {value!r} (default {default!r})")
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a config YAML into a checked dict of overrides (unknown keys are errors)."""
+def read_mapping(path: str | Path) -> dict[Any, Any]:
+    """The option: value mapping of a YAML config file (empty for an empty file); ConfigError names the file."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -230,6 +244,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value, got {type(raw).__name__}")
+    return raw
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config YAML into a checked dict of overrides (unknown keys are errors)."""
+    path = Path(path)
+    raw = read_mapping(path)
     unknown = sorted(set(raw) - set(_FIELDS))
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(map(str, unknown))}; valid keys: {', '.join(_FIELDS)}")
@@ -263,7 +284,10 @@ def load_run_config(run_dir: str | Path) -> Config:
 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
-        raise CheckpointError(f"{run_dir}: not a wsiats run folder (no config.yaml); pass the --out folder of `wsiats train`")
+        runs = sorted(p.parent for p in Path(run_dir).glob("*/config.yaml")) if Path(run_dir).is_dir() else []
+        hint = (f"did you mean {' or '.join(map(str, runs[:3]))}?" if runs
+                else "pass the --out folder of `wsiats train`")
+        raise CheckpointError(f"{run_dir}: not a wsiats run folder (no config.yaml); {hint}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):

@@ -11,11 +11,13 @@ import hashlib
 import io
 import json
 import logging
+import math
 import zipfile
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +25,9 @@ from torch.utils.data import Dataset
 
 from wsiats.errors import LabelsError, SlideNotFoundError
 from wsiats.slide import SLIDE_SUFFIXES, dicom_series, is_dicom_folder, slide_key, slides_in_folder
+
+if TYPE_CHECKING:
+    from wsiats.pipeline import PreparedView
 
 SPLITS = ("train", "val", "test")
 
@@ -47,30 +52,31 @@ class Item:
     split: str | None = None
 
 
-def find_slides(inputs: Iterable[str | Path]) -> list[Path]:
+def find_slides(inputs: Iterable[str | Path], *, recursive: bool = False) -> list[Path]:
     """Expand files, folders and glob patterns, in order, once each.
 
     A folder gives `wsiats.slide.slides_in_folder`: its slide files and its DICOM series sub-folders (one
-    slide each), sorted by name, without descending further; a DICOM folder (`is_dicom_folder`) is itself
-    one slide. Loose DICOM instances (in a folder or a pattern's matches) give one file per series. A
-    slide named twice (also as another file of its DICOM series) is listed once.
+    slide each), sorted by name; with `recursive`, those of its sub-folders too (a `**` in a glob pattern
+    also descends). A DICOM folder (`is_dicom_folder`) is itself one slide. Loose DICOM instances (in a
+    folder or a pattern's matches) give one file per series. A slide named twice (also as another file of
+    its DICOM series) is listed once.
     """
     found: list[Path] = []
     for raw in inputs:
         text = str(raw)
         path = Path(text)
         if any(ch in text for ch in "*?[") and not path.exists():
-            matches = [Path(p) for p in sorted(glob.glob(text))]
+            matches = [Path(p) for p in sorted(glob.glob(text, recursive=True))]
             if not matches:
                 raise SlideNotFoundError(path, "no file matches this pattern")
             dcm = {p for p in matches if p.is_file() and p.suffix.lower() == ".dcm"}
             keep = set(dicom_series(sorted(dcm)))
             found.extend(p for p in matches if p in keep or p not in dcm)
         elif path.is_dir() and not is_dicom_folder(path):
-            slides = slides_in_folder(path)
+            slides = _slides_in(path, recursive=recursive)
             if not slides:
-                raise SlideNotFoundError(path, f"folder holds no slides ({', '.join(SLIDE_SUFFIXES[:6])} ..., "
-                                               "or DICOM series folders)")
+                raise SlideNotFoundError(path, "folder holds no slides (" + ", ".join(SLIDE_SUFFIXES[:6]) + " ..., or "
+                                               "DICOM series folders)" + _nested_hint(path))
             found.extend(slides)
         else:
             found.append(path)
@@ -82,6 +88,34 @@ def find_slides(inputs: Iterable[str | Path]) -> list[Path]:
             seen.add(key)
             unique.append(p)
     return unique
+
+
+def _slides_in(folder: Path, *, recursive: bool, _seen: set[Path] | None = None) -> list[Path]:
+    """`slides_in_folder(folder)`, and with `recursive` the slides of its other sub-folders too, depth first."""
+    seen = _seen if _seen is not None else set()
+    seen.add(folder.resolve())  # a link back up the tree is not followed twice
+    found = slides_in_folder(folder)
+    if recursive:
+        for p in sorted(folder.iterdir(), key=lambda q: q.name):
+            if p.is_dir() and not is_dicom_folder(p) and p.resolve() not in seen:
+                found.extend(_slides_in(p, recursive=True, _seen=seen))
+    return found
+
+
+def _nested_hint(folder: Path) -> str:
+    """'; its sub-folders hold N slide(s): ...' when they do, else ''."""
+    nested = [p for p in _slides_in(folder, recursive=True) if p.parent != folder]
+    if not nested:
+        return ""
+    suffix = Counter(_suffix(p) for p in nested).most_common(1)[0][0]
+    return (f"; its sub-folders hold {len(nested)} slide(s): pass --recursive, or a glob such as "
+            f"'{folder / '**' / ('*' + suffix)}'")
+
+
+def _suffix(path: Path) -> str:
+    """The slide extension of a file name ('.ome.tif', '.svs', ...), '' for a DICOM series folder."""
+    lower = path.name.lower()
+    return next((s for s in SLIDE_SUFFIXES if lower.endswith(s)), "") if path.is_file() else ""
 
 
 def read_labels(csv_path: str | Path) -> list[dict[str, str]]:
@@ -132,24 +166,48 @@ def read_labels(csv_path: str | Path) -> list[dict[str, str]]:
     return rows
 
 
-def build_cohort(
+@dataclass
+class Cohort:
+    """Labels matched to slide files, and what did not match."""
+
+    items: list[Item]
+    classes: list[str]
+    missing: list[str]  # labelled slide ids with no slide file
+    unlabelled: list[Path]  # slide files whose id has no label
+
+
+def match_cohort(
     slide_dir: str | Path,
     labels_csv: str | Path,
     *,
     classes: Sequence[str] | None = None,
-) -> tuple[list[Item], list[str]]:
-    """Match labels to slide files. Returns items and class names (sorted, unless given)."""
+    recursive: bool = False,
+    allow_missing: bool = False,
+) -> Cohort:
+    """Match labels to the slide files of `slide_dir` (and of its sub-folders with `recursive`).
+
+    A labelled slide without a file is an error unless `allow_missing` (the CLI's --skip-bad).
+    Class names are sorted (unless given) over the labelled slides that have a file.
+    """
     slide_dir = Path(slide_dir)
     if not slide_dir.is_dir():
         raise SlideNotFoundError(slide_dir, "slide folder not found")
     rows = read_labels(labels_csv)
-    files = {}
-    for p in slides_in_folder(slide_dir):
-        files.setdefault(slide_id(p), p)
-    unknown = [r["slide_id"] for r in rows if r["slide_id"] not in files]
-    if unknown:
-        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise LabelsError(f"{labels_csv}: no slide file in {slide_dir} for slide_id {shown}")
+    labelled = {r["slide_id"] for r in rows}
+    files: dict[str, Path] = {}
+    for p in _slides_in(slide_dir, recursive=recursive):
+        sid = slide_id(p)
+        if sid in files and sid in labelled:
+            raise LabelsError(f"{labels_csv}: slide_id {sid!r} matches two files, {files[sid]} and {p}; rename one")
+        files.setdefault(sid, p)
+    missing = [r["slide_id"] for r in rows if r["slide_id"] not in files]
+    rows = [r for r in rows if r["slide_id"] in files]
+    if missing and (not allow_missing or not rows):
+        text = f"{labels_csv}: no slide file in {slide_dir} for slide_id {short_list(missing)}"
+        hint = "" if recursive else _nested_hint(slide_dir)
+        if not hint and len({r["label"] for r in rows}) > 1:
+            hint = f"; pass --skip-bad to train on the {len(rows)} labelled slide(s) that have one"
+        raise LabelsError(text + hint)
     names = list(classes) if classes is not None else sorted({r["label"] for r in rows})
     if classes is None and len(names) < 2:
         raise LabelsError(f"{labels_csv}: only one class ({names[0]!r}); training needs at least two")
@@ -158,7 +216,25 @@ def build_cohort(
     if bad:
         raise LabelsError(f"{labels_csv}: label(s) {', '.join(bad)} not among the model's classes {', '.join(names)}")
     items = [Item(r["slide_id"], files[r["slide_id"]], index[r["label"]], r.get("split") or None) for r in rows]
-    return items, names
+    return Cohort(items, names, missing, [p for sid, p in files.items() if sid not in labelled])
+
+
+def build_cohort(
+    slide_dir: str | Path,
+    labels_csv: str | Path,
+    *,
+    classes: Sequence[str] | None = None,
+    recursive: bool = False,
+) -> tuple[list[Item], list[str]]:
+    """Match labels to slide files (every labelled slide must have one). Returns items and class names."""
+    cohort = match_cohort(slide_dir, labels_csv, classes=classes, recursive=recursive)
+    return cohort.items, cohort.classes
+
+
+def short_list(names: Sequence[object], shown: int = 5) -> str:
+    """'a, b, c, d, e and 7 more'."""
+    text = ", ".join(str(n) for n in names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def split_items(items: Sequence[Item], *, val_fraction: float, seed: int) -> tuple[list[Item], list[Item], list[Item]]:
@@ -230,11 +306,8 @@ class ViewDataset(Dataset):
         return i, view
 
     def _load(self, i: int) -> object:
-        import warnings
-
         from wsiats.errors import WsiatsError
-        from wsiats.pipeline import prepare_view, with_exploration
-        from wsiats.slide import open_slide
+        from wsiats.pipeline import load_view, with_exploration
 
         path = self.items[i].path
         file = self._file(path)
@@ -242,10 +315,7 @@ class ViewDataset(Dataset):
         fresh = view is None
         if view is None:
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    with open_slide(path, backend=self.backend, mpp=self.mpp) as slide:
-                        view = prepare_view(slide, self.cfg)  # type: ignore[arg-type]
+                view = load_view(path, self.cfg, backend=self.backend, mpp=self.mpp)  # type: ignore[arg-type]
             except WsiatsError as exc:
                 return str(exc)
         fresh = with_exploration(view, self.cfg) or fresh  # type: ignore[arg-type]
@@ -284,7 +354,7 @@ class ViewDataset(Dataset):
 
 
 #: Version of the view cache files; a change makes earlier files unused.
-_VIEW_FILE_FORMAT = 1
+_VIEW_FILE_FORMAT = 2  # 2: with the slide's mpp and notes
 
 
 def _view_bytes(view: object) -> int:
@@ -293,7 +363,7 @@ def _view_bytes(view: object) -> int:
     return int(image.nbytes + mask.nbytes) if image is not None and mask is not None else 0
 
 
-def _write_view_file(file: Path, view: object) -> None:
+def _write_view_file(file: Path, view: PreparedView) -> None:
     """Store a prepared view; the cache only speeds things up, so a failure to write is logged, not raised."""
     from wsiats._io import atomic_open
 
@@ -301,7 +371,9 @@ def _write_view_file(file: Path, view: object) -> None:
         with atomic_open(file, "wb") as fh:
             extra = {} if view.explore is None else {"explore": view.explore}  # type: ignore[attr-defined]
             np.savez(fh, image=view.image, mask=view.mask, downsample=np.asarray(view.downsample, dtype=np.float64),
-                     fell_back=np.asarray(view.fell_back), **extra)  # type: ignore[attr-defined]
+                     fell_back=np.asarray(view.fell_back), mpp=np.asarray(np.nan if view.mpp is None else view.mpp),
+                     mpp_source=np.asarray(view.mpp_source or ""), notes=np.array(view.notes, dtype=np.str_).reshape(-1),
+                     **extra)
     except OSError as exc:
         log.warning("%s: cannot write the view cache file (%s); going on without it", file, exc)
 
@@ -314,13 +386,15 @@ def _read_view_file(file: Path) -> object | None:
         with np.load(file, allow_pickle=False) as z:
             image, mask = z["image"], z["mask"]
             downsample, fell_back = z["downsample"], z["fell_back"]
+            mpp, mpp_source, notes = float(z["mpp"]), str(z["mpp_source"]), [str(n) for n in z["notes"]]
             explore = z["explore"] if "explore" in z.files else None
         if image.dtype != np.uint8 or image.ndim != 3 or mask.dtype != np.bool_ or mask.shape != image.shape[:2]:
             raise ValueError("unexpected arrays")
         if explore is not None and (explore.dtype != np.float32 or explore.shape != mask.shape):
             raise ValueError("unexpected exploration distribution")
         return PreparedView(image=image, mask=mask, downsample=(float(downsample[0]), float(downsample[1])),
-                            fell_back=bool(fell_back), explore=explore)
+                            fell_back=bool(fell_back), mpp=None if math.isnan(mpp) else mpp,
+                            mpp_source=mpp_source or None, notes=notes, explore=explore)
     except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as exc:
         log.warning("%s: unusable view cache file (%s); reading the slide", file, exc)
         return None

@@ -356,6 +356,7 @@ class HeatmapResult:
     path: Path
     files: list[Path] = field(default_factory=list)
     error: str = ""
+    notes: list[str] = field(default_factory=list)  # warnings about this slide, each naming it
 
 
 def heatmap_slides(
@@ -373,16 +374,14 @@ def heatmap_slides(
 
     The attention is the model's full distribution over the view (no sampling, so the maps are
     deterministic); the GeoJSON holds the `top` highest-attention cells' patch boxes.
-    A slide that fails yields its error and the others go on.
+    A slide that fails yields its error and the others go on; the warnings about a slide travel in its result.
     """
-    import warnings
-
     from wsiats.checkpoint import load_model
     from wsiats.data import slide_id
     from wsiats.errors import WsiatsError
     from wsiats.pipeline import attention_map, cell_centers, patch_boxes, patch_downsample, prepare_view
     from wsiats.runtime import select_device
-    from wsiats.slide import open_slide
+    from wsiats.slide import collect_notes, open_slide
 
     model, cfg = load_model(run_dir)
     dev = select_device(device)
@@ -401,8 +400,7 @@ def heatmap_slides(
         first_of[sid] = Path(path)
         written: list[Path] = []
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with collect_notes() as result.notes:
                 with open_slide(path, backend=backend, mpp=mpp) as slide:
                     view = prepare_view(slide, cfg)
                     slide_mpp = slide.mpp

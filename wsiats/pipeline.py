@@ -8,10 +8,9 @@ centred on level-0 point ((c + 0.5) dx, (r + 0.5) dy), and its patch is the squa
 
 from __future__ import annotations
 
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from wsiats import mil, sampling
 from wsiats.config import Config
 from wsiats.errors import ConfigError, SlideError
 from wsiats.models import ATSModel
-from wsiats.slide import Slide, open_slide, patch_box
+from wsiats.slide import Slide, collect_notes, note, open_slide, patch_box
 from wsiats.tissue import tissue_mask
 
 
@@ -35,6 +34,9 @@ class PreparedView:
     mask: np.ndarray  # (h, w) bool, True where sampling is allowed
     downsample: tuple[float, float]  # level-0 pixels per view pixel (x, y)
     fell_back: bool  # no tissue found: the whole view is allowed
+    mpp: float | None = None  # the slide's level-0 microns per pixel (x), None when unknown
+    mpp_source: str | None = None  # where that came from: "override", "openslide", a TIFF tag ...
+    notes: list[str] = field(default_factory=list)  # warnings about this slide, each naming it
     explore: np.ndarray | None = None  # (h, w) float32 exploration distribution (`mil.exploration_prior`), training only
 
 
@@ -67,10 +69,20 @@ def prepare_view(slide: Slide, cfg: Config) -> PreparedView:
         mask = np.ones((h, w), dtype=bool)
     fell_back = not mask.any()
     if fell_back:
-        warnings.warn(f"{slide.path}: no tissue found in the view; sampling from the whole slide", stacklevel=2)
+        note(f"{slide.path}: no tissue found in the view; sampling from the whole slide")
         mask = np.ones((h, w), dtype=bool)
     image = np.require(view.image, dtype=np.uint8, requirements=["C", "W"])  # torch wants writable arrays
-    return PreparedView(image=image, mask=mask, downsample=view.downsample, fell_back=fell_back)
+    return PreparedView(image=image, mask=mask, downsample=view.downsample, fell_back=fell_back,
+                        mpp=None if slide.mpp is None else slide.mpp[0], mpp_source=slide.mpp_source)
+
+
+def load_view(path: Path, cfg: Config, *, backend: str = "auto", mpp: float | None = None) -> PreparedView:
+    """Open a slide and prepare its view; the warnings about the slide travel in `view.notes` (safe in threads)."""
+    with collect_notes() as notes:
+        with open_slide(path, backend=backend, mpp=mpp) as slide:
+            view = prepare_view(slide, cfg)
+    view.notes = notes
+    return view
 
 
 def with_exploration(view: PreparedView, cfg: Config) -> bool:
@@ -173,7 +185,8 @@ class SlidePool:
         if path in self._open:
             self._open.move_to_end(path)
             return self._open[path]
-        slide = open_slide(path, backend=self.backend, mpp=self.mpp)
+        with collect_notes():  # what there is to say about the slide was said when its view was prepared
+            slide = open_slide(path, backend=self.backend, mpp=self.mpp)
         self._open[path] = slide
         while len(self._open) > self.capacity:
             _, old = self._open.popitem(last=False)

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,10 +28,14 @@ from wsiats.errors import ConfigError, WsiatsError
 from wsiats.models import ATSModel
 from wsiats.pipeline import PreparedView, SlideBatchItem, SlidePool, forward_batch, prepare_view
 from wsiats.runtime import autocast_factory, select_device
-from wsiats.slide import Slide, open_slide
+from wsiats.slide import Slide, collect_notes, open_slide
 
 
 log = logging.getLogger(__name__)
+
+#: A slide whose mpp differs from the training slides' median by more than this fraction gets a warning: its
+#: view and patches (when set as downsamples) are then at a magnification the model did not learn.
+MPP_TOLERANCE = 0.25
 
 
 @dataclass
@@ -47,6 +50,9 @@ class Prediction:
     error: str = ""
     patches: list[dict[str, Any]] = field(default_factory=list)
     fell_back: bool = False
+    mpp: float | None = None  # the slide's level-0 microns per pixel (x), None when unknown
+    mpp_source: str | None = None
+    notes: list[str] = field(default_factory=list)  # warnings about this slide, each naming it
 
     @property
     def ok(self) -> bool:
@@ -72,6 +78,7 @@ class Predictor:
         if mc < 1:
             raise ConfigError(f"--mc must be >= 1, got {mc}")
         model, cfg = load_model(run_dir)
+        self.trained_n_patches = cfg.n_patches
         if n_patches is not None:
             cfg.n_patches = n_patches
             cfg.check()
@@ -84,20 +91,24 @@ class Predictor:
         self.backend, self.mpp = backend, mpp
 
     def view(self, path: Path) -> tuple[Slide, PreparedView]:
-        """Open the slide and read its view. The slide stays open: the patches are read from this handle
-        (a file replaced between the view and the patches cannot mix two slides); the caller closes it."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        """Open the slide and read its view; the warnings about it travel in `view.notes` (safe in threads).
+
+        The slide stays open: the patches are read from this handle (a file replaced between the view and
+        the patches cannot mix two slides); the caller closes it."""
+        with collect_notes() as notes:
             slide = open_slide(path, backend=self.backend, mpp=self.mpp)
             try:
-                return slide, prepare_view(slide, self.cfg)
+                view = prepare_view(slide, self.cfg)
             except BaseException:
                 slide.close()
                 raise
+        view.notes = notes
+        return slide, view
 
     def predict_view(self, path: Path, view: PreparedView, pool: SlidePool) -> Prediction:
         """Run the passes on one slide's prepared view."""
-        pred = Prediction(slide_id(path), path, fell_back=view.fell_back)
+        pred = Prediction(slide_id(path), path, fell_back=view.fell_back, mpp=view.mpp, mpp_source=view.mpp_source,
+                          notes=list(view.notes))
         passes = []
         with torch.no_grad():
             for k in range(self.mc):
@@ -113,11 +124,29 @@ class Predictor:
                     pred.patches.append({"pass": k, "x": x, "y": y, "width": bw, "height": bh,
                                          "attention": a, "weight": w})
                 pred.n_patches += len(out.boxes[0])
+                if k == 0:
+                    pred.notes += self.unlike_training(path, view, len(out.boxes[0]))
         arr = np.asarray(passes)
         pred.passes = passes
         pred.probs = arr.mean(0).tolist()
         pred.spread = float(arr[:, int(arr.mean(0).argmax())].std()) if len(passes) > 1 else 0.0
         return pred
+
+    def unlike_training(self, path: Path, view: PreparedView, sampled: int) -> list[str]:
+        """Warnings for a slide the model sees unlike its training slides: another resolution (when the view or
+        the patches are set as downsamples, they then show another magnification), or fewer patches."""
+        cfg, notes = self.cfg, []
+        parts = [name for name, physical in (("view", cfg.view_mpp), ("patches", cfg.patch_mpp)) if physical is None]
+        if cfg.train_mpp and view.mpp and parts and abs(view.mpp / cfg.train_mpp - 1) > MPP_TOLERANCE:
+            what = "the view shows" if parts == ["view"] else f"the {' and '.join(parts)} show"
+            notes.append(f"{path}: resolution {view.mpp:.3g} um/px, {view.mpp / cfg.train_mpp:.2f}x the training "
+                         f"slides' {cfg.train_mpp:.3g} um/px: {what} another magnification than the model learned "
+                         "(pass --mpp if the file's resolution is wrong)")
+        if sampled < cfg.n_patches:
+            notes.append(f"{path}: only {sampled} of {cfg.n_patches} patches could be sampled (the view has "
+                         f"{int(view.mask.sum())} cell(s) to sample from); the model was trained with "
+                         f"{self.trained_n_patches}")
+        return notes
 
     def predict(self, paths: Sequence[Path], *, lookahead: int = 2) -> Iterator[Prediction]:
         """Yield one Prediction per path, in order; a failing slide yields its error.
@@ -167,7 +196,8 @@ def prediction_label(pred: Prediction, classes: Sequence[str]) -> str:
 
 
 def csv_columns(classes: Sequence[str]) -> list[str]:
-    return ["slide_id", "path", "prediction", *[f"p_{c}" for c in classes], "spread", "n_patches", "seconds", "error"]
+    return ["slide_id", "path", "prediction", *[f"p_{c}" for c in classes], "spread", "n_patches", "seconds", "mpp",
+            "mpp_source", "tissue_fallback", "warnings", "error"]
 
 
 def _row(pred: Prediction, classes: Sequence[str], *, missing: str | None = "") -> dict[str, Any]:
@@ -176,7 +206,9 @@ def _row(pred: Prediction, classes: Sequence[str], *, missing: str | None = "") 
     for c, p in zip(classes, pred.probs or [math.nan] * len(classes)):
         row[f"p_{c}"] = missing if math.isnan(p) else round(p, 6)
     row.update(spread=round(pred.spread, 6) if pred.ok else missing, n_patches=pred.n_patches,
-               seconds=round(pred.seconds, 4), error=pred.error)
+               seconds=round(pred.seconds, 4), mpp=missing if pred.mpp is None else round(pred.mpp, 6),
+               mpp_source=pred.mpp_source or "", tissue_fallback=pred.fell_back, warnings=" | ".join(pred.notes),
+               error=pred.error)
     return row
 
 
@@ -195,7 +227,7 @@ def write_predictions(path: str | Path, preds: Sequence[Prediction], classes: Se
             rec = _row(pred, classes, missing=None)
             rec["passes"] = pred.passes
             rec["patches"] = pred.patches
-            rec["tissue_fallback"] = pred.fell_back
+            rec["warnings"] = pred.notes
             slides.append(rec)
         doc = {"classes": list(classes), **(extra or {}), "slides": slides}
         with atomic_open(path, "w", encoding="utf-8") as fh:

@@ -34,7 +34,9 @@ from wsiats._base import (  # noqa: F401 - the public names of the slide layer l
     Slide,
     View,
     _exc_text,
+    collect_notes,
     max_tile_bytes,
+    note,
     patch_box,
 )
 from wsiats._openslide import OpenSlideSlide

@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from wsiats.checkpoint import (
     save_weights,
 )
 from wsiats.config import Config, load_run_config
-from wsiats.data import Item, ViewDataset, build_cohort, collate_views, seeded_generator, split_items
+from wsiats.data import Item, ViewDataset, collate_views, match_cohort, seeded_generator, short_list, split_items
 from wsiats.errors import CheckpointError, ConfigError, Interrupted, SlideError, WsiatsError
 from wsiats.metrics import classification_metrics
 from wsiats.models import ATSModel
@@ -52,7 +53,7 @@ from wsiats.pipeline import (
     loss_fn,
 )
 from wsiats.runtime import autocast_factory, grad_scaler
-from wsiats.slide import open_slide
+from wsiats.slide import collect_notes, open_slide
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +76,47 @@ class TrainResult:
     rank: int = 0  # under torchrun, only rank 0 reports
 
 
-def check_slides(items: Sequence[Item], *, backend: str = "auto", mpp: float | None = None) -> list[tuple[Item, str]]:
-    """Open every slide; return (item, reason) for each that cannot be opened."""
-    bad = []
+def check_slides(items: Sequence[Item], *, backend: str = "auto", mpp: float | None = None
+                 ) -> tuple[list[tuple[Item, str]], dict[Path, float], list[str]]:
+    """Open every slide: (item, reason) for each that cannot be opened, the level-0 mpp (x) of each that
+    knows it, and the warnings about them."""
+    bad, mpps, notes = [], {}, []
     for item in items:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                open_slide(item.path, backend=backend, mpp=mpp).close()
+            with collect_notes() as found, open_slide(item.path, backend=backend, mpp=mpp) as slide:
+                if slide.mpp is not None:
+                    mpps[item.path] = slide.mpp[0]
+            notes += found
         except SlideError as exc:
             bad.append((item, exc.reason))
-    return bad
+    return bad, mpps, notes
+
+
+class _NotingLoader(DataLoader):
+    """A DataLoader that hands each view's notes to `on_notes` as its batch arrives (in this process)."""
+
+    def __init__(self, *args: object, on_notes: Callable[[list[str]], None], **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.on_notes = on_notes
+
+    def __iter__(self) -> Iterator[list[tuple[int, object]]]:  # type: ignore[override]
+        for batch in super().__iter__():
+            for _, view in batch:
+                if not isinstance(view, str):
+                    self.on_notes(view.notes)
+            yield batch
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _noted(view: object, report: Callable[[list[str]], None]) -> PreparedView | str:
+    """A view from a ViewDataset, after reporting its notes (an error message passes as it is)."""
+    assert isinstance(view, (PreparedView, str))
+    if isinstance(view, PreparedView):
+        report(view.notes)
+    return view
 
 
 #: Epochs after which `train` checks that the loss or the attention entropy has started to move.
@@ -123,9 +154,11 @@ def _lr_factor(epoch: int, cfg: Config) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _loader(ds: ViewDataset, cfg: Config, sampler: DistributedSampler) -> DataLoader:
-    return DataLoader(
+def _loader(ds: ViewDataset, cfg: Config, sampler: DistributedSampler,
+            on_notes: Callable[[list[str]], None] = lambda notes: None) -> DataLoader:
+    return _NotingLoader(
         ds,
+        on_notes=on_notes,
         batch_size=cfg.batch_size,
         sampler=sampler,
         num_workers=cfg.workers,
@@ -185,17 +218,43 @@ def train(
     mpp: float | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     progress: bool = True,
+    recursive: bool = False,
+    on_note: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Train an ATS model on the labelled slides of `slide_dir`; write the run to `out_dir`."""
+    """Train an ATS model on the labelled slides of `slide_dir`; write the run to `out_dir`.
+
+    `skip_bad` trains on the labelled slides that have a readable file; `recursive` also looks for slide files
+    in the sub-folders of `slide_dir`. What there is to say about the cohort and about each slide (labels
+    without a slide, slides without a label, a doubtful resolution, no tissue) goes to `on_note`, once per
+    message (default: a UserWarning).
+    """
+    said: set[str] = set()
+    first_rank = os.environ.get("RANK", "0") == "0"  # under torchrun every rank checks the whole cohort
+
+    def report(notes: Sequence[str], *, every_rank: bool = True) -> None:
+        for text in notes:
+            if text not in said and (every_rank or first_rank):
+                said.add(text)
+                (on_note or _warn)(text)
+
     out_dir = Path(out_dir)
     if resume:
         saved = load_run_config(out_dir)
         cfg = saved
         if not (out_dir / STATE_FILE).is_file():
             raise CheckpointError(f"{out_dir}: nothing to resume (no {STATE_FILE}); start without --resume")
-    items, classes = build_cohort(slide_dir, labels_csv, classes=cfg.classes or None)
+    cohort = match_cohort(slide_dir, labels_csv, classes=cfg.classes or None, recursive=recursive,
+                          allow_missing=skip_bad)
+    items, classes = cohort.items, cohort.classes
+    if cohort.missing:
+        report([f"{labels_csv}: {len(cohort.missing)} labelled slide(s) have no slide file in {slide_dir} "
+                f"({short_list(cohort.missing)}); training on the {len(items)} that have one"], every_rank=False)
+    if cohort.unlabelled:
+        report([f"{slide_dir}: {len(cohort.unlabelled)} slide file(s) have no label in {labels_csv} and are left "
+                f"out ({short_list([p.name for p in cohort.unlabelled])})"], every_rank=False)
     cfg.classes = classes
-    bad = check_slides(items, backend=backend, mpp=mpp)
+    bad, mpps, notes = check_slides(items, backend=backend, mpp=mpp)
+    report(notes, every_rank=False)  # the views' notes come from the rank that reads them
     skipped = []
     if bad:
         listing = "; ".join(f"{it.path}: {why}" for it, why in bad)
@@ -208,6 +267,9 @@ def train(
     train_items, val_items, test_items = split_items(items, val_fraction=cfg.val_fraction, seed=cfg.seed)
     if len({it.label for it in train_items}) < 2:
         raise ConfigError(f"{labels_csv}: the training split holds fewer than two classes")
+    if not resume:  # predict warns on slides far from this resolution
+        known = [mpps[it.path] for it in train_items if it.path in mpps]
+        cfg.train_mpp = float(np.median(known)) if known else None
     if cfg.view_cache:
         try:
             Path(cfg.view_cache).mkdir(parents=True, exist_ok=True)
@@ -254,7 +316,7 @@ def train(
     # One loader for the whole run: its persistent workers keep their view caches between epochs.
     # The sampler shuffles with seed + epoch and shards across ranks (padding so all get as many).
     sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
-    train_loader = _loader(train_ds, cfg, sampler)
+    train_loader = _loader(train_ds, cfg, sampler, on_notes=report)
     pool = SlidePool(backend=backend, mpp=mpp)
     epoch = start_epoch
     try:
@@ -266,8 +328,8 @@ def train(
             row["lr"] = optimizer.param_groups[0]["lr"]
             scheduler.step()
             if val_items:
-                v = evaluate(model, val_items, lambda i: val_ds[i][1], cfg=cfg, pool=pool, device=device,
-                             seed=cfg.seed, autocast=autocast, ctx=ctx)
+                v = evaluate(model, val_items, lambda i: _noted(val_ds[i][1], report), cfg=cfg, pool=pool,
+                             device=device, seed=cfg.seed, autocast=autocast, ctx=ctx)
                 row.update(val_loss=v["loss"], val_acc=v["acc"], val_auc=v["auc"])
                 key = (v["acc"], -v["loss"])
             else:
