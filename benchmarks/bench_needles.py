@@ -61,8 +61,10 @@ DENSE_COST_FACTOR = 10.0
 #: The overrides that make each ATS row (everything else: `wsiats train`'s defaults).
 ATS_ROWS: dict[str, dict[str, Any]] = {
     "new_default": {},
-    "current_default": {"pooling": "ats", "candidates": 0, "zoom": 0.0},
-    "u_n": {"attention": "uniform", "pooling": "ats", "candidates": 0, "zoom": 0.0},
+    # the defaults of wsiats before this benchmark existed
+    "current_default": {"pooling": "ats", "candidates": 0, "zoom": 0.0, "n_patches": 10, "lr": 1e-3, "batch_size": 8},
+    "u_n": {"attention": "uniform", "pooling": "ats", "candidates": 0, "zoom": 0.0, "n_patches": 10, "lr": 1e-3,
+            "batch_size": 8},
 }
 
 

@@ -115,7 +115,7 @@ def test_predict_csv_and_json(cohort: Path, run_dir: Path, tmp_path: Path) -> No
     assert set(slide["patches"][0]) == {"pass", "x", "y", "width", "height", "attention", "weight"}
     assert math.isclose(sum(p["weight"] for p in slide["patches"]), 1.0, abs_tol=1e-6)
     atts = [p["attention"] for p in slide["patches"]]
-    assert atts == sorted(atts, reverse=True)  # top-k: highest attention first
+    assert atts[0] == max(atts)  # top-k: the highest-attention cell first (then spread cells, then zoom around the best)
 
 
 def test_heatmap_outputs(cohort: Path, run_dir: Path, tmp_path: Path) -> None:

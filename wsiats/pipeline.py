@@ -218,8 +218,9 @@ def forward_batch(
       estimator whose gradients are unbiased, with 'gated' gated attention MIL over the N patches;
     - 'topk': deterministic, the N highest-attention cells;
     - with gated pooling and `cfg.zoom` > 0, 'sample' and 'topk' take only N - round(zoom N) cells
-      that way, and the rest around the cell whose patch has the highest instance score (`zoom_cells`):
-      still N patches a slide, but a lone informative region gets about half of them;
+      that way, kept apart (`spread_cells`: distinct places before more of one place), and the rest
+      around the cell whose patch has the highest instance score (`zoom_cells`): still N patches a
+      slide, but a lone informative region gets about half of them;
     - 'explore' (training, `cfg.candidates` > 0, gated pooling): `cfg.candidates` cells drawn
       without replacement from q = (1 - explore) a + explore u (u: `PreparedView.explore`, equal mass
       per colour group, or uniform), their patches embedded without gradient, and the
@@ -279,16 +280,18 @@ def forward_batch(
             a_k = att.gather(1, idx)
             n = len(keep)
         else:
-            n1 = n - int(round(cfg.zoom * n)) if gated and n >= 2 else n
-            n1 = max(1, n1)
-            if mode == "topk":
+            n1 = max(1, n - int(round(cfg.zoom * n))) if gated and n >= 2 else n
+            radius = max(1, int(round(size * pds / max(view.downsample))))  # one patch, in view cells
+            if n1 < n:  # zoom: first n1 cells spread over distinct places, then the rest around the best of them
+                idx = spread_cells(att, n1, (h, w), 2 * radius, generator=None if mode == "topk" else generator)
+                a_k = att.gather(1, idx)
+            elif mode == "topk":
                 idx, a_k = sampling.topk(att, n1)
             else:
                 idx, a_k = sampling.sample(att, n1, cfg.replace, generator=generator)
             orig, centers, tiles = read(idx[0])
-            if n1 < n:  # zoom: the rest of the N patches around the first draw's most telling patch
+            if n1 < n:
                 best = int(torch.argmax(_scores_without_grad(model, tiles, device, ctx)))
-                radius = max(1, int(round(size * pds / max(view.downsample))))
                 near = zoom_cells(att, idx, int(idx[0, best]), (h, w), radius, n - n1, generator=generator)
                 o2, c2, t2 = read(near[0])
                 idx, orig, centers, tiles = torch.cat([idx, near], 1), np.concatenate([orig, o2]), \
@@ -327,6 +330,30 @@ def forward_batch(
     entropy = torch.stack([sampling.entropy(a[None])[0] for a in attentions])
     aux = torch.stack(distill) if distill else None
     return ForwardResult(logits, attentions, indices, sampled, weights, boxes, entropy, aux)
+
+
+def spread_cells(attention: Tensor, n: int, shape: tuple[int, int], radius: int, *,
+                 generator: torch.Generator | None = None, pool_factor: int = 8) -> Tensor:
+    """n distinct cells [1, n] drawn from the attention [1, K] and kept apart: the first n*pool_factor cells
+    of a Gumbel top-k draw without replacement (in draw order; by attention when `generator` is None: top-k)
+    are taken greedily, each unless it lies within `radius` cells (Chebyshev) of one already taken; when
+    fewer than n are that far apart, the rest follow in draw order. A few decoys of one look then cannot
+    take all of the draws meant to find the region unlike them."""
+    h, w = shape
+    pool = min(int((attention > 0).sum()), n * pool_factor)
+    if generator is None:
+        order = sampling.topk(attention, pool)[0][0]
+    else:
+        order = sampling.sample(attention, pool, False, generator=generator)[0][0]
+    rows, cols = order // w, order % w
+    taken: list[int] = []
+    for k in range(pool):
+        if len(taken) == n:
+            break
+        if all(max(abs(int(rows[k] - rows[j])), abs(int(cols[k] - cols[j]))) > radius for j in taken):
+            taken.append(k)
+    rest = [k for k in range(pool) if k not in set(taken)][: n - len(taken)]
+    return order[taken + rest][None]
 
 
 def zoom_cells(attention: Tensor, taken: Tensor, best: int, shape: tuple[int, int], radius: int, n: int,

@@ -20,8 +20,31 @@ pm_k = 1 - sum_{j<k} a_j (pm_0 = 1):
     dF/da_k = <g, f_k> (w_k pm_k / a_k + sum_{j>k} w_j)   (unbiased)
 
 The attention gradient is deliberately NOT the derivative of the forward value (that one is
-biased), and it differs from the official code's (also biased; see /work/shared/ATS_NOTES.md).
-tests/test_sampling.py checks unbiasedness exactly by enumerating every ordered sample.
+biased), and it differs from the official code's (also biased; see ATS_NOTES.md in the project's
+shared notes). tests/test_sampling.py checks unbiasedness exactly by enumerating every ordered sample.
+
+Which estimator wsiats uses (`Config.pooling`):
+
+- `pooling: ats` (the paper's model; `--pooling ats --candidates 0`): training and inference use
+  `expectation` above, F = sum_k c_k f_k over N cells sampled from a: unbiased for
+  sum_i a_i f_i, with unbiased gradients for the attention and the features (exact enumeration in
+  tests/test_sampling.py and, end to end, tests/test_pipeline.py). `--topk` uses `estimate_topk`
+  (deterministic, not unbiased).
+- `pooling: gated` (the default, for sparse evidence; `wsiats.mil`): the slide's representation is
+  gated attention MIL pooling z = sum_k alpha_k f_k over the patches it is given; it is NOT an
+  estimate of sum_i a_i f_i and makes no unbiasedness claim.
+  - Training draws M = `candidates` cells without replacement from q = (1 - rho) a + rho u
+    (Gumbel top-k on log q, `sample`: an exact draw without replacement from q, tested by
+    enumeration of its ordered pairs in tests/test_mil.py), embeds their patches without gradient,
+    and pools the T = max(N, `train_patches`) with the highest instance scores, with gradient. As
+    M -> K (every tissue cell a candidate) this is exactly IPS's objective over the whole view
+    (gated pooling of the top-T patches by instance score), whatever the draw: consistent for it,
+    and equal to it when M >= K (tested in tests/test_explore.py). The attention network learns
+    from `wsiats.mil.distillation_loss` (cross-entropy of a over the candidates against the N
+    best-scored), not from a score-function gradient.
+  - Inference reads N patches: N - round(zoom N) cells drawn without replacement from a (as
+    `sample`), the rest drawn without replacement from a restricted to the square around the cell
+    whose patch has the highest instance score (`wsiats.pipeline.zoom_cells`), all N pooled.
 """
 
 from __future__ import annotations
