@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         if row in ATS_ROWS:
             seeds = args.seeds if row == "new_default" else args.baseline_seeds
             per_seed = [run_ats_row(cohort, runs, row, seed=s, overrides=overrides) for s in seeds]
+            if args.merge and row in results["rows"]:  # keep the seeds of earlier runs that this one did not redo
+                per_seed = sorted([r for r in results["rows"][row]["seeds"] if r["seed"] not in seeds] + per_seed,
+                                  key=lambda r: r["seed"])
             aucs = [r["test_auc"] for r in per_seed]
             results["rows"][row] = {
                 "seeds": per_seed, "test_auc_mean": float(np.mean(aucs)),

@@ -153,7 +153,10 @@ def test_predict_and_heatmap_on_real_scanner_files(shared_slides: Path, run_dir:
     assert n >= 10
     code, text = invoke("heatmap", shared_slides, "--model", run_dir, "--out", tmp_path / "maps", "-q")
     assert code == 0, text
-    assert text.strip() == f"wrote {n} heatmap(s) to {tmp_path / 'maps'}, 0 failed"
+    *warned, last = text.strip().splitlines()
+    assert last == f"wrote {n} heatmap(s) to {tmp_path / 'maps'}, 0 failed"
+    assert warned and all(line.startswith("Warning: ") for line in warned)  # e.g. boxes.tiff's 72 dpi, once each
+    assert len(warned) == len(set(warned))
     assert len(list((tmp_path / "maps").glob("*.png"))) == n
     assert (tmp_path / "maps" / "dicom-boxes.png").is_file()  # the DICOM series folder is one slide
 

@@ -134,7 +134,7 @@ def test_every_slide_warning_reaches_the_user_once_with_prefetch_threads(mixed: 
     assert invoke("predict", mixed["dpi72"][0], "--model", run, "--out", js, "-q").exit_code == 0
     (slide,) = json.loads(js.read_text())["slides"]
     assert slide["warnings"] == [_dpi72_warning(mixed["dpi72"][0])[len("Warning: "):]]
-    assert (slide["mpp"], slide["mpp_source"], slide["tissue_fallback"]) == ("", "", False)
+    assert (slide["mpp"], slide["mpp_source"], slide["tissue_fallback"]) == (None, "", False)  # JSON: an unknown number is null
 
 
 def test_heatmap_warnings_name_the_slide_once(mixed: dict[str, list[Path]], run: Path, tmp_path: Path) -> None:
@@ -282,7 +282,7 @@ def test_yaml_numbers_as_people_write_them(tmp_path: Path) -> None:
     assert load_yaml(lib) == {"lr": 0.003, "view_mpp": 1000.0}  # the library reads it the same way
     cfg.write_text("lr: fast\n")
     result = invoke("train", "--config", cfg, "--print-config")
-    assert result.exit_code == 2 and result.output == f"Error: {cfg}: lr must be float, got 'fast' (default 0.001)\n"
+    assert result.exit_code == 2 and result.output == f"Error: {cfg}: lr must be float, got 'fast' (default 0.003)\n"
 
 
 def test_print_config_needs_no_other_argument_and_round_trips(tmp_path: Path) -> None:
@@ -359,7 +359,7 @@ def test_info_takes_folders_and_globs_like_predict(shared_slides: Path, nested: 
 def test_nested_folders_say_how_to_include_them(nested: Path, run: Path, tmp_path: Path) -> None:
     result = invoke("predict", nested, "--model", run, "--out", tmp_path / "p.csv", "-q")
     assert result.exit_code == 1
-    assert result.output == (f"Error: {nested}: folder holds no slides (.ome.tiff, .ome.tif, .svs, .tif, .tiff, .btf "
+    assert result.output == (f"Error: {nested}: folder holds no slides (.ome.tiff, .ome.tif, .qptiff, .svs, .tif, .tiff "
                              "..., or DICOM series folders); its sub-folders hold 2 slide(s): pass --recursive, or a "
                              f"glob such as '{nested}/**/*.tif'\n")
     for args in ([nested, "--recursive"], [f"{nested}/**/*.tif"]):

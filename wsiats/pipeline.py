@@ -292,7 +292,8 @@ def forward_batch(
             orig, centers, tiles = read(idx[0])
             if n1 < n:
                 best = int(torch.argmax(_scores_without_grad(model, tiles, device, ctx)))
-                near = zoom_cells(att, idx, int(idx[0, best]), (h, w), radius, n - n1, generator=generator)
+                near = zoom_cells(att, idx, int(idx[0, best]), (h, w), radius, n - n1,
+                                  generator=None if mode == "topk" else generator)
                 o2, c2, t2 = read(near[0])
                 idx, orig, centers, tiles = torch.cat([idx, near], 1), np.concatenate([orig, o2]), \
                     np.concatenate([centers, c2]), torch.cat([tiles, t2])
@@ -360,7 +361,13 @@ def zoom_cells(attention: Tensor, taken: Tensor, best: int, shape: tuple[int, in
                *, generator: torch.Generator | None = None) -> Tensor:
     """n more cells [1, n], none in `taken` [1, t]: drawn without replacement from the attention restricted
     to the square of `radius` cells around cell `best`, and, when that square holds fewer than n
-    allowed cells, the rest from the attention elsewhere."""
+    allowed cells, the rest from the attention elsewhere. Without a generator: the highest-attention
+    cells there instead of a draw (deterministic)."""
+    def draw(weights: Tensor, k: int) -> Tensor:
+        if generator is None:  # deterministic (top-k inference): the highest-attention cells
+            return sampling.topk(weights, k)[0]
+        return sampling.sample(weights / weights.sum(), k, False, generator=generator)[0]
+
     h, w = shape
     r0, c0 = divmod(best, w)
     near = torch.zeros((h, w), dtype=torch.bool, device=attention.device)
@@ -369,13 +376,13 @@ def zoom_cells(attention: Tensor, taken: Tensor, best: int, shape: tuple[int, in
     weights[0, taken[0]] = 0.0
     inside = weights * near.reshape(1, -1)
     take = min(n, int((inside > 0).sum()))
-    picked = sampling.sample(inside / inside.sum(), take, False, generator=generator)[0] if take else taken[:, :0]
+    picked = draw(inside, take) if take else taken[:, :0]
     if take < n:
         weights[0, picked[0]] = 0.0
         weights = weights * ~near.reshape(1, -1)
         more = min(n - take, int((weights > 0).sum()))
         if more:
-            picked = torch.cat([picked, sampling.sample(weights / weights.sum(), more, False, generator=generator)[0]], 1)
+            picked = torch.cat([picked, draw(weights, more)], 1)
     return picked
 
 
