@@ -196,3 +196,26 @@ def test_predict_memory_does_not_grow_with_the_slide(run_dir: Path, sparse: Any,
 
     large_mb, small_mb = peak_mb(sparse.path), peak_mb(small)
     assert large_mb - small_mb < 60, (large_mb, small_mb)  # level 0 alone would be 30 GB
+
+
+def test_train_says_when_nothing_moved(cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run whose loss and attention entropy stay put (here: a learning rate of 1e-12) is told so, once,
+    with what to try; a run that learns is not (the stall check itself is unit-tested below)."""
+    import wsiats.train
+
+    monkeypatch.setattr(wsiats.train, "PLATEAU_EPOCHS", 2)
+    code, text = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", tmp_path / "run",
+                        "--epochs", "2", "--lr", "1e-12", "--warmup-epochs", "0", *TINY)
+    assert code == 0, text
+    stalls = [line for line in text.splitlines() if "have not moved in 2 epochs" in line]
+    assert len(stalls) == 1 and stalls[0].startswith("Warning: training loss (")
+    assert stalls[0].endswith("try --epochs (a needle cohort can take 50+), --candidates 512, --lr 3e-3")
+
+
+def test_stall_check() -> None:
+    from wsiats.train import _stalled
+
+    flat = [{"train_loss": 0.693 + 0.001 * i, "attention_entropy": 10.42} for i in range(5)]
+    assert _stalled(flat)
+    assert not _stalled([*flat[:4], {"train_loss": 0.65, "attention_entropy": 10.42}])
+    assert not _stalled([*flat[:4], {"train_loss": 0.693, "attention_entropy": 10.2}])
