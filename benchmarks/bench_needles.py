@@ -62,9 +62,10 @@ DENSE_COST_FACTOR = 10.0
 ATS_ROWS: dict[str, dict[str, Any]] = {
     "new_default": {},
     # the defaults of wsiats before this benchmark existed
-    "current_default": {"pooling": "ats", "candidates": 0, "zoom": 0.0, "n_patches": 10, "lr": 1e-3, "batch_size": 8},
+    "current_default": {"pooling": "ats", "candidates": 0, "zoom": 0.0, "n_patches": 10, "lr": 1e-3, "head_lr_scale": 1.0,
+                        "batch_size": 8},
     "u_n": {"attention": "uniform", "pooling": "ats", "candidates": 0, "zoom": 0.0, "n_patches": 10, "lr": 1e-3,
-            "batch_size": 8},
+            "head_lr_scale": 1.0, "batch_size": 8},
 }
 
 

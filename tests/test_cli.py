@@ -65,7 +65,7 @@ def test_train_bad_option_values_are_usage_errors(tmp_path: Path) -> None:
 def test_print_config_shows_defaults(tmp_path: Path) -> None:
     code, out = run("train", "x", "--labels", "x.csv", "--out", "r", "--print-config", "--epochs", "3")
     assert code == 0
-    assert "epochs: 3\n" in out and "lr: 0.003\n" in out and "entropy_weight: 0.0001\n" in out
+    assert "epochs: 3\n" in out and "lr: 0.001\n" in out and "entropy_weight: 0.0001\n" in out
 
 
 @pytest.mark.parametrize(

@@ -282,7 +282,7 @@ def test_yaml_numbers_as_people_write_them(tmp_path: Path) -> None:
     assert load_yaml(lib) == {"lr": 0.003, "view_mpp": 1000.0}  # the library reads it the same way
     cfg.write_text("lr: fast\n")
     result = invoke("train", "--config", cfg, "--print-config")
-    assert result.exit_code == 2 and result.output == f"Error: {cfg}: lr must be float, got 'fast' (default 0.003)\n"
+    assert result.exit_code == 2 and result.output == f"Error: {cfg}: lr must be float, got 'fast' (default 0.001)\n"
 
 
 def test_print_config_needs_no_other_argument_and_round_trips(tmp_path: Path) -> None:
