@@ -312,7 +312,7 @@ def forward_batch(
     pooled, weights = [], []
     start = 0
     replace = cfg.replace and mode == "sample"
-    for k, (a_k, n) in enumerate(zip(sampled, counts)):
+    for a_k, n in zip(sampled, counts):
         f = feats[start : start + n]
         start += n
         if gated:
