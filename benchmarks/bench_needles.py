@@ -126,6 +126,7 @@ def run_ats_row(cohort: Path, runs: Path, row: str, *, seed: int, overrides: dic
     run = runs / f"{row}_s{seed}"
     shutil.rmtree(run, ignore_errors=True)
     curve: list[dict[str, float]] = []
+    cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
 
     def on_epoch(r: dict[str, float]) -> None:
@@ -136,6 +137,7 @@ def run_ats_row(cohort: Path, runs: Path, row: str, *, seed: int, overrides: dic
 
     result = train(cohort / "slides", cohort / "labels.csv", run, cfg, progress=False, on_epoch=on_epoch)
     train_s = time.perf_counter() - t0
+    train_cpu_s = _cpu_seconds() - cpu0
     items, classes = build_cohort(cohort / "slides", cohort / "labels.csv")
     _, _, test = split_items(items, val_fraction=0, seed=seed)
     preds = list(Predictor(run, device="cpu", seed=seed).predict([it.path for it in test]))
@@ -148,12 +150,22 @@ def run_ats_row(cohort: Path, runs: Path, row: str, *, seed: int, overrides: dic
     truth = json.loads((cohort / "truth.json").read_text())
     frac, slides_hit = patch_hits(preds, test, truth)
     return {"seed": seed, "test_auc": m["auc"], "test_accuracy": m["accuracy"], "tumour_patch_fraction": frac,
-            "positive_slides_hit": slides_hit, "train_s": train_s, "epochs": result.epochs_run,
+            "positive_slides_hit": slides_hit, "train_s": train_s,
+            # CPU seconds of this process and its reaped loader workers: on 2 idle cores, wall ~ cpu / 2
+            "train_cpu_s": train_cpu_s, "epochs": result.epochs_run,
             "best_epoch": result.best_epoch + 1, "n_train": result.n_train, "n_val": result.n_val,
             "n_test": len(test), "predict_s_per_slide": float(np.median([p.seconds for p in preds])),
             "config": {k: getattr(cfg, k) for k in ("attention", "pooling", "candidates", "train_patches", "explore",
                                                     "zoom", "n_patches", "batch_size", "lr", "epochs")},
             "curve": curve}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its children that have exited."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def run_view_cnn(cohort: Path, *, seed: int, epochs: int) -> dict[str, Any]:
