@@ -97,18 +97,34 @@ def test_distillation_gradient_raises_attention_where_scores_are_high() -> None:
     assert float(g[1]) == pytest.approx(0.0, abs=1e-6)  # not a candidate: softmax over candidates only
 
 
-def test_distillation_target_is_the_top_scores_and_scale_free() -> None:
+def test_distillation_target_is_the_top_scores_weighted_by_their_contrast() -> None:
     a = torch.tensor([0.1, 0.2, 0.3, 0.4])
     scores = torch.tensor([3.0, -1.0, 2.0, 0.0])
-    want = -(torch.log(a[[0, 2]] / a.sum())).mean()
+    want = -(torch.log(a[[0, 2]] / a.sum())).mean() * mil.score_contrast(scores)
     torch.testing.assert_close(mil.distillation_loss(a, scores, top=2), want)
-    torch.testing.assert_close(mil.distillation_loss(a, 100 * scores, top=2), want)  # only the ranking counts
+    # the target is the ranking; the weight grows as the scores single the top ones out
+    sharper_scores = mil.distillation_loss(a, 100 * scores, top=2) / mil.score_contrast(100 * scores)
+    torch.testing.assert_close(sharper_scores, want / mil.score_contrast(scores))
     # lower when the attention is on the top candidates, and it keeps falling as it concentrates
     on_top = mil.distillation_loss(torch.tensor([0.45, 0.05, 0.45, 0.05]), scores, top=2)
     sharper = mil.distillation_loss(torch.tensor([0.495, 0.005, 0.495, 0.005]), scores, top=2)
     assert float(sharper) < float(on_top) < float(mil.distillation_loss(a, scores, top=2))
     with pytest.raises(ValueError, match="top must be >= 1"):
         mil.distillation_loss(a, scores, top=0)
+
+
+def test_flat_scores_teach_the_attention_nothing() -> None:
+    """A slide where nothing stands out (flat instance scores) gives no distillation loss and no gradient."""
+    logits = torch.randn(1, 50, requires_grad=True)
+    a = sampling.smooth_attention(logits)
+    loss = mil.distillation_loss(a[0, :20], torch.zeros(20), top=4)
+    assert abs(loss.item()) < 1e-6  # float32 rounding of 1 - H/log M
+    loss.backward()
+    assert float(logits.grad.abs().max()) < 1e-6
+    assert float(mil.score_contrast(torch.zeros(7))) == pytest.approx(0.0, abs=1e-6)
+    assert float(mil.score_contrast(torch.tensor([50.0] + [0.0] * 9))) == pytest.approx(1.0, abs=1e-6)
+    mid = float(mil.score_contrast(torch.tensor([2.0] + [0.0] * 9)))
+    assert 0.0 < mid < 1.0
 
 
 def test_stratified_uniform_gives_each_group_equal_mass() -> None:

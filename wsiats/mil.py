@@ -26,6 +26,8 @@ mode 'explore'):
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -151,6 +153,9 @@ def distillation_loss(candidate_attention: Tensor, scores: Tensor, *, top: int) 
     descent raises the attention where the feature network found the most telling patches and
     lowers it elsewhere, without bound, so the attention can become as peaked as the evidence is
     sparse. Restricted to the candidates, the loss does not depend on the proposal they came from.
+    It is weighted by `score_contrast(scores)`: only slides where the MIL head singles candidates out
+    teach the attention (unweighted, the attention of a needle run collapsed back to uniform once the
+    features learnt: negative slides, whose scores are flat, pulled it towards arbitrary cells).
     """
     if candidate_attention.shape != scores.shape or scores.ndim != 1:
         raise ValueError(f"candidate_attention {tuple(candidate_attention.shape)} and scores "
@@ -159,4 +164,16 @@ def distillation_loss(candidate_attention: Tensor, scores: Tensor, *, top: int) 
         raise ValueError(f"top must be >= 1, got {top}")
     best = select_informative(scores, top)
     log_a = torch.log(candidate_attention.float().clamp_min(torch.finfo(torch.float32).tiny))
-    return -F.log_softmax(log_a, dim=0)[best].mean()
+    return -F.log_softmax(log_a, dim=0)[best].mean() * score_contrast(scores)
+
+
+def score_contrast(scores: Tensor) -> Tensor:
+    """How much the instance scores [M] single some candidates out, in [0, 1] (detached): 1 - H(p) / log M,
+    p = softmax(scores). Flat scores (a slide where nothing stands out, or a MIL head that has not learnt
+    yet) give ~0, so such a slide does not pull the attention towards arbitrary cells; one score far
+    above the rest gives ~1."""
+    m = scores.shape[0]
+    if m < 2:
+        return scores.new_zeros(())
+    p = torch.softmax(scores.detach().float(), dim=0)
+    return (1.0 + (p * torch.log(p.clamp_min(1e-30))).sum() / math.log(m)).clamp(0.0, 1.0)
