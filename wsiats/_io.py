@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from wsiats.errors import WsiatsError
+
 # mkstemp creates files readable by the owner only; give outputs the usual umask-based mode.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -49,3 +51,22 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
     """Open a temporary file beside `path` for writing; rename it onto `path` on success."""
     with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as fh:
         yield fh
+
+
+def claim_folder(path: str | Path, *, command: str, overwrite: bool = False) -> None:
+    """Make `path` a folder `wsiats <command>` may write into, or refuse.
+
+    An absent or empty folder is created and marked with a file `wsiats-<command>.txt`; a folder
+    holding that marker was made by the same command and may be written again. Any other
+    non-empty folder is the user's: refused unless `overwrite`, so that nothing of theirs is lost.
+    """
+    path = Path(path)
+    marker = path / f"wsiats-{command}.txt"
+    if path.is_dir() and not marker.is_file() and not overwrite and any(path.iterdir()):
+        raise WsiatsError(f"{path}: folder is not empty and was not made by `wsiats {command}`; "
+                          "choose a new folder, or pass --overwrite to write into it anyway")
+    path.mkdir(parents=True, exist_ok=True)
+    if not marker.is_file():
+        marker.write_text(f"This folder was written by `wsiats {command}`, which may overwrite what it wrote here.\n"
+                          "Delete this file to keep the command from writing here again without --overwrite.\n",
+                          encoding="utf-8")

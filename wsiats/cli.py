@@ -302,7 +302,7 @@ def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | 
         wsiats predict cohort/slides --model runs/exp1 --out predictions.csv
     """
     from wsiats._progress import track
-    from wsiats.data import find_slides
+    from wsiats.data import check_unique_ids, find_slides
     from wsiats.predict import Predictor, write_predictions
 
     if out.suffix.lower() not in (".csv", ".json"):
@@ -310,6 +310,7 @@ def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | 
     from wsiats import distributed
 
     paths = find_slides(slides)
+    check_unique_ids(paths)  # two rows with one slide_id could not be told apart
     ctx, dev = distributed.setup(device)
     try:
         predictor = Predictor(model_dir, device=dev, mc=mc, topk=topk, seed=seed, workers=workers,
@@ -416,6 +417,11 @@ def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, devic
         sys.exit(1)
 
 
+overwrite_option = click.option(
+    "--overwrite", is_flag=True,
+    help="Write into OUT even when it holds files that this command did not write (they may be replaced).")
+
+
 @cli.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--n", "n", type=click.IntRange(min=2), default=40, show_default=True, help="Number of slides (half positive).")
@@ -423,9 +429,10 @@ def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, devic
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.25, show_default=True,
               help="Fraction of each class marked split=test in labels.csv.")
+@overwrite_option
 @quiet_option
 @_reports_errors
-def synth(out: Path, n: int, size: int, seed: int, test_fraction: float, quiet: bool) -> None:
+def synth(out: Path, n: int, size: int, seed: int, test_fraction: float, overwrite: bool, quiet: bool) -> None:
     """Generate a synthetic cohort of pyramidal slides in OUT.
 
     Positive slides hold small regions whose texture shows only at full resolution;
@@ -438,7 +445,8 @@ def synth(out: Path, n: int, size: int, seed: int, test_fraction: float, quiet: 
     """
     from wsiats.synth import make_cohort
 
-    labels = _make_cohort(out, n=n, size=size, seed=seed, test_fraction=test_fraction, quiet=quiet, make=make_cohort)
+    labels = _make_cohort(out, n=n, size=size, seed=seed, test_fraction=test_fraction, quiet=quiet, make=make_cohort,
+                          overwrite=overwrite)
     console.print(f"wrote {n} slides to {out / 'slides'}, labels to {labels}, regions to {out / 'truth.json'}")
 
 
@@ -458,9 +466,10 @@ def _make_cohort(out: Path, *, quiet: bool, make: Callable[..., Path], **kw: Any
 @click.option("--n", "n", type=click.IntRange(min=8), default=48, show_default=True, help="Slides in the cohort.")
 @click.option("--size", type=click.IntRange(min=1024), default=4096, show_default=True, help="Level-0 side of each slide.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (default: the demo's tuned value).")
+@overwrite_option
 @quiet_option
 @_reports_errors
-def demo(out: Path, seed: int, n: int, size: int, epochs: int | None, quiet: bool) -> None:
+def demo(out: Path, seed: int, n: int, size: int, epochs: int | None, overwrite: bool, quiet: bool) -> None:
     """Run the whole job on a generated cohort: synth, train, predict, heatmap.
 
     Trains on the train split, predicts the held-out test split, draws their heatmaps and
@@ -482,18 +491,17 @@ def demo(out: Path, seed: int, n: int, size: int, epochs: int | None, quiet: boo
     from wsiats.synth import make_cohort
     from wsiats.train import train as run_training
 
+    from wsiats._io import claim_folder
+
     t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, command="demo", overwrite=overwrite)  # never writes into a folder of the user's
     cohort = out / "cohort"
     console.print(f"[1/4] synthesising {n} slides of {size} x {size} px in {cohort}")
-    labels = _make_cohort(cohort, n=n, size=size, seed=seed, test_fraction=0.25, quiet=quiet, make=make_cohort)
+    labels = _make_cohort(cohort, n=n, size=size, seed=seed, test_fraction=0.25, quiet=quiet, make=make_cohort,
+                          overwrite=overwrite)
     run = out / "run"
     cfg = resolve(overrides={**DEMO_CONFIG, "seed": seed, **({"epochs": epochs} if epochs else {})})
     console.print(f"[2/4] training for {cfg.epochs} epochs into {run}")
-    if (run / "config.yaml").exists():
-        import shutil
-
-        shutil.rmtree(run)
 
     def show(row: dict[str, float]) -> None:
         if not quiet:

@@ -11,6 +11,8 @@ import hashlib
 import io
 import json
 import logging
+import os
+import warnings
 import zipfile
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from wsiats.errors import LabelsError, SlideNotFoundError
+from wsiats.errors import LabelsError, SlideNotFoundError, WsiatsError
 
 #: File endings wsiats treats as slides when it scans a folder (OpenSlide's and the TIFF family).
 SLIDE_SUFFIXES = (
@@ -29,6 +31,8 @@ SLIDE_SUFFIXES = (
     ".mrxs", ".scn", ".bif", ".svslide", ".dcm",
 )
 SPLITS = ("train", "val", "test")
+#: The ending of the attention maps `wsiats heatmap` writes (TIFFs, but not slides).
+ATTENTION_SUFFIX = ".attention.tif"
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,9 @@ def find_slides(inputs: Iterable[str | Path]) -> list[Path]:
     """Expand files, folders and glob patterns, in order, once each.
 
     A folder gives its slide files and its DICOM series sub-folders (one slide each), sorted by
-    name, without descending further; a folder of .dcm files is itself one slide.
+    name, without descending further; a folder of .dcm files is itself one slide. A broken
+    symbolic link with a slide's name is kept (it is then reported as a slide that failed), and
+    `<id>.attention.tif` maps written by `wsiats heatmap` are not slides.
     """
     found: list[Path] = []
     for raw in inputs:
@@ -67,7 +73,7 @@ def find_slides(inputs: Iterable[str | Path]) -> list[Path]:
                 raise SlideNotFoundError(path, "no file matches this pattern")
             found.extend(matches)
         elif path.is_dir() and not _is_dicom_folder(path):
-            slides = sorted(p for p in path.iterdir() if (p.is_file() and p.name.lower().endswith(SLIDE_SUFFIXES))
+            slides = sorted(p for p in path.iterdir() if (_is_slide_name(p) and (p.is_file() or p.is_symlink()))
                             or (p.is_dir() and _is_dicom_folder(p)))
             if not slides:
                 raise SlideNotFoundError(path, f"folder holds no slides ({', '.join(SLIDE_SUFFIXES[:6])} ..., "
@@ -75,14 +81,31 @@ def find_slides(inputs: Iterable[str | Path]) -> list[Path]:
             found.extend(slides)
         else:
             found.append(path)
-    seen: set[Path] = set()
+    seen: set[str] = set()
     unique = []
     for p in found:
-        key = p.resolve()
+        key = os.path.realpath(p)  # unlike Path.resolve(), no RuntimeError on a symlink loop
         if key not in seen:
             seen.add(key)
             unique.append(p)
     return unique
+
+
+def check_unique_ids(paths: Sequence[Path]) -> None:
+    """Refuse slides that share a slide id (`a.tif`, `a.ome.tif`): their rows could not be told apart."""
+    first: dict[str, Path] = {}
+    for p in paths:
+        sid = slide_id(p)
+        if sid in first:
+            raise WsiatsError(f"{first[sid]} and {p} have the same slide id {sid!r}; rename one, or give them "
+                              "to separate commands")
+        first[sid] = p
+
+
+def _is_slide_name(path: Path) -> bool:
+    """A name with a slide file ending, and not an attention map that `wsiats heatmap` wrote."""
+    lower = path.name.lower()
+    return lower.endswith(SLIDE_SUFFIXES) and not lower.endswith(ATTENTION_SUFFIX)
 
 
 def _is_dicom_folder(path: Path) -> bool:
@@ -101,6 +124,13 @@ def read_labels(csv_path: str | Path) -> list[dict[str, str]]:
         raise LabelsError(f"{csv_path}: cannot read labels file ({type(exc).__name__})") from None
     if not text.strip():
         raise LabelsError(f"{csv_path}: labels file is empty; expected a header slide_id,label")
+    try:
+        return _parse_labels(csv_path, text)
+    except csv.Error as exc:  # e.g. a field over the csv module's 128 KiB limit
+        raise LabelsError(f"{csv_path}: not a readable CSV file ({exc})") from None
+
+
+def _parse_labels(csv_path: Path, text: str) -> list[dict[str, str]]:
     reader = csv.reader(io.StringIO(text))
     header = [h.strip() for h in next(reader)]
     if len(header) == 1 and any(d in header[0] for d in (";", "\t", "|")):
@@ -111,6 +141,9 @@ def read_labels(csv_path: str | Path) -> list[dict[str, str]]:
     missing = [c for c in ("slide_id", "label") if c not in header]
     if missing:
         raise LabelsError(f"{csv_path}: missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'}")
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated:
+        raise LabelsError(f"{csv_path}: column(s) {', '.join(repeated)} appear more than once in the header")
     rows: list[dict[str, str]] = []
     seen: dict[str, int] = {}
     for lineno, values in enumerate(reader, start=2):
@@ -135,7 +168,27 @@ def read_labels(csv_path: str | Path) -> list[dict[str, str]]:
         rows.append(row)
     if not rows:
         raise LabelsError(f"{csv_path}: no rows below the header")
+    _warn_similar_labels(csv_path, [r["label"] for r in rows])
     return rows
+
+
+def _warn_similar_labels(csv_path: Path, labels: Sequence[str]) -> None:
+    """Warn about labels that are different classes but look like one (`1` and `1.0`, `Tumour` and `tumour`)."""
+
+    def key(label: str) -> str:
+        try:
+            return repr(float(label))
+        except ValueError:
+            return label.casefold()
+
+    groups: dict[str, set[str]] = {}
+    for label in labels:
+        groups.setdefault(key(label), set()).add(label)
+    for group in groups.values():
+        if len(group) > 1:
+            names = " and ".join(repr(g) for g in sorted(group))
+            warnings.warn(f"{csv_path}: labels {names} differ only in case or number format but are separate "
+                          "classes; write them the same way if they mean one class", UserWarning, stacklevel=3)
 
 
 def build_cohort(
@@ -149,10 +202,15 @@ def build_cohort(
     if not slide_dir.is_dir():
         raise SlideNotFoundError(slide_dir, "slide folder not found")
     rows = read_labels(labels_csv)
-    files = {}
+    files: dict[str, Path] = {}
+    labelled = {r["slide_id"] for r in rows}
     for p in sorted(slide_dir.iterdir()):
-        if p.name.lower().endswith(SLIDE_SUFFIXES) or (p.is_dir() and _is_dicom_folder(p)):
-            files.setdefault(slide_id(p), p)
+        if _is_slide_name(p) or (p.is_dir() and _is_dicom_folder(p)):
+            sid = slide_id(p)
+            if sid in files and sid in labelled:
+                raise LabelsError(f"{files[sid]} and {p} have the same slide_id {sid!r}, so its label would apply "
+                                  "to either; rename or remove one")
+            files.setdefault(sid, p)
     unknown = [r["slide_id"] for r in rows if r["slide_id"] not in files]
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")

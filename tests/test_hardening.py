@@ -1,0 +1,141 @@
+"""Issue "Hardening": no data lost, no garbage predicted, no traceback, no download from an untrusted model.
+
+Each test drives the CLI (click's CliRunner) or the library with one of the inputs an adversarial run
+found, and checks the exit status and the exact `Error: ...` / `Warning: ...` line.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner, Result
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from wsiats.cli import cli  # noqa: E402
+
+TINY = ["--batch-size", "2", "--n-patches", "4", "--patch-size", "32", "--view-downsample", "16", "--workers", "0",
+        "-q"]
+
+
+def invoke(*args: object, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env)
+
+
+def assert_clean(result: Result, code: int) -> None:
+    """Exit status `code`, and no Python exception or traceback escaped to the user."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cohort")
+    assert_clean(invoke("synth", out, "--n", "8", "--size", "1024", "--seed", "5", "-q"), 0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "run"
+    result = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run, "--epochs", "1", *TINY)
+    assert_clean(result, 0)
+    return run
+
+
+def _good(cohort: Path, i: int) -> Path:
+    return cohort / "slides" / f"synth_{i:04d}.tif"
+
+
+def _copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    return run
+
+
+# --- 1. demo and synth never overwrite a folder they did not make ---------------------------------------------------
+
+
+def test_synth_and_demo_refuse_a_folder_they_did_not_make(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    (mine / "cohort").mkdir(parents=True)
+    (mine / "cohort" / "labels.csv").write_text("slide_id,label\nmy_case,tumour\n")
+    (mine / "NOTES.txt").write_text("keep me\n")
+    for args in (["synth", mine / "cohort", "--n", "2", "--size", "512"], ["demo", "--out", mine, "--n", "8"]):
+        result = invoke(*args, "-q")
+        assert_clean(result, 1)
+        folder = args[1] if args[0] == "synth" else mine
+        assert result.output == (f"Error: {folder}: folder is not empty and was not made by `wsiats {args[0]}`; "
+                                 "choose a new folder, or pass --overwrite to write into it anyway\n")
+    assert (mine / "cohort" / "labels.csv").read_text() == "slide_id,label\nmy_case,tumour\n"
+    assert sorted(p.name for p in mine.rglob("*")) == ["NOTES.txt", "cohort", "labels.csv"]
+
+
+def test_synth_writes_again_into_its_own_folder_and_with_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    assert_clean(invoke("synth", out, "--n", "2", "--size", "512", "-q"), 0)
+    assert (out / "wsiats-synth.txt").is_file()
+    assert_clean(invoke("synth", out, "--n", "2", "--size", "512", "--seed", "1", "-q"), 0)  # its own folder
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.txt").write_text("x")
+    assert_clean(invoke("synth", other, "--n", "2", "--size", "512", "--overwrite", "-q"), 0)
+    assert (other / "x.txt").read_text() == "x" and (other / "labels.csv").is_file()
+
+
+def test_demo_run_again_keeps_files_the_user_added(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    args = ["demo", "--out", out, "--n", "8", "--size", "1024", "--epochs", "1", "-q"]
+    assert_clean(invoke(*args), 0)
+    (out / "run" / "NOTES.txt").write_text("my notes\n")
+    assert_clean(invoke(*args), 0)
+    assert (out / "run" / "NOTES.txt").read_text() == "my notes\n"
+
+
+# --- 2. labels attached to the wrong slide --------------------------------------------------------------------------
+
+
+def test_two_files_with_one_slide_id_are_an_error_naming_both(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    shutil.copytree(cohort / "slides", slides)
+    twin = slides / "synth_0000.ome.tif"
+    shutil.copy(_good(cohort, 1), twin)
+    result = invoke("train", slides, "--labels", cohort / "labels.csv", "--out", tmp_path / "run", *TINY)
+    assert_clean(result, 1)
+    assert result.output == (f"Error: {twin} and {slides / 'synth_0000.tif'} have the same slide_id 'synth_0000', "
+                             "so its label would apply to either; rename or remove one\n")
+    result = invoke("predict", slides, "--model", run_dir, "--out", tmp_path / "p.csv", "-q")
+    assert_clean(result, 1)
+    assert result.output == (f"Error: {twin} and {slides / 'synth_0000.tif'} have the same slide id 'synth_0000'; "
+                             "rename one, or give them to separate commands\n")
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_repeated_labels_column_is_an_error(cohort: Path, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label,label\nsynth_0000,negative,positive\n")
+    result = invoke("train", cohort / "slides", "--labels", labels, "--out", tmp_path / "run", *TINY)
+    assert_clean(result, 1)
+    assert result.output == f"Error: {labels}: column(s) label appear more than once in the header\n"
+
+
+def test_labels_that_differ_only_in_case_or_number_format_are_warned_about(tmp_path: Path) -> None:
+    from wsiats.data import read_labels
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\na,1\nb,1.0\nc,Negative\nd,negative\ne,2\n")
+    with pytest.warns(UserWarning) as seen:
+        read_labels(labels)
+    assert sorted(str(w.message) for w in seen) == [
+        f"{labels}: labels '1' and '1.0' differ only in case or number format but are separate classes; "
+        "write them the same way if they mean one class",
+        f"{labels}: labels 'Negative' and 'negative' differ only in case or number format but are separate classes; "
+        "write them the same way if they mean one class",
+    ]
