@@ -139,3 +139,80 @@ def test_labels_that_differ_only_in_case_or_number_format_are_warned_about(tmp_p
         f"{labels}: labels 'Negative' and 'negative' differ only in case or number format but are separate classes; "
         "write them the same way if they mean one class",
     ]
+
+
+# --- 5. NaN: never saved, never loaded, never written as JSON -------------------------------------------------------
+
+
+def test_a_huge_learning_rate_stops_training_with_one_line_and_saves_no_nan_weights(cohort: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run, "--epochs", "2",
+                    "--lr", "1e30", "--warmup-epochs", "0", *TINY)
+    assert_clean(result, 1)
+    assert result.output == ("Error: training stopped in epoch 1: the training loss is nan (the run diverged); "
+                             "no epoch was saved; try a lower --lr\n")
+    assert not (run / "model.safetensors").exists() and not (run / "last_state.pt").exists()
+
+
+def test_a_nan_loss_in_a_later_epoch_keeps_the_last_good_checkpoint(cohort: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from wsiats import train as train_module
+
+    calls = {"n": 0}
+    real = train_module.loss_fn
+
+    def nan_after_epoch_1(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, ce = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan"), ce) if calls["n"] > 3 else (loss, ce)  # 3 steps an epoch: 6 slides, batch 2
+
+    monkeypatch.setattr(train_module, "loss_fn", nan_after_epoch_1)
+    run = tmp_path / "run"
+    result = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run, "--epochs", "3",
+                    "--val-fraction", "0", *TINY)
+    assert_clean(result, 1)
+    assert result.output == (f"Error: training stopped in epoch 2: the training loss is nan (the run diverged); "
+                             f"epoch 1 in {run / 'last.safetensors'} is the last one saved; try a lower --lr\n")
+    assert [r["epoch"] for r in csv.DictReader(open(run / "metrics.csv", newline=""))] == ["1"]
+    assert_clean(invoke("predict", _good(cohort, 0), "--model", run, "--out", tmp_path / "p.csv", "-q"), 0)
+
+
+def test_non_finite_weights_are_refused_naming_the_file(run_dir: Path, cohort: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    run = _copy_run(run_dir, tmp_path)
+    state = load_file(str(run / "model.safetensors"))
+    state["classifier.weight"][0, 0] = float("nan")
+    save_file(state, str(run / "model.safetensors"))
+    result = invoke("predict", _good(cohort, 0), "--model", run, "--out", tmp_path / "p.json", "-q")
+    assert_clean(result, 1)
+    assert result.output == (f"Error: {run / 'model.safetensors'}: weights hold NaN or infinite values "
+                             "(classifier.weight); the training run diverged, retrain it with a lower --lr\n")
+
+
+def _no_nan(text: str) -> object:
+    import json
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in JSON output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_outputs_hold_null_never_nan(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
+    from wsiats.predict import Prediction, write_predictions
+
+    out = tmp_path / "p.json"
+    pred = Prediction("a", Path("a.tif"), probs=[0.5, 0.5], spread=float("nan"), passes=[[0.5, 0.5]],
+                      patches=[{"x": 0, "attention": float("nan"), "weight": float("inf")}])
+    write_predictions(out, [pred], ["negative", "positive"])
+    doc = _no_nan(out.read_text())
+    assert doc["slides"][0]["spread"] is None and doc["slides"][0]["patches"][0]["attention"] is None  # type: ignore[index]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\nsynth_0000,negative\n")  # one class: AUC is undefined
+    result = invoke("predict", _good(cohort, 0), "--model", run_dir, "--out", tmp_path / "q.csv", "--labels", labels,
+                    "--json", "-q")
+    assert_clean(result, 0)
+    assert _no_nan(result.stdout)["metrics"]["auc"] is None  # type: ignore[index]

@@ -6,6 +6,7 @@ A crash, a kill or a full disk never leaves a half-written file under the final 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -70,3 +71,14 @@ def claim_folder(path: str | Path, *, command: str, overwrite: bool = False) -> 
         marker.write_text(f"This folder was written by `wsiats {command}`, which may overwrite what it wrote here.\n"
                           "Delete this file to keep the command from writing here again without --overwrite.\n",
                           encoding="utf-8")
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None: JSON has no NaN (`json.dumps` would write one)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

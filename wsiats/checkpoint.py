@@ -50,6 +50,10 @@ def load_weights_into(model: torch.nn.Module, path: str | Path) -> None:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: corrupt or not a safetensors file ({exc})") from None
+    bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f"{path}: weights hold NaN or infinite values ({bad[0]}); the training run diverged, "
+                              "retrain it with a lower --lr")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -333,7 +333,9 @@ def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | 
     if labels is not None:
         summary["metrics"] = _label_metrics(preds, labels, predictor.classes)
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        from wsiats._io import json_safe
+
+        click.echo(json.dumps(json_safe(summary), indent=2))
     else:
         console.print(f"wrote {out}: {len(preds) - len(failed)} slide(s) predicted, {len(failed)} failed")
         if "metrics" in summary:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsiats._io import atomic_open
+from wsiats._io import atomic_open, json_safe
 from wsiats.checkpoint import load_model
 from wsiats.config import Config
 from wsiats.data import seeded_generator, slide_id
@@ -108,6 +108,8 @@ class Predictor:
                                          "attention": a, "weight": w})
                 pred.n_patches += len(out.boxes[0])
         arr = np.asarray(passes)
+        if not np.isfinite(arr).all():
+            raise WsiatsError(f"{path}: the model's output is not a number (NaN or infinite probabilities)")
         pred.passes = passes
         pred.probs = arr.mean(0).tolist()
         pred.spread = float(arr[:, int(arr.mean(0).argmax())].std()) if len(passes) > 1 else 0.0
@@ -175,8 +177,8 @@ def write_predictions(path: str | Path, preds: Sequence[Prediction], classes: Se
             rec["patches"] = pred.patches
             rec["tissue_fallback"] = pred.fell_back
             slides.append(rec)
-        doc = {"classes": list(classes), **(extra or {}), "slides": slides}
+        doc = json_safe({"classes": list(classes), **(extra or {}), "slides": slides})
         with atomic_open(path, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=1)
+            json.dump(doc, fh, indent=1, allow_nan=False)
     else:
         raise ConfigError(f"{path}: --out must end in .csv or .json")

@@ -252,6 +252,7 @@ def train(
             improved = key > best_key
             if improved:
                 best_key, best_epoch = key, epoch
+            _check_finite_weights(model)  # on every rank: DDP keeps their weights equal
             if not ctx.is_main:
                 distributed.barrier(ctx)
                 continue
@@ -278,6 +279,10 @@ def train(
         saved = (f"epoch {done + 1} of {cfg.epochs} was saved in {out_dir / LAST_FILE}; continue with --resume"
                  if done >= 0 else "no epoch was completed, so nothing to resume; run the same command again")
         raise Interrupted(f"training interrupted during epoch {epoch + 1}; {saved}") from None
+    except _Diverged as exc:  # nothing of this epoch was saved: the files on disk are the last finite ones
+        kept = f"epoch {epoch} in {out_dir / LAST_FILE} is the last one saved" if epoch > 0 else "no epoch was saved"
+        raise WsiatsError(f"training stopped in epoch {epoch + 1}: {exc} (the run diverged); {kept}; "
+                          "try a lower --lr") from None
     finally:
         pool.close()
         distributed.teardown(ctx)
@@ -325,6 +330,8 @@ def _train_epoch(
         out = net(items, cfg=cfg, pool=pool, generator=sample_gen, device=device,
                   workers=cfg.workers or None, autocast=autocast)
         loss, ce = loss_fn(out, y, cfg=cfg, weight=weight)
+        if not torch.isfinite(loss.detach()):
+            raise _Diverged(f"the training loss is {float(loss.detach())}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -345,6 +352,16 @@ def _train_epoch(
         # wall time per slide of this rank's share: what one process spends on a slide
         "seconds_per_slide": seconds * ctx.world_size / max(seen, 1),
     }
+
+
+class _Diverged(Exception):
+    """A non-finite loss or weight: training stops before anything of this epoch is saved."""
+
+
+def _check_finite_weights(model: torch.nn.Module) -> None:
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise _Diverged(f"the weights hold NaN or infinite values ({bad[0]})")
 
 
 def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
