@@ -216,3 +216,79 @@ def test_json_outputs_hold_null_never_nan(cohort: Path, run_dir: Path, tmp_path:
                     "--json", "-q")
     assert_clean(result, 0)
     assert _no_nan(result.stdout)["metrics"]["auc"] is None  # type: ignore[index]
+
+
+# --- 4. training on slides it cannot read ---------------------------------------------------------------------------
+
+
+def _train_rows(cohort: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(open(cohort / "labels.csv", newline="")))
+
+
+def test_when_every_view_fails_nothing_is_trained_or_saved(cohort: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = ["train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run, "--epochs", "1", *TINY,
+            "--view-downsample", "0.5"]
+    result = invoke(*args)
+    assert_clean(result, 1)
+    first = _good(cohort, 0)
+    assert result.output.startswith("Error: 6 unreadable slide(s) in the cohort: ")
+    assert f"{first}: view downsample 0.5 is finer than level 0; a view must be >= 1" in result.output
+    assert result.output.endswith(". Fix or remove them, or pass --skip-bad\n")
+    for extra, n_train in ((["--val-fraction", "0"], 6), ([], 4)):  # without and with a validation split
+        result = invoke(*args, "--skip-bad", *extra)
+        assert_clean(result, 1)
+        assert result.output == f"Error: none of the {n_train} training slide(s) can be read: nothing to train on\n"
+        assert not (run / "model.safetensors").exists() and not (run / "last_state.pt").exists()
+
+
+def test_skipped_views_are_left_out_of_the_counts(cohort: Path, tmp_path: Path) -> None:
+    from wsiats.config import resolve
+    from wsiats.train import train
+
+    slides = tmp_path / "slides"
+    shutil.copytree(cohort / "slides", slides)
+    train_ids = [r["slide_id"] for r in _train_rows(cohort) if r["split"] == "train"]
+    (slides / f"{train_ids[0]}.tif").write_bytes(b"")
+    cfg = resolve(overrides={"epochs": 1, "batch_size": 2, "n_patches": 4, "patch_size": 32, "view_downsample": 16.0,
+                             "workers": 0, "val_fraction": 0.0})
+    result = train(slides, cohort / "labels.csv", tmp_path / "run", cfg, skip_bad=True, progress=False)
+    assert result.skipped == [str(slides / f"{train_ids[0]}.tif")]
+    assert (result.n_train, result.n_val, result.n_test) == (len(train_ids) - 1, 0, 8 - len(train_ids))
+
+
+def _corrupt_level0(path: Path) -> None:
+    """Every level-0 tile garbage; the reduced level (from which the view is read) intact."""
+    with tifffile.TiffFile(path) as tif:
+        n = len(tif.pages[0].dataoffsets)
+    for index in range(n):
+        _corrupt_tile(path, index)
+
+
+def _corrupt_tile(path: Path, index: int) -> None:
+    import _slides
+
+    _slides.corrupt_tile(path, page=0, index=index)
+
+
+def test_skip_bad_trains_past_tiles_that_cannot_be_read_and_counts_them(cohort: Path, tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    shutil.copytree(cohort / "slides", slides)
+    train_id = next(r["slide_id"] for r in _train_rows(cohort) if r["split"] == "train"
+                    and int(r["slide_id"][-4:]) % 3 != 2)  # a plain TIFF (every third one is an OME-TIFF)
+    broken = slides / f"{train_id}.tif"
+    _corrupt_level0(broken)
+    run = tmp_path / "run"
+    args = ["train", slides, "--labels", cohort / "labels.csv", "--out", run, "--epochs", "2", "--val-fraction", "0",
+            *TINY]
+    result = invoke(*args)
+    assert_clean(result, 1)
+    assert result.output.startswith(f"Error: {broken}: cannot read level 0 region ")
+    assert result.output.endswith("; pass --skip-bad to train on without the steps that read it\n")
+    result = invoke(*args, "--skip-bad")
+    assert_clean(result, 0)
+    lines = result.output.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"Warning: left out of the steps that read it (--skip-bad): {broken}: cannot read ")
+    assert lines[1] == f"2 read(s) of tiles failed and were left out (--skip-bad): {broken} (2x)"  # once an epoch
+    assert [r["epoch"] for r in csv.DictReader(open(run / "metrics.csv", newline=""))] == ["1", "2"]

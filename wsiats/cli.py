@@ -220,6 +220,9 @@ def train(slide_dir: Path, labels: Path, out: Path, config_file: Path | None, re
         return
     if result.skipped:
         console.print(f"skipped {len(result.skipped)} unreadable slide(s): {', '.join(result.skipped)}")
+    if result.tile_errors:
+        console.print(f"{sum(result.tile_errors.values())} read(s) of tiles failed and were left out (--skip-bad): "
+                      + ", ".join(f"{path} ({n}x)" for path, n in result.tile_errors.items()))
     table = Table(title="training summary", title_justify="left")
     for col in ("slides train/val/test", "epochs", "best epoch", "best val acc"):
         table.add_column(col)

@@ -318,6 +318,31 @@ class ViewDataset(Dataset):
             _write_view_file(file, view)
         return view
 
+    def check_all(self, *, workers: int = 0, progress: bool = False) -> list[tuple[Item, str]]:
+        """Prepare every view once, before any training (in `workers` processes); keep them in memory
+        as the budget allows. Returns (item, error message) for each view that cannot be read."""
+        from torch.utils.data import DataLoader
+
+        from wsiats._progress import track
+
+        loader = DataLoader(self, batch_size=1, num_workers=workers, collate_fn=collate_views)
+        bad = []
+        for batch in track(loader, total=len(self), description="reading views", disable=not progress):
+            for i, view in batch:
+                if isinstance(view, str):
+                    bad.append((self.items[i], view))
+                elif i not in self._cache:  # prepared in a worker process: keep it here too
+                    self._remember(i, view)
+        return bad
+
+    def subset(self, keep: Sequence[int]) -> ViewDataset:
+        """A dataset of the items at `keep`, with their views already in memory carried over."""
+        out = ViewDataset([self.items[i] for i in keep], self.cfg, backend=self.backend, mpp=self.mpp)
+        for j, i in enumerate(keep):
+            if i in self._cache:
+                out._remember(j, self._cache[i])
+        return out
+
     def _remember(self, i: int, view: object) -> None:
         size = _view_bytes(view)
         if size > self.budget:
