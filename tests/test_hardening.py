@@ -292,3 +292,36 @@ def test_skip_bad_trains_past_tiles_that_cannot_be_read_and_counts_them(cohort: 
     assert lines[0].startswith(f"Warning: left out of the steps that read it (--skip-bad): {broken}: cannot read ")
     assert lines[1] == f"2 read(s) of tiles failed and were left out (--skip-bad): {broken} (2x)"  # once an epoch
     assert [r["epoch"] for r in csv.DictReader(open(run / "metrics.csv", newline=""))] == ["1", "2"]
+
+
+# --- 6. blank slides and dangling links are reported -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "rgb"), [(255, "255, 255, 255"), (0, "0, 0, 0")])
+def test_a_blank_slide_is_warned_about_in_predict_and_heatmap(run_dir: Path, tmp_path: Path, value: int,
+                                                               rgb: str) -> None:
+    import _slides
+
+    path = tmp_path / "blank.tif"
+    _slides.write_generic_pyramid(path, np.full((512, 512, 3), value, np.uint8), n_levels=2, tile=128)
+    warning = (f"Warning: {path}: no tissue found in the view (the slide is blank: every pixel is about RGB {rgb}); "
+               "sampling from the whole slide\n")
+    result = invoke("predict", path, "--model", run_dir, "--out", tmp_path / "p.csv", "-q")
+    assert_clean(result, 0)
+    assert result.stderr == warning
+    result = invoke("heatmap", path, "--model", run_dir, "--out", tmp_path / "maps", "-q")
+    assert_clean(result, 0)
+    assert result.stderr == warning
+
+
+def test_a_dangling_symlink_among_predicted_slides_is_a_failed_slide(cohort: Path, run_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(_good(cohort, 0), folder / "a.tif")
+    (folder / "gone.tif").symlink_to(tmp_path / "deleted.tif")
+    out = tmp_path / "p.csv"
+    result = invoke("predict", folder, "--model", run_dir, "--out", out, "-q")
+    assert_clean(result, 1)
+    assert result.output.splitlines() == [f"wrote {out}: 1 slide(s) predicted, 1 failed",
+                                          f"failed: {folder / 'gone.tif'}: no such file"]

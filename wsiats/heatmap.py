@@ -383,6 +383,7 @@ def heatmap_slides(
     from wsiats.pipeline import attention_map, cell_centers, patch_boxes, patch_downsample, prepare_view
     from wsiats.runtime import select_device
     from wsiats.slide import open_slide
+    from wsiats.tissue import no_tissue_message
 
     model, cfg = load_model(run_dir)
     dev = select_device(device)
@@ -410,6 +411,8 @@ def heatmap_slides(
                     # The PNG gets a sharper thumbnail than the model's view when the view is small.
                     thumb_ds = max(1.0, max(slide.dimensions) / thumbnail_size)  # never finer than level 0
                     thumb = slide.read_view(downsample=thumb_ds).image if thumb_ds < min(view.downsample) else view.image
+            if view.fell_back:  # its own warning was silenced with the reader's
+                warnings.warn(no_tissue_message(path, view.image), UserWarning, stacklevel=2)
             att = attention_map(model, view, cfg, device=dev)
             flat = att.ravel()
             order = np.argsort(-flat, kind="stable")[: min(top, int((flat > 0).sum()))]

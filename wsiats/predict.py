@@ -30,6 +30,7 @@ from wsiats.models import ATSModel
 from wsiats.pipeline import PreparedView, SlideBatchItem, SlidePool, forward_batch, prepare_view
 from wsiats.runtime import autocast_factory, select_device
 from wsiats.slide import open_slide
+from wsiats.tissue import no_tissue_message
 
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,8 @@ class Predictor:
                 t0 = time.perf_counter()
                 try:
                     view = futures.pop(i).result()
+                    if view.fell_back:  # warned here, in the caller's thread: the view's own warning was silenced
+                        warnings.warn(no_tissue_message(path, view.image), UserWarning, stacklevel=2)
                     pred = self.predict_view(path, view, pool)
                 except WsiatsError as exc:
                     pred = Prediction(slide_id(path), path, error=str(exc))
