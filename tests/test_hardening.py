@@ -325,3 +325,39 @@ def test_a_dangling_symlink_among_predicted_slides_is_a_failed_slide(cohort: Pat
     assert_clean(result, 1)
     assert result.output.splitlines() == [f"wrote {out}: 1 slide(s) predicted, 1 failed",
                                           f"failed: {folder / 'gone.tif'}: no such file"]
+
+
+# --- 12. loading a run never downloads -----------------------------------------------------------------------------
+
+
+def _with_feature_net(run_dir: Path, tmp_path: Path, name: str) -> Path:
+    import yaml
+
+    run = _copy_run(run_dir, tmp_path)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["feature_net"] = name
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run
+
+
+def test_a_run_naming_a_hub_repository_is_refused_without_allow_hub(cohort: Path, run_dir: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    timm = pytest.importorskip("timm")
+    called: list[dict[str, object]] = []
+    monkeypatch.setattr(timm, "create_model", lambda name, **kw: called.append({"name": name, **kw}) or 1 / 0)
+    run = _with_feature_net(run_dir, tmp_path, "hf-hub:attacker/x")
+    for command, out in (("predict", tmp_path / "p.csv"), ("heatmap", tmp_path / "maps")):
+        result = invoke(command, _good(cohort, 0), "--model", run, "--out", out, "-q")
+        assert_clean(result, 1)
+        assert result.output == (f"Error: {run / 'config.yaml'}: feature_net 'hf-hub:attacker/x' would be fetched "
+                                 "from the Hugging Face hub; pass --allow-hub if you trust this model folder and "
+                                 "that repository\n")
+    assert called == []
+    result = invoke("predict", _good(cohort, 0), "--model", run, "--out", tmp_path / "p.csv", "--allow-hub", "-q")
+    assert_clean(result, 1)
+    assert called == [{"name": "hf-hub:attacker/x", "pretrained": False, "num_classes": 0}]  # the run's own weights
+
+
+def test_dependency_floors_that_keep_hub_checkpoints_from_being_unpickled() -> None:
+    text = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    assert '"torch>=2.6"' in text and '"timm>=1.0.9"' in text

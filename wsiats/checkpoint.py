@@ -26,13 +26,14 @@ STATE_FILE = "last_state.pt"
 
 
 def build_model(cfg: Config, *, load_feature_weights: bool = True) -> ATSModel:
-    """An ATSModel shaped by `cfg` (feature weights from `cfg.feature_weights` when asked)."""
+    """An ATSModel shaped by `cfg` (feature weights from `cfg.feature_weights` or the hub when asked)."""
     return ATSModel(
         n_classes=len(cfg.classes),
         feature_net=cfg.feature_net,
         feature_dim=cfg.feature_dim,
         feature_weights=cfg.feature_weights if load_feature_weights else None,
         freeze_features=cfg.freeze_features,
+        pretrained=load_feature_weights,
     )
 
 
@@ -61,12 +62,22 @@ def load_weights_into(model: torch.nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"{path}: weights do not match config.yaml ({first})") from None
 
 
-def load_model(run_dir: str | Path, *, which: str = MODEL_FILE) -> tuple[ATSModel, Config]:
-    """Read a run folder's config and weights; the model is in eval mode on the CPU."""
+def load_model(run_dir: str | Path, *, which: str = MODEL_FILE, allow_hub: bool = False) -> tuple[ATSModel, Config]:
+    """Read a run folder's config and weights; the model is in eval mode on the CPU.
+
+    Nothing is downloaded: the run's own weights are loaded. A `feature_net: hf-hub:<repo>` in the
+    run's config would make timm fetch that repository's config (which picks the architecture)
+    from the Hugging Face hub, so it is refused unless `allow_hub`.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: model folder not found; pass the --out folder of `wsiats train`")
     cfg = load_run_config(run_dir)
+    if cfg.feature_net.startswith("hf-hub:") and not allow_hub:
+        raise CheckpointError(
+            f"{run_dir / 'config.yaml'}: feature_net {cfg.feature_net!r} would be fetched from the Hugging Face hub; "
+            "pass --allow-hub if you trust this model folder and that repository"
+        )
     model = build_model(cfg, load_feature_weights=False)
     load_weights_into(model, run_dir / which)
     model.eval()

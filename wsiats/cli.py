@@ -166,6 +166,9 @@ def _config_overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+allow_hub_option = click.option(
+    "--allow-hub", is_flag=True,
+    help="Accept a model folder whose feature_net is hf-hub:<repo>: timm fetches that repository's config.")
 
 
 @cli.command()
@@ -287,13 +290,14 @@ def _write_resolved(path: Path, params: dict[str, Any]) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Threads reading tiles and prefetching views.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@allow_hub_option
 @backend_option
 @mpp_option
 @quiet_option
 @option_file
 @_reports_errors
 def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | None, mc: int, topk: bool,
-            n_patches: int | None, seed: int, device: str, workers: int, as_json: bool, backend: str,
+            n_patches: int | None, seed: int, device: str, workers: int, as_json: bool, allow_hub: bool, backend: str,
             mpp: float | None, quiet: bool, config_file: Path | None) -> None:
     """Classify SLIDES (files, folders or glob patterns) with a trained model.
 
@@ -317,7 +321,7 @@ def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | 
     ctx, dev = distributed.setup(device)
     try:
         predictor = Predictor(model_dir, device=dev, mc=mc, topk=topk, seed=seed, workers=workers,
-                              backend=backend, mpp=mpp, n_patches=n_patches)
+                              backend=backend, mpp=mpp, n_patches=n_patches, allow_hub=allow_hub)
         out.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after predicting every slide
         mine = distributed.shard(ctx, len(paths))  # under torchrun each rank takes every world_size-th slide
         done = list(zip(mine, track(predictor.predict([paths[i] for i in mine]), total=len(mine),
@@ -388,12 +392,13 @@ def _print_metrics(m: dict[str, Any], classes: list[str]) -> None:
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Folder for the PNG, TIFF and GeoJSON files.")
 @click.option("--top", type=click.IntRange(min=1), default=50, show_default=True, help="Highest-attention patches in the GeoJSON.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@allow_hub_option
 @backend_option
 @mpp_option
 @quiet_option
 @option_file
 @_reports_errors
-def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, device: str, backend: str,
+def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, device: str, allow_hub: bool, backend: str,
             mpp: float | None, quiet: bool, config_file: Path | None) -> None:
     """Draw where the model looks on SLIDES.
 
@@ -410,7 +415,8 @@ def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, devic
     from wsiats.heatmap import heatmap_slides
 
     paths = find_slides(slides)
-    results = list(track(heatmap_slides(paths, model_dir, out, top=top, device=device, backend=backend, mpp=mpp),
+    results = list(track(heatmap_slides(paths, model_dir, out, top=top, device=device, backend=backend, mpp=mpp,
+                                        allow_hub=allow_hub),
                          total=len(paths), description="heatmaps", disable=quiet))
     failed = [r for r in results if r.error]
     if len(failed) < len(results):

@@ -69,10 +69,11 @@ class Predictor:
         backend: str = "auto",
         mpp: float | None = None,
         n_patches: int | None = None,
+        allow_hub: bool = False,
     ) -> None:
         if mc < 1:
             raise ConfigError(f"--mc must be >= 1, got {mc}")
-        model, cfg = load_model(run_dir)
+        model, cfg = load_model(run_dir, allow_hub=allow_hub)
         if n_patches is not None:
             cfg.n_patches = n_patches
             cfg.check()
