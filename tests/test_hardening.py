@@ -361,3 +361,256 @@ def test_a_run_naming_a_hub_repository_is_refused_without_allow_hub(cohort: Path
 def test_dependency_floors_that_keep_hub_checkpoints_from_being_unpickled() -> None:
     text = (Path(__file__).parent.parent / "pyproject.toml").read_text()
     assert '"torch>=2.6"' in text and '"timm>=1.0.9"' in text
+
+
+# --- 9. every model-config value that sizes memory is bounded ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--feature-dim", "100000"], "feature_dim (flag --feature-dim) must be at most 2048, got 100000"),
+    (["--n-patches", "1000000"], "n_patches (flag --n-patches) must be at most 10000, got 1000000"),
+    (["--patch-size", "5000"], "patch_size (flag --patch-size) must be at most 4096, got 5000"),
+    (["--batch-size", "5000"], "batch_size (flag --batch-size) must be at most 1024, got 5000"),
+    (["--workers", "1000"], "workers (flag --workers) must be at most 64, got 1000"),
+    (["--n-patches", "1000", "--patch-size", "1024", "--batch-size", "8"],
+     "n_patches (flag --n-patches) times batch_size times patch_size^2 is 8388608000 patch pixels a step, over the "
+     "limit of 268435456, got 1000"),
+])
+def test_memory_sizing_options_are_bounded(tmp_path: Path, flags: list[str], message: str) -> None:
+    result = invoke("train", tmp_path, "--labels", "x.csv", "--out", tmp_path / "r", *flags)
+    assert_clean(result, 2)
+    assert result.output == f"Error: {message}\n"
+
+
+def test_a_run_config_with_a_huge_feature_dim_is_refused_before_building(cohort: Path, run_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    run = _copy_run(run_dir, tmp_path)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("feature_dim: 32", "feature_dim: 100000"))
+    result = invoke("predict", _good(cohort, 0), "--model", run, "--out", tmp_path / "p.csv", "-q")
+    assert_clean(result, 1)
+    assert result.output == f"Error: {config}: feature_dim (flag --feature-dim) must be at most 2048, got 100000\n"
+
+
+# --- 10. one line instead of a traceback ----------------------------------------------------------------------------
+
+
+def test_a_symlink_loop_is_a_failed_slide(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
+    loop = tmp_path / "loop.tif"
+    loop.symlink_to(tmp_path / "loop.tif")
+    result = invoke("predict", loop, _good(cohort, 0), "--model", run_dir, "--out", tmp_path / "p.csv", "-q")
+    assert_clean(result, 1)
+    assert result.output.splitlines() == [f"wrote {tmp_path / 'p.csv'}: 1 slide(s) predicted, 1 failed",
+                                          f"failed: {loop}: no such file"]
+    result = invoke("heatmap", loop, "--model", run_dir, "--out", tmp_path / "maps", "-q")
+    assert_clean(result, 1)
+    assert result.output.splitlines()[-1] == f"failed: {loop}: no such file"
+
+
+def test_a_huge_labels_field_is_a_one_line_error(cohort: Path, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\nsynth_0000," + "x" * 200_000 + "\n")
+    result = invoke("train", cohort / "slides", "--labels", labels, "--out", tmp_path / "run", *TINY)
+    assert_clean(result, 1)
+    assert result.output == (f"Error: {labels}: not a readable CSV file (field larger than field limit (131072))\n")
+
+
+def test_integer_yaml_keys_are_one_line_errors(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("1: 2\nepoks: 3\n")
+    result = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", tmp_path / "r",
+                    "--config", config)
+    assert_clean(result, 2)
+    assert result.output.startswith(f"Error: {config}: unknown key(s) 1, epoks; valid keys: view_downsample, ")
+    config.write_text("mc: 2\n1: 2\n")
+    result = invoke("predict", _good(cohort, 0), "--model", run_dir, "--out", tmp_path / "p.csv", "--config", config)
+    assert_clean(result, 2)
+    assert f"Error: Invalid value for '--config': {config}: unknown key(s) 1; valid keys: " in result.output
+    run = _copy_run(run_dir, tmp_path)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text() + "1: 2\n2: x\n")
+    result = invoke("predict", _good(cohort, 0), "--model", run, "--out", tmp_path / "p.csv", "-q")
+    assert_clean(result, 1)
+    assert result.output == f"Error: {run / 'config.yaml'}: unknown key(s) 1, 2\n"
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_out_of_range_seeds_are_usage_errors(cohort: Path, run_dir: Path, tmp_path: Path, seed: str) -> None:
+    result = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", tmp_path / "r",
+                    "--seed", seed)
+    assert_clean(result, 2)
+    assert result.output == f"Error: seed (flag --seed) must be an integer from 0 to {2**63 - 1}, got {seed}\n"
+    result = invoke("predict", _good(cohort, 0), "--model", run_dir, "--out", tmp_path / "p.csv", "--seed", seed)
+    assert_clean(result, 2)
+    assert f"Error: Invalid value for '--seed': {seed} is not in the range 0<=x<={2**63 - 1}." in result.output
+
+
+def _malformed_states() -> dict[str, object]:
+    import torch
+
+    return {
+        "a tensor": torch.zeros(3),
+        "no keys": {},
+        "wrong optimizer": {"model": {}, "optimizer": {"state": 1}},
+        "string epoch": {"optimizer": None, "epoch": "x"},
+        "bad history": None,  # filled in from the run's real state below
+    }
+
+
+@pytest.mark.parametrize("case", list(_malformed_states()))
+def test_a_malformed_weights_only_training_state_is_a_one_line_error(cohort: Path, run_dir: Path, tmp_path: Path,
+                                                                    case: str) -> None:
+    import torch
+
+    run = _copy_run(run_dir, tmp_path)
+    state = _malformed_states()[case]
+    if state is None:
+        state = torch.load(run / "last_state.pt", weights_only=True)
+        state["history"] = torch.zeros(1, 3)  # type: ignore[index]
+    torch.save(state, run / "last_state.pt")
+    result = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run, "--resume", "-q")
+    assert_clean(result, 1)
+    assert result.output.startswith(f"Error: {run / 'last_state.pt'}: not a training state of this run (")
+    assert result.output.endswith("); train again into a new --out\n") and result.output.count("\n") == 1
+
+
+def test_a_full_disk_while_saving_weights_is_a_one_line_error(cohort: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors import SafetensorError
+
+    from wsiats import checkpoint
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    run = tmp_path / "run"
+    result = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run, "--epochs", "1", *TINY)
+    assert_clean(result, 1)
+    assert result.output == (f'Error: {run / "model.safetensors"}: cannot write model weights (Error while '
+                             'serializing: IoError(Os {{ code: 28, kind: StorageFull, message: "No space left on '
+                             'device" }}))\n').replace("{{", "{").replace("}}", "}")
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT is not; "),
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer; "),
+    ({"WORLD_SIZE": "2", "RANK": "5", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"},
+     "RANK=5 and LOCAL_RANK=0 do not fit WORLD_SIZE=2; "),
+])
+def test_a_broken_torchrun_environment_is_a_usage_error(cohort: Path, run_dir: Path, tmp_path: Path,
+                                                        env: dict[str, str], message: str) -> None:
+    hint = "torchrun sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (unset WORLD_SIZE to run one process)"
+    for args in (["train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", tmp_path / "r", *TINY],
+                 ["predict", _good(cohort, 0), "--model", run_dir, "--out", tmp_path / "p.csv", "-q"]):
+        result = invoke(*args, env=env)
+        assert_clean(result, 2)
+        assert result.output == f"Error: {message}{hint}\n"
+
+
+# --- 11. messages that mislead; outputs checked before the work -----------------------------------------------------
+
+
+def test_unreadable_config_and_weights_say_so(cohort: Path, run_dir: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+    import io
+
+    run = _copy_run(run_dir, tmp_path)
+    real_open = builtins.open
+    locked: set[str] = set()
+
+    def guarded(file: object, *args: object, **kwargs: object) -> object:
+        if str(file) in locked:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    monkeypatch.setattr(io, "open", guarded)  # what Path.read_text opens with
+    from wsiats.checkpoint import load_model
+    from wsiats.errors import CheckpointError
+
+    for name, what in (("config.yaml", "the config"), ("model.safetensors", "the model weights")):
+        locked.clear()
+        locked.add(str(run / name))
+        with pytest.raises(CheckpointError) as caught:
+            load_model(run)
+        assert str(caught.value) == f"{run / name}: cannot read {what} (Permission denied)"
+
+
+def test_outputs_are_checked_before_any_slide_is_predicted(cohort: Path, run_dir: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsiats.predict import Predictor
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("predicted before checking the output")
+
+    monkeypatch.setattr(Predictor, "predict", never)
+    folder = tmp_path / "p.csv"
+    folder.mkdir()
+    too_long = "file name too long; choose a shorter one"
+    cases = [(folder, folder, "is a folder; give a file name"),
+             (Path("/sys/pred.csv"), Path("/sys/pred.csv"), "Permission denied"),  # read-only, even for root
+             (tmp_path / ("p" * 300 + ".csv"), tmp_path / ("p" * 300 + ".csv"), too_long),
+             (tmp_path / ("p" * 245 + ".csv"), tmp_path / ("p" * 245 + ".csv.config.yaml"), too_long)]
+    cases = [case for case in cases if case[0].parent.is_dir()]  # /sys: Linux only
+    for out, named, why in cases:
+        result = invoke("predict", _good(cohort, 0), "--model", run_dir, "--out", out, "-q")
+        assert_clean(result, 1)
+        assert result.output == f"Error: {named}: {why}\n"
+    long = tmp_path / ("q" * 239 + ".csv")  # 243 characters: <name>.config.yaml is 255
+    monkeypatch.undo()
+    assert_clean(invoke("predict", _good(cohort, 0), "--model", run_dir, "--out", long, "-q"), 0)
+    assert long.is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_write_error_names_the_output_not_its_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from wsiats._io import atomic_open
+
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    out = tmp_path / "p.csv"
+    with pytest.raises(OSError) as caught, atomic_open(out, "w") as fh:
+        fh.write("x")
+    assert caught.value.filename == str(out) and caught.value.strerror == "No space left on device"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_duplicate_class_names_are_refused(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
+    run = _copy_run(run_dir, tmp_path)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("- positive", "- negative"))
+    result = invoke("predict", _good(cohort, 0), "--model", run, "--out", tmp_path / "p.csv", "-q")
+    assert_clean(result, 1)
+    assert result.output == (f"Error: {config}: classes must be at most 10000 distinct names, "
+                             "got ['negative', 'negative']\n")
+
+
+def test_heatmaps_written_into_the_slide_folder_are_not_slides(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(_good(cohort, 0), folder / "a.tif")
+    assert_clean(invoke("heatmap", folder, "--model", run_dir, "--out", folder, "-q"), 0)
+    assert (folder / "a.attention.tif").is_file()
+    result = invoke("predict", folder, "--model", run_dir, "--out", tmp_path / "p.csv", "-q")
+    assert_clean(result, 0)
+    assert result.output == f"wrote {tmp_path / 'p.csv'}: 1 slide(s) predicted, 0 failed\n"
+
+
+def test_info_shows_the_good_slides_when_one_is_bad(cohort: Path, tmp_path: Path) -> None:
+    import json
+
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"")
+    result = invoke("info", _good(cohort, 0), bad, _good(cohort, 1), "--json")
+    assert_clean(result, 1)
+    assert [r["path"] for r in json.loads(result.stdout)] == [str(_good(cohort, 0)), str(_good(cohort, 1))]
+    assert result.stderr == f"failed: {bad}: file is empty (0 bytes)\n"
+    result = invoke("info", _good(cohort, 0), bad)
+    assert_clean(result, 1)
+    assert str(_good(cohort, 0)) in result.stdout and "backend tifffile" in result.stdout

@@ -6,6 +6,7 @@ A crash, a kill or a full disk never leaves a half-written file under the final 
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import tempfile
@@ -19,6 +20,8 @@ from wsiats.errors import WsiatsError
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
+#: Characters of the output's name kept in its temporary name (".<name>.<random>.tmp<suffix>" must fit in 255).
+_TMP_NAME = 64
 
 
 @contextlib.contextmanager
@@ -30,21 +33,49 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, _FILE_MODE)
+    tmp_path = _temporary(path)
     try:
+        os.chmod(tmp_path, _FILE_MODE)
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp_path, _FILE_MODE)  # again: some writers (safetensors) replace the file, with mode 0600
         os.replace(tmp_path, path)
+    except OSError as exc:  # name the output, not the temporary file the user never asked for
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        if exc.filename is None or Path(exc.filename) == tmp_path:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _temporary(path: Path) -> Path:
+    """A new empty file beside `path`, hidden, named after it but short enough for any name `path` may have."""
+    stem = path.name[:_TMP_NAME]
+    suffix = path.suffix if len(path.suffix) <= 16 else ""  # some writers choose the format by the suffix
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp" + suffix, dir=path.parent)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+    os.close(fd)
+    return Path(tmp)
+
+
+def check_writable(*paths: str | Path) -> None:
+    """Fail now, before any work, when an output could not be written: a folder, or a name too long, at
+    `path`, or a folder that cannot be created or written to. Raises OSError naming the output."""
+    for path in map(Path, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if len(os.fsencode(path.name)) > os.pathconf(path.parent, "PC_NAME_MAX"):
+            raise OSError(errno.ENAMETOOLONG, "file name too long; choose a shorter one", str(path))
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a folder; give a file name", str(path))
+        _temporary(path).unlink()
 
 
 @contextlib.contextmanager

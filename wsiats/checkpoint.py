@@ -8,6 +8,7 @@ in one file, so that weights and optimizer state are renamed into place together
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,21 @@ def build_model(cfg: Config, *, load_feature_weights: bool = True) -> ATSModel:
 def save_weights(model: torch.nn.Module, path: str | Path, *, metadata: dict[str, str] | None = None) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata or {})
+        try:
+            save_file(state, str(tmp), metadata=metadata or {})
+        except SafetensorError as exc:  # a full disk: safetensors' own error, not an OSError
+            raise OSError(errno.EIO, f"cannot write model weights ({exc})", str(path)) from None
 
 
 def load_weights_into(model: torch.nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: model weights not found; did `wsiats train` finish an epoch?")
+    try:
+        with open(path, "rb"):  # safetensors reports an unreadable file as "No such file"
+            pass
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the model weights ({exc.strerror or exc})") from None
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -86,7 +95,11 @@ def load_model(run_dir: str | Path, *, which: str = MODEL_FILE, allow_hub: bool 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as exc:  # a full disk: torch's zip writer raises RuntimeError, not OSError
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise OSError(errno.EIO, f"cannot write the training state ({first})", str(path)) from None
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

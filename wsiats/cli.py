@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from wsiats import __version__
+from wsiats.config import SEED_MAX
 from wsiats.errors import ConfigError, Interrupted, WsiatsError
 
 # Idle OpenMP threads sleep instead of spinning (torch's libgomp spins by default). Measured here on 2 cores:
@@ -108,15 +109,29 @@ def info(slides: tuple[Path, ...], backend: str, mpp: float | None, as_json: boo
     Example:
         wsiats info slides/case_001.svs --json
     """
+    from wsiats.errors import SlideError
     from wsiats.slide import describe, open_slide
 
-    records = []
+    records, failed = [], []
     for path in slides:
-        with open_slide(path, backend=backend, mpp=mpp) as slide:
-            slide.read_region((0, 0), slide.level_count - 1, (1, 1))  # decode one tile: a missing codec shows here
-            records.append(describe(slide))
+        try:
+            with open_slide(path, backend=backend, mpp=mpp) as slide:
+                slide.read_region((0, 0), slide.level_count - 1, (1, 1))  # decode one tile: a missing codec shows here
+                records.append(describe(slide))
+        except SlideError as exc:  # the other slides are still shown; the exit status says one failed
+            if len(slides) == 1:
+                raise
+            failed.append(str(exc))
+    _print_info(records, as_json=as_json, several=len(slides) > 1)
+    for message in failed:
+        click.echo(f"failed: {message}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+def _print_info(records: list[dict[str, Any]], *, as_json: bool, several: bool) -> None:
     if as_json:
-        click.echo(json.dumps(records if len(records) > 1 else records[0], indent=2))
+        click.echo(json.dumps(records if several else records[0], indent=2))
         return
     for rec in records:
         table = Table(title=str(rec["path"]), title_justify="left")
@@ -200,10 +215,13 @@ def train(slide_dir: Path, labels: Path, out: Path, config_file: Path | None, re
     from wsiats.config import resolve
     from wsiats.train import train as run_training
 
+    from wsiats.distributed import read_env
+
     cfg = resolve(config_file=config_file, overrides=_config_overrides(kwargs))
     if print_config:
         click.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False), nl=False)
         return
+    read_env()  # a broken torchrun environment is reported before any slide is read
     if (out / "last_state.pt").exists() and not resume:  # a run that finished an epoch; config.yaml alone is not one
         raise click.ClickException(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
 
@@ -267,6 +285,11 @@ option_file = click.option(
 )
 
 
+def _record_path(out: Path) -> Path:
+    """Where predict records the options it ran with: beside the output, `<out>.config.yaml`."""
+    return out.with_name(out.name + ".config.yaml")
+
+
 def _write_resolved(path: Path, params: dict[str, Any]) -> None:
     """Record the options a command ran with next to its outputs."""
     import yaml
@@ -286,7 +309,7 @@ def _write_resolved(path: Path, params: dict[str, Any]) -> None:
 @click.option("--mc", type=click.IntRange(min=1), default=1, show_default=True, help="Average this many sampling passes; report their spread.")
 @click.option("--topk", is_flag=True, help="Deterministic: the N highest-attention patches instead of sampling.")
 @click.option("--n-patches", type=click.IntRange(min=1), default=None, help="Patches per slide (default: as trained).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True, help="Sampling seed.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Threads reading tiles and prefetching views.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -316,13 +339,15 @@ def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | 
         raise ConfigError(f"{out}: --out must end in .csv or .json")
     from wsiats import distributed
 
+    from wsiats._io import check_writable
+
     paths = find_slides(slides)
     check_unique_ids(paths)  # two rows with one slide_id could not be told apart
+    check_writable(out, _record_path(out))  # fail now, not after predicting every slide
     ctx, dev = distributed.setup(device)
     try:
         predictor = Predictor(model_dir, device=dev, mc=mc, topk=topk, seed=seed, workers=workers,
                               backend=backend, mpp=mpp, n_patches=n_patches, allow_hub=allow_hub)
-        out.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after predicting every slide
         mine = distributed.shard(ctx, len(paths))  # under torchrun each rank takes every world_size-th slide
         done = list(zip(mine, track(predictor.predict([paths[i] for i in mine]), total=len(mine),
                                     description="predicting", disable=quiet or not ctx.is_main)))
@@ -332,7 +357,7 @@ def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | 
             return
         write_predictions(out, preds, predictor.classes,
                           extra={"model": str(model_dir), "mc": predictor.mc, "topk": topk})
-        _write_resolved(out.with_name(out.name + ".config.yaml"), click.get_current_context().params)
+        _write_resolved(_record_path(out), click.get_current_context().params)
     finally:
         distributed.teardown(ctx)
     failed = [p for p in preds if not p.ok]
@@ -414,7 +439,10 @@ def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, devic
     from wsiats.data import find_slides
     from wsiats.heatmap import heatmap_slides
 
+    from wsiats._io import check_writable
+
     paths = find_slides(slides)
+    check_writable(out / "heatmap.config.yaml")  # the folder can be made and written: fail now, not per slide
     results = list(track(heatmap_slides(paths, model_dir, out, top=top, device=device, backend=backend, mpp=mpp,
                                         allow_hub=allow_hub),
                          total=len(paths), description="heatmaps", disable=quiet))
@@ -437,7 +465,7 @@ overwrite_option = click.option(
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--n", "n", type=click.IntRange(min=2), default=40, show_default=True, help="Number of slides (half positive).")
 @click.option("--size", type=click.IntRange(min=512), default=4096, show_default=True, help="Level-0 side in pixels.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True, help="Random seed.")
 @click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.25, show_default=True,
               help="Fraction of each class marked split=test in labels.csv.")
 @overwrite_option
@@ -473,7 +501,8 @@ def _make_cohort(out: Path, *, quiet: bool, make: Callable[..., Path], **kw: Any
 
 @cli.command()
 @click.option("--out", "out", type=click.Path(path_type=Path), default=Path("wsiats-demo"), show_default=True, help="Folder for everything the demo writes.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the cohort and the training run.")
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True,
+              help="Seed of the cohort and the training run.")
 @click.option("--n", "n", type=click.IntRange(min=8), default=48, show_default=True, help="Slides in the cohort.")
 @click.option("--size", type=click.IntRange(min=1024), default=4096, show_default=True, help="Level-0 side of each slide.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (default: the demo's tuned value).")

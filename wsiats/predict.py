@@ -23,7 +23,7 @@ import torch
 
 from wsiats._io import atomic_open, json_safe
 from wsiats.checkpoint import load_model
-from wsiats.config import Config
+from wsiats.config import SEED_MAX, Config
 from wsiats.data import seeded_generator, slide_id
 from wsiats.errors import ConfigError, WsiatsError
 from wsiats.models import ATSModel
@@ -73,6 +73,8 @@ class Predictor:
     ) -> None:
         if mc < 1:
             raise ConfigError(f"--mc must be >= 1, got {mc}")
+        if not 0 <= seed <= SEED_MAX:
+            raise ConfigError(f"--seed must be an integer from 0 to {SEED_MAX}, got {seed}")
         model, cfg = load_model(run_dir, allow_hub=allow_hub)
         if n_patches is not None:
             cfg.n_patches = n_patches

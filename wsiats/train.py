@@ -241,17 +241,24 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         state = load_state(out_dir / STATE_FILE)
-        if "model" in state:  # the weights of the state's epoch: last.safetensors may be one epoch ahead
-            model.load_state_dict(state["model"])
-        else:
-            load_weights_into(model, out_dir / LAST_FILE)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch = int(state["epoch"]) + 1
-        best_epoch = int(state["best_epoch"])
-        best_key = (float(state["best_acc"]), float(state["best_neg_loss"]))
-        history = [dict(zip(METRIC_COLUMNS, row.tolist())) for row in state["history"]]
+        try:  # a weights-only file can still hold anything: every way it can be wrong is one error
+            if "model" in state:  # the weights of the state's epoch: last.safetensors may be one epoch ahead
+                model.load_state_dict(state["model"])
+            else:
+                load_weights_into(model, out_dir / LAST_FILE)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            start_epoch = int(state["epoch"]) + 1
+            best_epoch = int(state["best_epoch"])
+            best_key = (float(state["best_acc"]), float(state["best_neg_loss"]))
+            history = [dict(zip(METRIC_COLUMNS, row.tolist(), strict=True)) for row in state["history"]]
+            if not 0 <= best_epoch < start_epoch or len(history) != start_epoch:
+                raise ValueError(f"epoch {start_epoch - 1}, best epoch {best_epoch} and {len(history)} history rows")
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+            detail = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise CheckpointError(f"{out_dir / STATE_FILE}: not a training state of this run ({type(exc).__name__}: "
+                                  f"{detail}); train again into a new --out") from None
     elif ctx.is_main:
         cfg.save(out_dir / "config.yaml")
 
