@@ -614,3 +614,44 @@ def test_info_shows_the_good_slides_when_one_is_bad(cohort: Path, tmp_path: Path
     result = invoke("info", _good(cohort, 0), bad)
     assert_clean(result, 1)
     assert str(_good(cohort, 0)) in result.stdout and "backend tifffile" in result.stdout
+
+
+# --- 13. the view cache checks what it stores against the slide -----------------------------------------------------
+
+
+def test_a_poisoned_view_cache_file_is_not_used(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import _slides
+
+    from wsiats.config import Config
+    from wsiats.data import Item, ViewDataset
+
+    items = []
+    for k in range(2):
+        path = tmp_path / f"s{k}.tif"
+        _slides.write_generic_pyramid(path, _slides.tissue_image(256, 320, seed=k), n_levels=2, tile=64, mpp=0.5)
+        items.append(Item(f"s{k}", path, k))
+    cache = tmp_path / "cache"
+    cfg = Config(view_downsample=4.0, view_cache=str(cache))
+    truth = [ViewDataset(items, cfg)[k][1] for k in range(2)]
+    (mine,), (other,) = sorted(cache.glob("s0-*.npz")), sorted(cache.glob("s1-*.npz"))
+    stored = dict(np.load(mine))
+
+    def load() -> str:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="wsiats.data"):
+            view = ViewDataset(items, cfg)[0][1]
+        assert np.array_equal(view.image, truth[0].image) and view.downsample == truth[0].downsample
+        return caplog.text
+
+    def tampered(**changes: object) -> str:
+        np.savez(mine, **{**stored, **changes})
+        return load()
+
+    mine.write_bytes(other.read_bytes())  # another slide's view under this slide's name
+    assert "stored for another slide or setting: the hash of the slide file's header differs" in load()
+    assert load() == ""  # the file was written again from the slide, and is used
+    assert "the view downsample differs" in tampered(requested_downsample=np.float64(2.0))
+    assert "the slide's size differs" in tampered(dimensions=np.asarray([640, 512]))
+    small = {"image": stored["image"][::2, ::2], "mask": stored["mask"][::2, ::2]}
+    assert "a view of 40 x 32 px does not fit the slide" in tampered(**small)
+    assert "does not fit the slide" in tampered(downsample=np.asarray([8.0, 8.0]))

@@ -280,6 +280,9 @@ class ViewDataset(Dataset):
         self.folder = Path(folder) if folder else None
         self._cache: OrderedDict[int, object] = OrderedDict()
         self._bytes = 0
+        # Cache file -> what it must match, once a slide was opened to check it: a view evicted from
+        # memory is then loaded again without opening its slide (the file name covers path, size, mtime).
+        self._identities: dict[Path, dict[str, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -303,19 +306,27 @@ class ViewDataset(Dataset):
 
         path = self.items[i].path
         file = self._file(path)
-        if file is not None and file.is_file():
-            view = _read_view_file(file)
+        known = self._identities.get(file) if file is not None else None
+        if known is not None and file is not None and file.is_file():  # checked against the slide before
+            view = _read_view_file(file, known)
             if view is not None:
                 return view
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                with open_slide(path, backend=self.backend, mpp=self.mpp) as slide:
+                with open_slide(path, backend=self.backend, mpp=self.mpp) as slide:  # opening decodes no pixels
+                    identity = _slide_identity(slide, self.cfg) if file is not None else {}
+                    if file is not None and file.is_file():
+                        view = _read_view_file(file, identity)
+                        if view is not None:
+                            self._identities[file] = identity
+                            return view
                     view = prepare_view(slide, self.cfg)  # type: ignore[arg-type]
         except WsiatsError as exc:
             return str(exc)
         if file is not None:
-            _write_view_file(file, view)
+            _write_view_file(file, view, identity)
+            self._identities[file] = identity
         return view
 
     def check_all(self, *, workers: int = 0, progress: bool = False) -> list[tuple[Item, str]]:
@@ -338,6 +349,7 @@ class ViewDataset(Dataset):
     def subset(self, keep: Sequence[int]) -> ViewDataset:
         """A dataset of the items at `keep`, with their views already in memory carried over."""
         out = ViewDataset([self.items[i] for i in keep], self.cfg, backend=self.backend, mpp=self.mpp)
+        out._identities = dict(self._identities)
         for j, i in enumerate(keep):
             if i in self._cache:
                 out._remember(j, self._cache[i])
@@ -374,7 +386,31 @@ class ViewDataset(Dataset):
 
 
 #: Version of the view cache files; a change makes earlier files unused.
-_VIEW_FILE_FORMAT = 1
+_VIEW_FILE_FORMAT = 2
+#: Bytes hashed at each end of a slide file to identify its content (a TIFF's header and IFDs lie there).
+_HEADER_BYTES = 1 << 16
+
+
+_IDENTITY_TEXT = {"dimensions": "the slide's size", "requested_downsample": "the view downsample",
+                  "header_sha256": "the hash of the slide file's header"}
+
+
+def _slide_identity(slide: object, cfg: object) -> dict[str, np.ndarray]:
+    """What a view cache file must match: the slide's level-0 size, the view's requested downsample,
+    and a SHA-256 of the slide file's first and last 64 KiB (of each file, for a DICOM folder)."""
+    from wsiats.pipeline import view_downsample
+
+    path = Path(slide.path)  # type: ignore[attr-defined]
+    digest = hashlib.sha256()
+    for part in sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]:
+        with open(part, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            digest.update(f"{part.name}:{size}:".encode() + fh.read(_HEADER_BYTES))
+            fh.seek(max(_HEADER_BYTES, size - _HEADER_BYTES))
+            digest.update(fh.read(_HEADER_BYTES))
+    return {"dimensions": np.asarray(slide.dimensions, dtype=np.int64),  # type: ignore[attr-defined]
+            "requested_downsample": np.asarray(view_downsample(slide, cfg), dtype=np.float64),  # type: ignore[arg-type]
+            "header_sha256": np.asarray(digest.hexdigest())}
 
 
 def _view_bytes(view: object) -> int:
@@ -383,28 +419,38 @@ def _view_bytes(view: object) -> int:
     return int(image.nbytes + mask.nbytes) if image is not None and mask is not None else 0
 
 
-def _write_view_file(file: Path, view: object) -> None:
+def _write_view_file(file: Path, view: object, identity: dict[str, np.ndarray]) -> None:
     """Store a prepared view; the cache only speeds things up, so a failure to write is logged, not raised."""
     from wsiats._io import atomic_open
 
     try:
         with atomic_open(file, "wb") as fh:
             np.savez(fh, image=view.image, mask=view.mask, downsample=np.asarray(view.downsample, dtype=np.float64),
-                     fell_back=np.asarray(view.fell_back))  # type: ignore[attr-defined]
+                     fell_back=np.asarray(view.fell_back), **identity)  # type: ignore[attr-defined]
     except OSError as exc:
         log.warning("%s: cannot write the view cache file (%s); going on without it", file, exc)
 
 
-def _read_view_file(file: Path) -> object | None:
-    """A view stored by `_write_view_file`, or None (logged) when the file cannot be used."""
+def _read_view_file(file: Path, identity: dict[str, np.ndarray]) -> object | None:
+    """A view stored by `_write_view_file` for the slide and settings of `identity`, or None (logged) when
+    the file cannot be used: damaged, or stored for another slide, another size or another downsample."""
     from wsiats.pipeline import PreparedView
 
     try:
         with np.load(file, allow_pickle=False) as z:
             image, mask = z["image"], z["mask"]
             downsample, fell_back = z["downsample"], z["fell_back"]
+            stored = {name: z[name] for name in identity}
         if image.dtype != np.uint8 or image.ndim != 3 or mask.dtype != np.bool_ or mask.shape != image.shape[:2]:
             raise ValueError("unexpected arrays")
+        for name, value in identity.items():
+            if stored[name].shape != value.shape or not (np.allclose(stored[name], value, rtol=1e-9, atol=0)
+                                                         if value.dtype.kind == "f" else np.array_equal(stored[name], value)):
+                raise ValueError(f"stored for another slide or setting: {_IDENTITY_TEXT[name]} differs")
+        (width, height), ds = (int(v) for v in identity["dimensions"]), float(identity["requested_downsample"])
+        shape = (max(1, round(height / ds)), max(1, round(width / ds)))  # Slide.read_view's size
+        if image.shape[:2] != shape or not np.allclose(downsample, (width / shape[1], height / shape[0]), rtol=1e-9):
+            raise ValueError(f"a view of {image.shape[1]} x {image.shape[0]} px does not fit the slide")
         return PreparedView(image=image, mask=mask, downsample=(float(downsample[0]), float(downsample[1])),
                             fell_back=bool(fell_back))
     except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as exc:
