@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,40 +19,13 @@ from click.testing import CliRunner, Result
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from wsiats.cli import cli  # noqa: E402
+from test_reliability import TINY, _good, assert_clean, cohort, run_dir  # noqa: E402,F401  (shared fixtures)
 
-TINY = ["--batch-size", "2", "--n-patches", "4", "--patch-size", "32", "--view-downsample", "16", "--workers", "0",
-        "-q"]
+from wsiats.cli import cli  # noqa: E402
 
 
 def invoke(*args: object, env: dict[str, str] | None = None) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], env=env)
-
-
-def assert_clean(result: Result, code: int) -> None:
-    """Exit status `code`, and no Python exception or traceback escaped to the user."""
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cohort")
-    assert_clean(invoke("synth", out, "--n", "8", "--size", "1024", "--seed", "5", "-q"), 0)
-    return out
-
-
-@pytest.fixture(scope="module")
-def run_dir(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "run"
-    result = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run, "--epochs", "1", *TINY)
-    assert_clean(result, 0)
-    return run
-
-
-def _good(cohort: Path, i: int) -> Path:
-    return cohort / "slides" / f"synth_{i:04d}.tif"
 
 
 def _copy_run(run_dir: Path, tmp_path: Path) -> Path:
@@ -249,11 +223,14 @@ def test_skipped_views_are_left_out_of_the_counts(cohort: Path, tmp_path: Path) 
     slides = tmp_path / "slides"
     shutil.copytree(cohort / "slides", slides)
     train_ids = [r["slide_id"] for r in _train_rows(cohort) if r["split"] == "train"]
-    (slides / f"{train_ids[0]}.tif").write_bytes(b"")
-    cfg = resolve(overrides={"epochs": 1, "batch_size": 2, "n_patches": 4, "patch_size": 32, "view_downsample": 16.0,
+    broken = slides / f"{train_ids[0]}.tif"
+    _corrupt_level0(broken)  # opens, but its view (read from level 0 at downsample 2) cannot be read
+    cfg = resolve(overrides={"epochs": 1, "batch_size": 2, "n_patches": 4, "patch_size": 32, "view_downsample": 2.0,
                              "workers": 0, "val_fraction": 0.0})
-    result = train(slides, cohort / "labels.csv", tmp_path / "run", cfg, skip_bad=True, progress=False)
-    assert result.skipped == [str(slides / f"{train_ids[0]}.tif")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # left out once, before training: no warning every epoch
+        result = train(slides, cohort / "labels.csv", tmp_path / "run", cfg, skip_bad=True, progress=False)
+    assert result.skipped == [str(broken)]
     assert (result.n_train, result.n_val, result.n_test) == (len(train_ids) - 1, 0, 8 - len(train_ids))
 
 
