@@ -262,7 +262,7 @@ def _(ws: Workspace) -> None:
         _slides.write_generic_pyramid(path, np.full((512, 512, 3), value, np.uint8), n_levels=2, tile=128)
         for command, out in (("predict", ws.root / "blank.csv"), ("heatmap", ws.root / "blank_maps")):
             expect(cli(command, path, "--model", ws.run, "--out", out, "-q"), 0,
-                   contains=f"Warning: {path}: no tissue found in the view (the slide is blank")
+                   contains=f"Warning: {path}: no tissue found in the view (the view is blank")
 
 
 @attack("6 a dangling symlink in a predicted folder")

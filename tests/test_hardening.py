@@ -281,7 +281,7 @@ def test_a_blank_slide_is_warned_about_in_predict_and_heatmap(run_dir: Path, tmp
 
     path = tmp_path / "blank.tif"
     _slides.write_generic_pyramid(path, np.full((512, 512, 3), value, np.uint8), n_levels=2, tile=128)
-    warning = (f"Warning: {path}: no tissue found in the view (the slide is blank: every pixel is about RGB {rgb}); "
+    warning = (f"Warning: {path}: no tissue found in the view (the view is blank, every pixel about RGB {rgb}); "
                "sampling from the whole slide\n")
     result = invoke("predict", path, "--model", run_dir, "--out", tmp_path / "p.csv", "-q")
     assert_clean(result, 0)

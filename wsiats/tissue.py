@@ -77,5 +77,5 @@ def no_tissue_message(path: object, image: np.ndarray) -> str:
     blank = ""
     if flat.size and int((flat.max(0).astype(np.int16) - flat.min(0)).max()) <= BLANK_SPREAD:
         rgb = ", ".join(str(int(round(v))) for v in flat.mean(0))
-        blank = f" (the slide is blank: every pixel is about RGB {rgb})"
+        blank = f" (the view is blank, every pixel about RGB {rgb})"
     return f"{path}: no tissue found in the view{blank}; sampling from the whole slide"
