@@ -514,8 +514,9 @@ def test_a_failing_heatmap_writer_leaves_no_partial_files(cohort: Path, run_dir:
     monkeypatch.setattr(wsiats.heatmap.tifffile, "imwrite", real_imwrite)
     assert_clean(result, 1)
     lines = result.output.splitlines()
-    assert lines == [f"wrote 0 heatmap(s) to {out}, 1 failed",
-                     f"failed: {_good(cohort, 0)}: OSError: [Errno 28] No space left on device"]
+    assert lines == [f"wrote 0 heatmap(s) to {out}, 1 failed",  # the output named, not its temporary file
+                     f"failed: {_good(cohort, 0)}: OSError: [Errno 28] No space left on device: "
+                     f"'{out / 'synth_0000.attention.tif'}'"]
     assert produced(out) == []  # neither a partial TIFF nor the PNG of a slide reported as failed
 
 

@@ -386,7 +386,7 @@ class ViewDataset(Dataset):
 
 
 #: Version of the view cache files; a change makes earlier files unused.
-_VIEW_FILE_FORMAT = 2
+_VIEW_FILE_FORMAT = 3  # 3: with what the file must match of its slide (dimensions, downsample, header hash)
 #: Bytes hashed at each end of a slide file to identify its content (a TIFF's header and IFDs lie there).
 _HEADER_BYTES = 1 << 16
 
