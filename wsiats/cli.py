@@ -164,14 +164,15 @@ def info(slides: tuple[str, ...], backend: str, mpp: float | None, recursive: bo
         if not as_json:  # each table as its slide is read, below the warnings about it
             _show_info(records[-1:], as_json)
     if as_json:
-        _show_info(records, as_json)
+        _show_info(records, as_json, several=len(paths) > 1)
     for text in failed:
         click.echo(f"failed: {text}", err=True)
     if failed:
         sys.exit(1)
 
 
-def _show_info(records: list[dict[str, Any]], as_json: bool) -> None:
+def _show_info(records: list[dict[str, Any]], as_json: bool, *, several: bool = False) -> None:
+    """Tables, or JSON: a list when several slides were asked for (even if one of them failed), else one object."""
     if not records:
         return
     if as_json:

@@ -510,8 +510,6 @@ def _read_view_file(file: Path, identity: dict[str, np.ndarray]) -> object | Non
             stored = {name: z[name] for name in identity}
         if image.dtype != np.uint8 or image.ndim != 3 or mask.dtype != np.bool_ or mask.shape != image.shape[:2]:
             raise ValueError("unexpected arrays")
-        if explore is not None and (explore.dtype != np.float32 or explore.shape != mask.shape):
-            raise ValueError("unexpected exploration distribution")
         for name, value in identity.items():
             if stored[name].shape != value.shape or not (np.allclose(stored[name], value, rtol=1e-9, atol=0)
                                                          if value.dtype.kind == "f" else np.array_equal(stored[name], value)):
@@ -520,6 +518,8 @@ def _read_view_file(file: Path, identity: dict[str, np.ndarray]) -> object | Non
         shape = (max(1, round(height / ds)), max(1, round(width / ds)))  # Slide.read_view's size
         if image.shape[:2] != shape or not np.allclose(downsample, (width / shape[1], height / shape[0]), rtol=1e-9):
             raise ValueError(f"a view of {image.shape[1]} x {image.shape[0]} px does not fit the slide")
+        if explore is not None and (explore.dtype != np.float32 or explore.shape != mask.shape):
+            raise ValueError("unexpected exploration distribution")
         return PreparedView(image=image, mask=mask, downsample=(float(downsample[0]), float(downsample[1])),
                             fell_back=bool(fell_back), mpp=None if math.isnan(mpp) else mpp,
                             mpp_source=mpp_source or None, notes=notes, explore=explore)
