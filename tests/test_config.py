@@ -13,8 +13,8 @@ def test_defaults_are_the_official_hyperparameters_where_the_needle_benchmark_di
     assert cfg.clip_norm == 1.0 and cfg.entropy_weight == 1e-4 and cfg.attention_eps == 1e-4
     assert cfg.replace is False and cfg.attention == "learned"
     # moved by benchmarks/bench_needles.py (README "Training for needles"): official N 10, batch 8, one lr
-    assert (cfg.pooling, cfg.candidates, cfg.train_patches, cfg.zoom) == ("gated", 256, 64, 0.5)
-    assert (cfg.lr, cfg.head_lr_scale, cfg.n_patches, cfg.batch_size) == (1e-3, 3.0, 16, 4)
+    assert (cfg.pooling, cfg.candidates, cfg.train_patches, cfg.zoom) == ("gated", 256, 64, 0.625)
+    assert (cfg.lr, cfg.head_lr_scale, cfg.n_patches, cfg.batch_size) == (1e-3, 3.0, 32, 4)
     paper = resolve(overrides={"pooling": "ats"})  # the paper's procedure: no candidates
     assert paper.candidates == 0
 

@@ -51,7 +51,7 @@ class Config:
     """Level-0 pixels per patch pixel (1 = read at level 0)."""
     patch_mpp: float | None = None
     """Microns per pixel of the patches (overrides patch_downsample; needs slide mpp)."""
-    n_patches: int = 16
+    n_patches: int = 32
     """Patches read per slide at inference (N)."""
     replace: bool = False
     """Sample with replacement (default: without, Gumbel top-k)."""
@@ -77,7 +77,7 @@ class Config:
     """'gated' (gated attention MIL over the N patches: one telling patch can decide) or 'ats' (the paper's estimator of sum_i a_i f_i)."""
     candidates: int | None = None
     """Training with --pooling gated: candidate patches per slide, drawn from the attention mixed with uniform, embedded without gradient; the N with the highest instance scores get the gradient pass (0: the N patches sampled from the attention; default 256 with gated pooling, 0 with ats)."""
-    zoom: float = 0.5
+    zoom: float = 0.625
     """With --pooling gated: share of the N patches drawn around the most telling patch of the others (0: all N from the attention)."""
     train_patches: int = 64
     """Training with candidates: how many of them get the gradient pass, highest instance scores first."""

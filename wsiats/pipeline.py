@@ -226,8 +226,8 @@ def forward_batch(
       per colour group, or uniform), their patches embedded without gradient, and the
       max(N, `cfg.train_patches`) with the highest instance scores embedded again with gradient and pooled.
     With gated pooling the attention network learns from `ForwardResult.distill`, the cross-entropy
-    of the attention over the embedded patches against the N with the highest instance scores
-    (N/2 of the N when training without candidates).
+    of the attention over the embedded patches against the `train_patches // 4` with the highest
+    instance scores (N/2 of the N when training without candidates).
     """
     if mode not in ("sample", "topk", "explore"):
         raise ValueError(f"mode must be 'sample', 'topk' or 'explore', got {mode!r}")
@@ -274,7 +274,7 @@ def forward_batch(
             orig, centers, tiles = read(cand[0])
             scores = _scores_without_grad(model, tiles, device, ctx)
             if cfg.attention != "uniform":
-                distill.append(mil.distillation_loss(att[0, cand[0]], scores, top=n))
+                distill.append(mil.distillation_loss(att[0, cand[0]], scores, top=max(1, cfg.train_patches // 4)))
             keep = mil.select_informative(scores, max(n, cfg.train_patches)).cpu()
             idx, orig, centers, tiles = cand[:, keep.to(cand.device)], orig[keep.numpy()], centers[keep.numpy()], tiles[keep]
             a_k = att.gather(1, idx)
@@ -283,7 +283,7 @@ def forward_batch(
             n1 = max(1, n - int(round(cfg.zoom * n))) if gated and n >= 2 else n
             radius = max(1, int(round(size * pds / max(view.downsample))))  # one patch, in view cells
             if n1 < n:  # zoom: first n1 cells spread over distinct places, then the rest around the best of them
-                idx = spread_cells(att, n1, (h, w), 2 * radius, generator=None if mode == "topk" else generator)
+                idx = spread_cells(att, n1, (h, w), SPREAD_PATCHES * radius, generator=None if mode == "topk" else generator)
                 a_k = att.gather(1, idx)
             elif mode == "topk":
                 idx, a_k = sampling.topk(att, n1)
@@ -331,6 +331,10 @@ def forward_batch(
     entropy = torch.stack([sampling.entropy(a[None])[0] for a in attentions])
     aux = torch.stack(distill) if distill else None
     return ForwardResult(logits, attentions, indices, sampled, weights, boxes, entropy, aux)
+
+
+#: Least distance between the first-stage cells of zoomed inference, in patch widths (`spread_cells`).
+SPREAD_PATCHES = 4
 
 
 def spread_cells(attention: Tensor, n: int, shape: tuple[int, int], radius: int, *,
