@@ -219,7 +219,7 @@ def test_view_cache_files_are_reused_and_never_stale(tmp_path: Path, monkeypatch
                                                      caplog: pytest.LogCaptureFixture) -> None:
     import os
 
-    import wsiats.slide
+    import wsiats.pipeline
 
     items = _view_items(tmp_path, 2)
     cache = tmp_path / "cache"
@@ -229,9 +229,9 @@ def test_view_cache_files_are_reused_and_never_stale(tmp_path: Path, monkeypatch
     assert len(files) == 1 and not list(cache.glob(".*"))  # written atomically, no temporaries left
 
     def no_slides(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the slide was opened although its view is cached")
+        raise AssertionError("the slide's view was read although it is cached")
 
-    monkeypatch.setattr(wsiats.slide, "open_slide", no_slides)
+    monkeypatch.setattr(wsiats.pipeline, "prepare_view", no_slides)  # opened to check the file against, not read
     cached = ViewDataset(items, cfg)[0][1]
     assert np.array_equal(cached.image, first.image) and np.array_equal(cached.mask, first.mask)
     assert cached.downsample == first.downsample and cached.fell_back == first.fell_back

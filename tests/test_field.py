@@ -101,7 +101,8 @@ def _dpi72_warning(path: Path) -> str:
 
 
 def _blank_warning(path: Path) -> str:
-    return f"Warning: {path}: no tissue found in the view; sampling from the whole slide"
+    return (f"Warning: {path}: no tissue found in the view (the view is blank, every pixel about RGB 246, 246, 246); "
+            "sampling from the whole slide")
 
 
 def _half_warning(path: Path) -> str:

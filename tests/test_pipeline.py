@@ -451,7 +451,7 @@ def test_fewer_allowed_cells_than_patches(half_glass: _slides.Generated) -> None
 def test_blank_slide_falls_back_to_the_whole_view(tmp_path: Path) -> None:
     path = tmp_path / "blank.tif"
     _slides.write_generic_pyramid(path, np.full((128, 192, 3), 246, np.uint8), n_levels=2, tile=64)
-    warning = r"blank\.tif: no tissue found in the view; sampling from the whole slide"
+    warning = r"blank\.tif: no tissue found in the view \(the view is blank, every pixel about RGB 246, 246, 246\); sampling"
     with open_slide(path) as slide, pytest.warns(UserWarning, match=warning):
         view = prepare_view(slide, Config(view_downsample=16.0))
     assert view.fell_back and view.mask.shape == (8, 12) and view.mask.all()

@@ -462,7 +462,8 @@ def test_train_lists_every_unreadable_slide_then_skip_bad_trains_on_the_rest(coh
 
 
 def test_train_on_a_slide_that_fails_mid_read(cohort: Path, bad: Path, tmp_path: Path) -> None:
-    """A corrupt tile is only found when it is read: training goes on without that slide and names it."""
+    """A corrupt tile is only found when it is read: the views are all read before training starts, so the
+    slide stops training before it starts, or with --skip-bad is left out once and named."""
     slides = tmp_path / "slides"
     shutil.copytree(cohort / "slides", slides)
     rows = list(csv.DictReader(open(cohort / "labels.csv", newline="")))
@@ -470,11 +471,16 @@ def test_train_on_a_slide_that_fails_mid_read(cohort: Path, bad: Path, tmp_path:
     broken = slides / f"{train_id}.tif"
     shutil.copy(bad / "bad_tile.tif", broken)
     run = tmp_path / "run"
-    result = invoke("train", slides, "--labels", cohort / "labels.csv", "--out", run, "--epochs", "1", *TINY)
+    args = ["train", slides, "--labels", cohort / "labels.csv", "--out", run, "--epochs", "2", *TINY]
+    result = invoke(*args)
+    assert_clean(result, 1)
+    assert result.output.startswith(f"Error: 1 unreadable slide(s) in the cohort: {broken}: cannot read level 0 region")
+    assert result.output.count("\n") == 1 and not run.exists()
+    result = invoke(*args, "--skip-bad")
     assert_clean(result, 0)
-    warned = [line for line in result.output.splitlines() if f"{broken}: cannot read level 0 region" in line]
-    assert warned and all(line.startswith("Warning: ") for line in warned)
-    assert [r["epoch"] for r in csv.DictReader(open(run / "metrics.csv", newline=""))] == ["1"]
+    assert result.output.count(f"skipped 1 unreadable slide(s): {broken}\n") == 1  # once, not a warning every epoch
+    assert "Warning" not in result.output
+    assert [r["epoch"] for r in csv.DictReader(open(run / "metrics.csv", newline=""))] == ["1", "2"]
     assert not leftovers(tmp_path)
 
 
@@ -527,8 +533,9 @@ def test_a_failing_heatmap_writer_leaves_no_partial_files(cohort: Path, run_dir:
     monkeypatch.setattr(wsiats.heatmap.tifffile, "imwrite", real_imwrite)
     assert_clean(result, 1)
     lines = result.output.splitlines()
-    assert lines == [f"wrote 0 heatmap(s) to {out}, 1 failed",
-                     f"failed: {_good(cohort, 0)}: OSError: [Errno 28] No space left on device"]
+    assert lines == [f"wrote 0 heatmap(s) to {out}, 1 failed",  # the output named, not its temporary file
+                     f"failed: {_good(cohort, 0)}: OSError: [Errno 28] No space left on device: "
+                     f"'{out / 'synth_0000.attention.tif'}'"]
     assert produced(out) == []  # neither a partial TIFF nor the PNG of a slide reported as failed
 
 

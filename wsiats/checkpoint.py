@@ -8,6 +8,7 @@ in one file, so that weights and optimizer state are renamed into place together
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ STATE_FILE = "last_state.pt"
 
 
 def build_model(cfg: Config, *, load_feature_weights: bool = True) -> ATSModel:
-    """An ATSModel shaped by `cfg` (feature weights from `cfg.feature_weights` when asked)."""
+    """An ATSModel shaped by `cfg` (feature weights from `cfg.feature_weights` or the hub when asked)."""
     return ATSModel(
         n_classes=len(cfg.classes),
         feature_net=cfg.feature_net,
@@ -35,13 +36,17 @@ def build_model(cfg: Config, *, load_feature_weights: bool = True) -> ATSModel:
         feature_weights=cfg.feature_weights if load_feature_weights else None,
         freeze_features=cfg.freeze_features,
         pooling=cfg.pooling,
+        pretrained=load_feature_weights,
     )
 
 
 def save_weights(model: torch.nn.Module, path: str | Path, *, metadata: dict[str, str] | None = None) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata or {})
+        try:
+            save_file(state, str(tmp), metadata=metadata or {})
+        except SafetensorError as exc:  # a full disk: safetensors' own error, not an OSError
+            raise OSError(errno.EIO, f"cannot write model weights ({exc})", str(path)) from None
 
 
 def load_weights_into(model: torch.nn.Module, path: str | Path) -> None:
@@ -49,9 +54,18 @@ def load_weights_into(model: torch.nn.Module, path: str | Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"{path}: model weights not found; did `wsiats train` finish an epoch?")
     try:
+        with open(path, "rb"):  # safetensors reports an unreadable file as "No such file"
+            pass
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the model weights ({exc.strerror or exc})") from None
+    try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: corrupt or not a safetensors file ({exc})") from None
+    bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f"{path}: weights hold NaN or infinite values ({bad[0]}); the training run diverged, "
+                              "retrain it with a lower --lr")
     mismatch = _mismatch(model.state_dict(), state)
     if mismatch:
         raise CheckpointError(f"{path}: weights do not match config.yaml ({mismatch}); they come from another run, "
@@ -78,10 +92,13 @@ def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor])
     return "; ".join(parts)
 
 
-def load_model(run_dir: str | Path, *, which: str = MODEL_FILE) -> tuple[ATSModel, Config]:
+def load_model(run_dir: str | Path, *, which: str = MODEL_FILE, allow_hub: bool = False) -> tuple[ATSModel, Config]:
     """Read a run folder's config and weights; the model is in eval mode on the CPU.
 
     `run_dir` may also be a weights file in a run folder (RUN/model.safetensors, RUN/last.safetensors).
+    Nothing is downloaded: the run's own weights are loaded. A `feature_net: hf-hub:<repo>` in the
+    run's config would make timm fetch that repository's config (which picks the architecture)
+    from the Hugging Face hub, so it is refused unless `allow_hub`.
     """
     run_dir = Path(run_dir)
     if run_dir.is_file() and run_dir.suffix == ".safetensors" and (run_dir.parent / "config.yaml").is_file():
@@ -92,6 +109,11 @@ def load_model(run_dir: str | Path, *, which: str = MODEL_FILE) -> tuple[ATSMode
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: model folder not found; pass the --out folder of `wsiats train`")
     cfg = load_run_config(run_dir)
+    if cfg.feature_net.startswith("hf-hub:") and not allow_hub:
+        raise CheckpointError(
+            f"{run_dir / 'config.yaml'}: feature_net {cfg.feature_net!r} would be fetched from the Hugging Face hub; "
+            "pass --allow-hub if you trust this model folder and that repository"
+        )
     model = build_model(cfg, load_feature_weights=False)
     load_weights_into(model, run_dir / which)
     model.eval()
@@ -100,7 +122,11 @@ def load_model(run_dir: str | Path, *, which: str = MODEL_FILE) -> tuple[ATSMode
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as exc:  # a full disk: torch's zip writer raises RuntimeError, not OSError
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise OSError(errno.EIO, f"cannot write the training state ({first})", str(path)) from None
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

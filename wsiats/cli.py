@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from wsiats import __version__
+from wsiats.config import SEED_MAX
 from wsiats.errors import ConfigError, Interrupted, WsiatsError
 
 # Idle OpenMP threads sleep instead of spinning (torch's libgomp spins by default). Measured here on 2 cores:
@@ -163,18 +164,19 @@ def info(slides: tuple[str, ...], backend: str, mpp: float | None, recursive: bo
         if not as_json:  # each table as its slide is read, below the warnings about it
             _show_info(records[-1:], as_json)
     if as_json:
-        _show_info(records, as_json)
+        _show_info(records, as_json, several=len(paths) > 1)
     for text in failed:
         click.echo(f"failed: {text}", err=True)
     if failed:
         sys.exit(1)
 
 
-def _show_info(records: list[dict[str, Any]], as_json: bool) -> None:
+def _show_info(records: list[dict[str, Any]], as_json: bool, *, several: bool = False) -> None:
+    """Tables, or JSON: a list when several slides were asked for (even if one of them failed), else one object."""
     if not records:
         return
     if as_json:
-        click.echo(json.dumps(records if len(records) > 1 else records[0], indent=2))
+        click.echo(json.dumps(records if several else records[0], indent=2))
         return
     for rec in records:
         table = Table(title=str(rec["path"]), title_justify="left")
@@ -328,6 +330,11 @@ def _write_resolved(path: Path, ctx: click.Context) -> None:
         yaml.safe_dump(record, fh, sort_keys=False)
 
 
+allow_hub_option = click.option(
+    "--allow-hub", is_flag=True,
+    help="Accept a model folder whose feature_net is hf-hub:<repo>: timm fetches that repository's config.")
+
+
 @cli.command()
 @click.argument("slide_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--labels", "labels", type=click.Path(path_type=Path), default=None,
@@ -365,6 +372,8 @@ def train(slide_dir: Path | None, labels: Path | None, out: Path | None, config_
     from wsiats.config import RUN_FIELDS, load_run_config, resolve
     from wsiats.train import train as run_training
 
+    from wsiats.distributed import read_env
+
     cfg = resolve(overrides=_config_overrides(kwargs))
     if print_config:
         doc = {k: v for k, v in cfg.to_dict().items() if k not in RUN_FIELDS}
@@ -377,6 +386,7 @@ def train(slide_dir: Path | None, labels: Path | None, out: Path | None, config_
         if given is None:
             raise click.UsageError(f"Missing {what}.")
     assert slide_dir is not None and labels is not None and out is not None
+    read_env()  # a broken torchrun environment is reported before any slide is read
     if (out / "last_state.pt").exists() and not resume:  # a run that finished an epoch; config.yaml alone is not one
         raise click.ClickException(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
     total = cfg.epochs
@@ -404,6 +414,9 @@ def train(slide_dir: Path | None, labels: Path | None, out: Path | None, config_
         return
     if result.skipped:
         console.print(f"skipped {len(result.skipped)} unreadable slide(s): {', '.join(result.skipped)}")
+    if result.tile_errors:
+        console.print(f"{sum(result.tile_errors.values())} read(s) of tiles failed and were left out (--skip-bad): "
+                      + ", ".join(f"{path} ({n}x)" for path, n in result.tile_errors.items()))
     table = Table(title="training summary", title_justify="left")
     for col in ("slides train/val/test", "epochs", "best epoch", "best val acc"):
         table.add_column(col)
@@ -421,6 +434,11 @@ model_option = click.option("--model", "model_dir", required=True, type=click.Pa
                             help="Run folder written by `wsiats train` (or the model.safetensors in it).")
 
 
+def _record_path(out: Path) -> Path:
+    """Where predict records the options it ran with: beside the output, `<out>.config.yaml`."""
+    return out.with_name(out.name + ".config.yaml")
+
+
 @cli.command()
 @click.argument("slides", nargs=-1, required=True, type=str)
 @model_option
@@ -429,10 +447,11 @@ model_option = click.option("--model", "model_dir", required=True, type=click.Pa
 @click.option("--mc", type=click.IntRange(min=1), default=1, show_default=True, help="Average this many sampling passes; report their spread.")
 @click.option("--topk", is_flag=True, help="Deterministic: the N highest-attention patches instead of sampling.")
 @click.option("--n-patches", type=click.IntRange(min=1), default=None, help="Patches per slide (default: as trained).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True, help="Sampling seed.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Threads reading tiles and prefetching views.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@allow_hub_option
 @backend_option
 @mpp_option
 @recursive_option
@@ -441,7 +460,7 @@ model_option = click.option("--model", "model_dir", required=True, type=click.Pa
 @option_file
 @_reports_errors
 def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | None, mc: int, topk: bool,
-            n_patches: int | None, seed: int, device: str, workers: int, as_json: bool, backend: str,
+            n_patches: int | None, seed: int, device: str, workers: int, as_json: bool, allow_hub: bool, backend: str,
             mpp: float | None, recursive: bool, quiet: bool, config_file: Path | None) -> None:
     """Classify SLIDES (files, folders or glob patterns) with a trained model.
 
@@ -453,7 +472,8 @@ def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | 
         wsiats predict cohort/slides --model runs/exp1 --out predictions.csv
     """
     from wsiats._progress import track
-    from wsiats.data import find_slides, read_labels
+    from wsiats._io import check_writable
+    from wsiats.data import check_unique_ids, find_slides, read_labels
     from wsiats.predict import Predictor, write_predictions
 
     if out.suffix.lower() not in (".csv", ".json"):
@@ -462,13 +482,14 @@ def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | 
 
     truth = None if labels is None else {r["slide_id"]: r["label"] for r in read_labels(labels)}  # before any slide
     paths = find_slides(slides, recursive=recursive)
+    check_unique_ids(paths)  # two rows with one slide_id could not be told apart
+    check_writable(out, _record_path(out))  # fail now, not after predicting every slide
     ctx, dev = distributed.setup(device)
     try:
         predictor = Predictor(model_dir, device=dev, mc=mc, topk=topk, seed=seed, workers=workers,
-                              backend=backend, mpp=mpp, n_patches=n_patches)
+                              backend=backend, mpp=mpp, n_patches=n_patches, allow_hub=allow_hub)
         if truth is not None:
             _check_labels(truth, labels, paths, predictor.classes)
-        out.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after predicting every slide
         mine = distributed.shard(ctx, len(paths))  # under torchrun each rank takes every world_size-th slide
         done = list(zip(mine, _warned(track(predictor.predict([paths[i] for i in mine]), total=len(mine),
                                             description="predicting", disable=quiet or not ctx.is_main, unit="slide",
@@ -479,7 +500,7 @@ def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | 
             return
         write_predictions(out, preds, predictor.classes,
                           extra={"model": str(model_dir), "mc": predictor.mc, "topk": topk})
-        _write_resolved(out.with_name(out.name + ".config.yaml"), click.get_current_context())
+        _write_resolved(_record_path(out), click.get_current_context())
     finally:
         distributed.teardown(ctx)
     failed = [p for p in preds if not p.ok]
@@ -487,7 +508,9 @@ def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | 
     if truth is not None:
         summary["metrics"] = _label_metrics(preds, truth, predictor.classes)
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        from wsiats._io import json_safe
+
+        click.echo(json.dumps(json_safe(summary), indent=2))
     else:
         console.print(f"wrote {out}: {len(preds) - len(failed)} slide(s) predicted, {len(failed)} failed")
         if "metrics" in summary:
@@ -549,6 +572,7 @@ def _print_metrics(m: dict[str, Any], classes: list[str]) -> None:
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Folder for the PNG, TIFF and GeoJSON files.")
 @click.option("--top", type=click.IntRange(min=1), default=50, show_default=True, help="Highest-attention patches in the GeoJSON.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@allow_hub_option
 @backend_option
 @mpp_option
 @recursive_option
@@ -556,7 +580,7 @@ def _print_metrics(m: dict[str, Any], classes: list[str]) -> None:
 @quiet_option
 @option_file
 @_reports_errors
-def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, device: str, backend: str,
+def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, device: str, allow_hub: bool, backend: str,
             mpp: float | None, recursive: bool, quiet: bool, config_file: Path | None) -> None:
     """Draw where the model looks on SLIDES.
 
@@ -573,9 +597,12 @@ def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, devic
     from wsiats.data import find_slides
     from wsiats.heatmap import heatmap_slides
 
+    from wsiats._io import check_writable
+
     paths = find_slides(slides, recursive=recursive)
+    check_writable(out / "heatmap.config.yaml")  # the folder can be made and written: fail now, not per slide
     results = list(_warned(track(heatmap_slides(paths, model_dir, out, top=top, device=device, backend=backend,
-                                                mpp=mpp),
+                                                mpp=mpp, allow_hub=allow_hub),
                                  total=len(paths), description="heatmaps", disable=quiet, unit="slide",
                                  label=lambda r: r.slide_id + (" (failed)" if r.error else ""))))
     failed = [r for r in results if r.error]
@@ -588,17 +615,23 @@ def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, devic
         sys.exit(1)
 
 
+overwrite_option = click.option(
+    "--overwrite", is_flag=True,
+    help="Write into OUT even when it holds files that this command did not write (they may be replaced).")
+
+
 @cli.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--n", "n", type=click.IntRange(min=2), default=40, show_default=True, help="Number of slides (half positive).")
 @click.option("--size", type=click.IntRange(min=512), default=4096, show_default=True, help="Level-0 side in pixels.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True, help="Random seed.")
 @click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.25, show_default=True,
               help="Fraction of each class marked split=test in labels.csv.")
 @verbose_option
+@overwrite_option
 @quiet_option
 @_reports_errors
-def synth(out: Path, n: int, size: int, seed: int, test_fraction: float, quiet: bool) -> None:
+def synth(out: Path, n: int, size: int, seed: int, test_fraction: float, overwrite: bool, quiet: bool) -> None:
     """Generate a synthetic cohort of pyramidal slides in OUT.
 
     Positive slides hold small regions whose texture shows only at full resolution;
@@ -611,7 +644,8 @@ def synth(out: Path, n: int, size: int, seed: int, test_fraction: float, quiet: 
     """
     from wsiats.synth import make_cohort
 
-    labels = _make_cohort(out, n=n, size=size, seed=seed, test_fraction=test_fraction, quiet=quiet, make=make_cohort)
+    labels = _make_cohort(out, n=n, size=size, seed=seed, test_fraction=test_fraction, quiet=quiet, make=make_cohort,
+                          overwrite=overwrite)
     console.print(f"wrote {n} slides to {out / 'slides'}, labels to {labels}, regions to {out / 'truth.json'}")
 
 
@@ -627,14 +661,16 @@ def _make_cohort(out: Path, *, quiet: bool, make: Callable[..., Path], **kw: Any
 
 @cli.command()
 @click.option("--out", "out", type=click.Path(path_type=Path), default=Path("wsiats-demo"), show_default=True, help="Folder for everything the demo writes.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the cohort and the training run.")
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True,
+              help="Seed of the cohort and the training run.")
 @click.option("--n", "n", type=click.IntRange(min=8), default=48, show_default=True, help="Slides in the cohort.")
 @click.option("--size", type=click.IntRange(min=1024), default=4096, show_default=True, help="Level-0 side of each slide.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (default: the demo's tuned value).")
 @verbose_option
+@overwrite_option
 @quiet_option
 @_reports_errors
-def demo(out: Path, seed: int, n: int, size: int, epochs: int | None, quiet: bool) -> None:
+def demo(out: Path, seed: int, n: int, size: int, epochs: int | None, overwrite: bool, quiet: bool) -> None:
     """Run the whole job on a generated cohort: synth, train, predict, heatmap.
 
     Trains on the train split, predicts the held-out test split, draws their heatmaps and
@@ -656,18 +692,17 @@ def demo(out: Path, seed: int, n: int, size: int, epochs: int | None, quiet: boo
     from wsiats.synth import make_cohort
     from wsiats.train import train as run_training
 
+    from wsiats._io import claim_folder
+
     t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, command="demo", overwrite=overwrite)  # never writes into a folder of the user's
     cohort = out / "cohort"
     console.print(f"[1/4] synthesising {n} slides of {size} x {size} px in {cohort}")
-    labels = _make_cohort(cohort, n=n, size=size, seed=seed, test_fraction=0.25, quiet=quiet, make=make_cohort)
+    labels = _make_cohort(cohort, n=n, size=size, seed=seed, test_fraction=0.25, quiet=quiet, make=make_cohort,
+                          overwrite=overwrite)
     run = out / "run"
     cfg = resolve(overrides={**DEMO_CONFIG, "seed": seed, **({"epochs": epochs} if epochs else {})})
     console.print(f"[2/4] training for {cfg.epochs} epochs into {run}")
-    if (run / "config.yaml").exists():
-        import shutil
-
-        shutil.rmtree(run)
 
     def show(row: dict[str, float]) -> None:
         console.print(f"  epoch {int(row['epoch'])}/{cfg.epochs}: train loss {row['train_loss']:.3f} acc "

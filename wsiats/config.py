@@ -23,6 +23,18 @@ DEFAULT_CANDIDATES = 256
 #: Bumped when the meaning of a saved run changes; older runs are refused with a clear error.
 CONFIG_VERSION = 1
 
+#: Largest accepted values of the options that size memory. feature_dim is the small CNN's width:
+#: its width x width 3x3 convolution holds 9 * 4 * width^2 bytes (2048: 151 MB; 100000 would be 360 GB).
+#: workers are processes that each hold their own view cache.
+_MAX = {"patch_size": 4096, "n_patches": 10_000, "feature_dim": 2048, "batch_size": 1024, "workers": 64}
+#: Patch pixels one training step reads and embeds (batch_size x n_patches x patch_size^2): 2^28 is
+#: 768 MiB of uint8 patches before the feature network's activations (defaults: 327,680).
+MAX_STEP_PIXELS = 1 << 28
+#: Most classes a run may have (the classifier is feature width x classes).
+MAX_CLASSES = 10_000
+#: Largest seed: torch and numpy take any integer from 0 to 2^64 - 1; int64 keeps it portable.
+SEED_MAX = 2**63 - 1
+
 
 @dataclass
 class Config:
@@ -138,8 +150,17 @@ class Config:
         for name in ("patch_size", "n_patches", "feature_dim", "epochs", "batch_size"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "must be an integer >= 1")
-        need(self.patch_size <= 4096, "patch_size", "must be at most 4096")
         need(isinstance(self.workers, int) and self.workers >= 0, "workers", "must be an integer >= 0")
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= SEED_MAX, "seed",
+             f"must be an integer from 0 to {SEED_MAX}")
+        # Upper bounds on what sizes memory, checked before any network is built or any slide read.
+        for name, most in _MAX.items():
+            need(getattr(self, name) <= most, name, f"must be at most {most}")
+        step = self.batch_size * self.n_patches * self.patch_size**2
+        need(step <= MAX_STEP_PIXELS, "n_patches",
+             f"times batch_size times patch_size^2 is {step} patch pixels a step, over the limit of {MAX_STEP_PIXELS}")
+        if len(set(self.classes)) != len(self.classes) or len(self.classes) > MAX_CLASSES:
+            raise ConfigError(f"classes must be at most {MAX_CLASSES} distinct names, got {self.classes!r}"[:300])
         need(isinstance(self.view_cache_mb, int) and not isinstance(self.view_cache_mb, bool) and self.view_cache_mb >= 0,
              "view_cache_mb", "must be an integer >= 0")
         need(isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0, "warmup_epochs", "must be an integer >= 0")
@@ -233,6 +254,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     raise ConfigError(f"{source}: {name} must be {kind}, got {value!r} (default {default!r})")
 
 
+def _unknown_keys(raw: dict[Any, Any]) -> str:
+    """The keys of `raw` that are not Config fields, as text ('' when none); YAML keys may be numbers."""
+    return ", ".join(sorted(repr(k) if not isinstance(k, str) else k for k in raw if k not in _FIELDS))
+
+
 def read_mapping(path: str | Path) -> dict[Any, Any]:
     """The option: value mapping of a YAML config file (empty for an empty file); ConfigError names the file."""
     path = Path(path)
@@ -253,9 +279,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a config YAML into a checked dict of overrides (unknown keys are errors)."""
     path = Path(path)
     raw = read_mapping(path)
-    unknown = sorted(set(raw) - set(_FIELDS))
+    unknown = _unknown_keys(raw)
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(map(str, unknown))}; valid keys: {', '.join(_FIELDS)}")
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; valid keys: {', '.join(_FIELDS)}")
     return {k: _coerce(k, v, str(path)) for k, v in raw.items()}
 
 
@@ -292,7 +318,11 @@ def load_run_config(run_dir: str | Path) -> Config:
         raise CheckpointError(f"{run_dir}: not a wsiats run folder (no config.yaml); {hint}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the config ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: config is not UTF-8 text") from None
+    except yaml.YAMLError:
         raise CheckpointError(f"{path}: config is not valid YAML") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: config is not a mapping")
@@ -302,16 +332,17 @@ def load_run_config(run_dir: str | Path) -> Config:
             f"{path}: config version {version!r} is not supported by this wsiats (expects {CONFIG_VERSION}); "
             "retrain, or use the wsiats release that wrote it"
         )
-    unknown = sorted(set(raw) - set(_FIELDS))
+    unknown = _unknown_keys(raw)
     if unknown:
-        raise CheckpointError(f"{path}: unknown key(s) {', '.join(unknown)}")
+        raise CheckpointError(f"{path}: unknown key(s) {unknown}")
     for key, value in _BEFORE_POOLING.items():  # runs written before pooling existed used the ats estimator
         raw.setdefault(key, value)
     try:
         values = {k: _coerce(k, v, str(path)) for k, v in raw.items()}
         cfg = Config(**values)
     except ConfigError as exc:
-        raise CheckpointError(str(exc)) from None
+        text = str(exc)
+        raise CheckpointError(text if text.startswith(str(path)) else f"{path}: {text}") from None
     if len(cfg.classes) < 2:
         raise CheckpointError(f"{path}: no class names recorded; the run did not finish setting up")
     return cfg

@@ -12,6 +12,8 @@ import io
 import json
 import logging
 import math
+import os
+import warnings
 import zipfile
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
@@ -23,13 +25,22 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from wsiats.errors import LabelsError, SlideNotFoundError
-from wsiats.slide import SLIDE_SUFFIXES, dicom_series, is_dicom_folder, slide_key, slides_in_folder
+from wsiats.errors import LabelsError, SlideNotFoundError, WsiatsError
+from wsiats.slide import (
+    SLIDE_SUFFIXES,
+    collect_notes,
+    dicom_series,
+    is_dicom_folder,
+    open_slide,
+    slide_key,
+    slides_in_folder,
+)
 
 if TYPE_CHECKING:
     from wsiats.pipeline import PreparedView
 
 SPLITS = ("train", "val", "test")
+#: The ending of the attention maps `wsiats heatmap` writes (TIFFs, but not slides).
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +70,8 @@ def find_slides(inputs: Iterable[str | Path], *, recursive: bool = False) -> lis
     slide each), sorted by name; with `recursive`, those of its sub-folders too (a `**` in a glob pattern
     also descends). A DICOM folder (`is_dicom_folder`) is itself one slide. Loose DICOM instances (in a
     folder or a pattern's matches) give one file per series. A slide named twice (also as another file of
-    its DICOM series) is listed once.
+    its DICOM series) is listed once. A broken symbolic link with a slide's name is kept (it is then
+    reported as a slide that failed), and `<id>.attention.tif` maps written by `wsiats heatmap` are not slides.
     """
     found: list[Path] = []
     for raw in inputs:
@@ -118,6 +130,17 @@ def _suffix(path: Path) -> str:
     return next((s for s in SLIDE_SUFFIXES if lower.endswith(s)), "") if path.is_file() else ""
 
 
+def check_unique_ids(paths: Sequence[Path]) -> None:
+    """Refuse slides that share a slide id (`a.tif`, `a.ome.tif`): their rows could not be told apart."""
+    first: dict[str, Path] = {}
+    for p in paths:
+        sid = slide_id(p)
+        if sid in first:
+            raise WsiatsError(f"{first[sid]} and {p} have the same slide id {sid!r}; rename one, or give them "
+                              "to separate commands")
+        first[sid] = p
+
+
 def read_labels(csv_path: str | Path) -> list[dict[str, str]]:
     """Parse a labels CSV (`slide_id,label[,split]`) with checks; rows as dicts."""
     csv_path = Path(csv_path)
@@ -129,6 +152,13 @@ def read_labels(csv_path: str | Path) -> list[dict[str, str]]:
         raise LabelsError(f"{csv_path}: cannot read labels file ({type(exc).__name__})") from None
     if not text.strip():
         raise LabelsError(f"{csv_path}: labels file is empty; expected a header slide_id,label")
+    try:
+        return _parse_labels(csv_path, text)
+    except csv.Error as exc:  # e.g. a field over the csv module's 128 KiB limit
+        raise LabelsError(f"{csv_path}: not a readable CSV file ({exc})") from None
+
+
+def _parse_labels(csv_path: Path, text: str) -> list[dict[str, str]]:
     reader = csv.reader(io.StringIO(text))
     header = [h.strip() for h in next(reader)]
     if len(header) == 1 and any(d in header[0] for d in (";", "\t", "|")):
@@ -139,6 +169,9 @@ def read_labels(csv_path: str | Path) -> list[dict[str, str]]:
     missing = [c for c in ("slide_id", "label") if c not in header]
     if missing:
         raise LabelsError(f"{csv_path}: missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'}")
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated:
+        raise LabelsError(f"{csv_path}: column(s) {', '.join(repeated)} appear more than once in the header")
     rows: list[dict[str, str]] = []
     seen: dict[str, int] = {}
     for lineno, values in enumerate(reader, start=2):
@@ -163,7 +196,27 @@ def read_labels(csv_path: str | Path) -> list[dict[str, str]]:
         rows.append(row)
     if not rows:
         raise LabelsError(f"{csv_path}: no rows below the header")
+    _warn_similar_labels(csv_path, [r["label"] for r in rows])
     return rows
+
+
+def _warn_similar_labels(csv_path: Path, labels: Sequence[str]) -> None:
+    """Warn about labels that are different classes but look like one (`1` and `1.0`, `Tumour` and `tumour`)."""
+
+    def key(label: str) -> str:
+        try:
+            return repr(float(label))
+        except ValueError:
+            return label.casefold()
+
+    groups: dict[str, set[str]] = {}
+    for label in labels:
+        groups.setdefault(key(label), set()).add(label)
+    for group in groups.values():
+        if len(group) > 1:
+            names = " and ".join(repr(g) for g in sorted(group))
+            warnings.warn(f"{csv_path}: labels {names} differ only in case or number format but are separate "
+                          "classes; write them the same way if they mean one class", UserWarning, stacklevel=3)
 
 
 @dataclass
@@ -198,7 +251,8 @@ def match_cohort(
     for p in _slides_in(slide_dir, recursive=recursive):
         sid = slide_id(p)
         if sid in files and sid in labelled:
-            raise LabelsError(f"{labels_csv}: slide_id {sid!r} matches two files, {files[sid]} and {p}; rename one")
+            raise LabelsError(f"{files[sid]} and {p} have the same slide_id {sid!r}, so its label would apply "
+                              "to either; rename or remove one")
         files.setdefault(sid, p)
     missing = [r["slide_id"] for r in rows if r["slide_id"] not in files]
     rows = [r for r in rows if r["slide_id"] in files]
@@ -291,6 +345,9 @@ class ViewDataset(Dataset):
         self.folder = Path(folder) if folder else None
         self._cache: OrderedDict[int, object] = OrderedDict()
         self._bytes = 0
+        # Cache file -> what it must match, once a slide was opened to check it: a view evicted from
+        # memory is then loaded again without opening its slide (the file name covers path, size, mtime).
+        self._identities: dict[Path, dict[str, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -306,22 +363,59 @@ class ViewDataset(Dataset):
         return i, view
 
     def _load(self, i: int) -> object:
-        from wsiats.errors import WsiatsError
-        from wsiats.pipeline import load_view, with_exploration
+        from wsiats.pipeline import prepare_view, with_exploration
 
         path = self.items[i].path
         file = self._file(path)
-        view = _read_view_file(file) if file is not None and file.is_file() else None
-        fresh = view is None
-        if view is None:
+        known = self._identities.get(file) if file is not None else None
+        identity = known or {}
+        view = _read_view_file(file, known) if known is not None and file is not None and file.is_file() else None
+        fresh = False
+        if view is None:  # checked against the slide before, or read from it now
             try:
-                view = load_view(path, self.cfg, backend=self.backend, mpp=self.mpp)  # type: ignore[arg-type]
+                with collect_notes() as notes, open_slide(path, backend=self.backend, mpp=self.mpp) as slide:
+                    identity = _slide_identity(slide, self.cfg) if file is not None else {}  # opening decodes no pixels
+                    if file is not None and file.is_file():
+                        view = _read_view_file(file, identity)
+                    if view is None:
+                        view = prepare_view(slide, self.cfg)  # type: ignore[arg-type]
+                        fresh = True
             except WsiatsError as exc:
                 return str(exc)
+            if fresh:
+                view.notes = notes
+            if file is not None:
+                self._identities[file] = identity
         fresh = with_exploration(view, self.cfg) or fresh  # type: ignore[arg-type]
         if file is not None and fresh:
-            _write_view_file(file, view)
+            _write_view_file(file, view, identity)
         return view
+
+    def check_all(self, *, workers: int = 0, progress: bool = False) -> list[tuple[Item, str]]:
+        """Prepare every view once, before any training (in `workers` processes); keep them in memory
+        as the budget allows. Returns (item, error message) for each view that cannot be read."""
+        from torch.utils.data import DataLoader
+
+        from wsiats._progress import track
+
+        loader = DataLoader(self, batch_size=1, num_workers=workers, collate_fn=collate_views)
+        bad = []
+        for batch in track(loader, total=len(self), description="reading views", disable=not progress):
+            for i, view in batch:
+                if isinstance(view, str):
+                    bad.append((self.items[i], view))
+                elif i not in self._cache:  # prepared in a worker process: keep it here too
+                    self._remember(i, view)
+        return bad
+
+    def subset(self, keep: Sequence[int]) -> ViewDataset:
+        """A dataset of the items at `keep`, with their views already in memory carried over."""
+        out = ViewDataset([self.items[i] for i in keep], self.cfg, backend=self.backend, mpp=self.mpp)
+        out._identities = dict(self._identities)
+        for j, i in enumerate(keep):
+            if i in self._cache:
+                out._remember(j, self._cache[i])
+        return out
 
     def _remember(self, i: int, view: object) -> None:
         size = _view_bytes(view)
@@ -354,7 +448,31 @@ class ViewDataset(Dataset):
 
 
 #: Version of the view cache files; a change makes earlier files unused.
-_VIEW_FILE_FORMAT = 2  # 2: with the slide's mpp and notes
+_VIEW_FILE_FORMAT = 3  # 3: with what the file must match of its slide (dimensions, downsample, header hash)
+#: Bytes hashed at each end of a slide file to identify its content (a TIFF's header and IFDs lie there).
+_HEADER_BYTES = 1 << 16
+
+
+_IDENTITY_TEXT = {"dimensions": "the slide's size", "requested_downsample": "the view downsample",
+                  "header_sha256": "the hash of the slide file's header"}
+
+
+def _slide_identity(slide: object, cfg: object) -> dict[str, np.ndarray]:
+    """What a view cache file must match: the slide's level-0 size, the view's requested downsample,
+    and a SHA-256 of the slide file's first and last 64 KiB (of each file, for a DICOM folder)."""
+    from wsiats.pipeline import view_downsample
+
+    path = Path(slide.path)  # type: ignore[attr-defined]
+    digest = hashlib.sha256()
+    for part in sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]:
+        with open(part, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            digest.update(f"{part.name}:{size}:".encode() + fh.read(_HEADER_BYTES))
+            fh.seek(max(_HEADER_BYTES, size - _HEADER_BYTES))
+            digest.update(fh.read(_HEADER_BYTES))
+    return {"dimensions": np.asarray(slide.dimensions, dtype=np.int64),  # type: ignore[attr-defined]
+            "requested_downsample": np.asarray(view_downsample(slide, cfg), dtype=np.float64),  # type: ignore[arg-type]
+            "header_sha256": np.asarray(digest.hexdigest())}
 
 
 def _view_bytes(view: object) -> int:
@@ -363,7 +481,7 @@ def _view_bytes(view: object) -> int:
     return int(image.nbytes + mask.nbytes) if image is not None and mask is not None else 0
 
 
-def _write_view_file(file: Path, view: PreparedView) -> None:
+def _write_view_file(file: Path, view: PreparedView, identity: dict[str, np.ndarray]) -> None:
     """Store a prepared view; the cache only speeds things up, so a failure to write is logged, not raised."""
     from wsiats._io import atomic_open
 
@@ -373,13 +491,14 @@ def _write_view_file(file: Path, view: PreparedView) -> None:
             np.savez(fh, image=view.image, mask=view.mask, downsample=np.asarray(view.downsample, dtype=np.float64),
                      fell_back=np.asarray(view.fell_back), mpp=np.asarray(np.nan if view.mpp is None else view.mpp),
                      mpp_source=np.asarray(view.mpp_source or ""), notes=np.array(view.notes, dtype=np.str_).reshape(-1),
-                     **extra)
+                     **extra, **identity)
     except OSError as exc:
         log.warning("%s: cannot write the view cache file (%s); going on without it", file, exc)
 
 
-def _read_view_file(file: Path) -> object | None:
-    """A view stored by `_write_view_file`, or None (logged) when the file cannot be used."""
+def _read_view_file(file: Path, identity: dict[str, np.ndarray]) -> object | None:
+    """A view stored by `_write_view_file` for the slide and settings of `identity`, or None (logged) when
+    the file cannot be used: damaged, or stored for another slide, another size or another downsample."""
     from wsiats.pipeline import PreparedView
 
     try:
@@ -388,8 +507,17 @@ def _read_view_file(file: Path) -> object | None:
             downsample, fell_back = z["downsample"], z["fell_back"]
             mpp, mpp_source, notes = float(z["mpp"]), str(z["mpp_source"]), [str(n) for n in z["notes"]]
             explore = z["explore"] if "explore" in z.files else None
+            stored = {name: z[name] for name in identity}
         if image.dtype != np.uint8 or image.ndim != 3 or mask.dtype != np.bool_ or mask.shape != image.shape[:2]:
             raise ValueError("unexpected arrays")
+        for name, value in identity.items():
+            if stored[name].shape != value.shape or not (np.allclose(stored[name], value, rtol=1e-9, atol=0)
+                                                         if value.dtype.kind == "f" else np.array_equal(stored[name], value)):
+                raise ValueError(f"stored for another slide or setting: {_IDENTITY_TEXT[name]} differs")
+        (width, height), ds = (int(v) for v in identity["dimensions"]), float(identity["requested_downsample"])
+        shape = (max(1, round(height / ds)), max(1, round(width / ds)))  # Slide.read_view's size
+        if image.shape[:2] != shape or not np.allclose(downsample, (width / shape[1], height / shape[0]), rtol=1e-9):
+            raise ValueError(f"a view of {image.shape[1]} x {image.shape[0]} px does not fit the slide")
         if explore is not None and (explore.dtype != np.float32 or explore.shape != mask.shape):
             raise ValueError("unexpected exploration distribution")
         return PreparedView(image=image, mask=mask, downsample=(float(downsample[0]), float(downsample[1])),

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from wsiats.errors import ConfigError, WsiatsError
 from wsiats.runtime import select_device
 
 
@@ -32,20 +33,49 @@ class DistContext:
         return self.rank == 0
 
 
+def read_env() -> DistContext:
+    """This process's place among torchrun's, from WORLD_SIZE, RANK and LOCAL_RANK (checked; nothing joined)."""
+    world = _env_int("WORLD_SIZE", 1)
+    if world <= 1:
+        return DistContext()
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={world} is set but {', '.join(missing)} is not; {_TORCHRUN}")
+    rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if not 0 <= rank < world or local < 0:
+        raise ConfigError(f"RANK={rank} and LOCAL_RANK={local} do not fit WORLD_SIZE={world}; {_TORCHRUN}")
+    return DistContext(rank, world, local)
+
+
+_TORCHRUN = "torchrun sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (unset WORLD_SIZE to run one process)"
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not an integer; {_TORCHRUN}") from None
+
+
 def setup(device_name: str = "auto") -> tuple[DistContext, torch.device]:
     """Join the torchrun process group when launched by torchrun; pick this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistContext(), select_device(device_name)
-    rank = int(os.environ["RANK"])
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    ctx = read_env()
+    if not ctx.enabled:
+        return ctx, select_device(device_name)
     device = select_device(device_name)
     if device.type == "cuda":
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistContext(rank, world, local), device
+        try:
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        except (RuntimeError, ValueError) as exc:  # a bad MASTER_ADDR or MASTER_PORT, a rendezvous that failed
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise WsiatsError(f"cannot join the torchrun process group ({type(exc).__name__}: {first})") from None
+    return ctx, device
 
 
 def teardown(ctx: DistContext) -> None:

@@ -369,6 +369,7 @@ def heatmap_slides(
     backend: str = "auto",
     mpp: float | None = None,
     thumbnail_size: int = 1024,
+    allow_hub: bool = False,
 ) -> Iterator[HeatmapResult]:
     """For each slide write <id>.png, <id>.attention.tif and <id>.geojson into `out_dir`.
 
@@ -383,7 +384,7 @@ def heatmap_slides(
     from wsiats.runtime import select_device
     from wsiats.slide import collect_notes, open_slide
 
-    model, cfg = load_model(run_dir)
+    model, cfg = load_model(run_dir, allow_hub=allow_hub)
     dev = select_device(device)
     model.to(dev)
     out_dir = Path(out_dir)

@@ -166,7 +166,7 @@ def _small_cnn(*, width: int = 32) -> tuple[nn.Module, int]:
     return net, net.out_dim
 
 
-def _timm_model(name: str) -> tuple[nn.Module, int]:
+def _timm_model(name: str, *, pretrained: bool = True) -> tuple[nn.Module, int]:
     try:
         import timm
     except ImportError:
@@ -180,8 +180,9 @@ def _timm_model(name: str) -> tuple[nn.Module, int]:
         ) from None
     try:
         # num_classes=0 returns pooled features; pretrained weights come from --feature-weights,
-        # or from the Hugging Face hub for 'hf-hub:' names (needs network access).
-        model = timm.create_model(name, pretrained=name.startswith("hf-hub:"), num_classes=0)
+        # or from the Hugging Face hub for 'hf-hub:' names (needs network access) unless `pretrained`
+        # is off: a saved run brings its own weights, so loading one never downloads them.
+        model = timm.create_model(name, pretrained=pretrained and name.startswith("hf-hub:"), num_classes=0)
     except Exception as exc:  # timm raises RuntimeError for unknown names
         raise ModelError(f"feature net {name!r}: timm could not create it ({exc})") from None
     return model, int(model.num_features)
@@ -197,17 +198,19 @@ def _resnet50(**_: object) -> tuple[nn.Module, int]:
     return _timm_model("resnet50")
 
 
-def create_feature_net(name: str, *, width: int = 32, weights: str | Path | None = None) -> L2Normalized:
+def create_feature_net(name: str, *, width: int = 32, weights: str | Path | None = None,
+                       pretrained: bool = True) -> L2Normalized:
     """Build a feature network by name, L2-normalised, optionally loading local weights.
 
-    Names: the registry (`list_feature_nets()`), `timm:<any timm model>`, or `hf-hub:<repo>`.
+    Names: the registry (`list_feature_nets()`), `timm:<any timm model>`, or `hf-hub:<repo>`
+    (hub weights downloaded only when `pretrained`).
     """
     if name in _FEATURE_NETS:
         backbone, dim = _FEATURE_NETS[name](width=width)
     elif name.startswith("timm:"):
         backbone, dim = _timm_model(name[len("timm:"):])
     elif name.startswith("hf-hub:"):
-        backbone, dim = _timm_model(name)
+        backbone, dim = _timm_model(name, pretrained=pretrained)
     else:
         raise ModelError(
             f"unknown feature net {name!r}; valid: {', '.join(list_feature_nets())}, "
@@ -270,12 +273,14 @@ class ATSModel(nn.Module):
         feature_weights: str | Path | None = None,
         freeze_features: bool = False,
         pooling: str = "ats",
+        pretrained: bool = True,
     ) -> None:
         super().__init__()
         if pooling not in ("gated", "ats"):
             raise ModelError(f"pooling must be 'gated' or 'ats', got {pooling!r}")
         self.attention_net = AttentionNet()
-        self.feature_net = create_feature_net(feature_net, width=feature_dim, weights=feature_weights)
+        self.feature_net = create_feature_net(feature_net, width=feature_dim, weights=feature_weights,
+                                              pretrained=pretrained)
         self.pooling = pooling
         self.mil = GatedAttentionPool(self.feature_net.out_dim) if pooling == "gated" else None
         self.classifier = nn.Linear(self.feature_net.out_dim, n_classes)

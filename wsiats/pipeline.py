@@ -23,7 +23,7 @@ from wsiats.config import Config
 from wsiats.errors import ConfigError, SlideError
 from wsiats.models import ATSModel
 from wsiats.slide import Slide, collect_notes, note, open_slide, patch_box
-from wsiats.tissue import tissue_mask
+from wsiats.tissue import no_tissue_message, tissue_mask
 
 
 @dataclass
@@ -69,7 +69,7 @@ def prepare_view(slide: Slide, cfg: Config) -> PreparedView:
         mask = np.ones((h, w), dtype=bool)
     fell_back = not mask.any()
     if fell_back:
-        note(f"{slide.path}: no tissue found in the view; sampling from the whole slide")
+        note(no_tissue_message(slide.path, view.image))
         mask = np.ones((h, w), dtype=bool)
     image = np.require(view.image, dtype=np.uint8, requirements=["C", "W"])  # torch wants writable arrays
     return PreparedView(image=image, mask=mask, downsample=view.downsample, fell_back=fell_back,

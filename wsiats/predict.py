@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsiats._io import atomic_open
+from wsiats._io import atomic_open, json_safe
 from wsiats.checkpoint import load_model
-from wsiats.config import Config
+from wsiats.config import SEED_MAX, Config
 from wsiats.data import seeded_generator, slide_id
 from wsiats.errors import ConfigError, WsiatsError
 from wsiats.models import ATSModel
@@ -74,10 +74,13 @@ class Predictor:
         backend: str = "auto",
         mpp: float | None = None,
         n_patches: int | None = None,
+        allow_hub: bool = False,
     ) -> None:
         if mc < 1:
             raise ConfigError(f"--mc must be >= 1, got {mc}")
-        model, cfg = load_model(run_dir)
+        if not 0 <= seed <= SEED_MAX:
+            raise ConfigError(f"--seed must be an integer from 0 to {SEED_MAX}, got {seed}")
+        model, cfg = load_model(run_dir, allow_hub=allow_hub)
         self.trained_n_patches = cfg.n_patches
         if n_patches is not None:
             cfg.n_patches = n_patches
@@ -127,6 +130,8 @@ class Predictor:
                 if k == 0:
                     pred.notes += self.unlike_training(path, view, len(out.boxes[0]))
         arr = np.asarray(passes)
+        if not np.isfinite(arr).all():
+            raise WsiatsError(f"{path}: the model's output is not a number (NaN or infinite probabilities)")
         pred.passes = passes
         pred.probs = arr.mean(0).tolist()
         pred.spread = float(arr[:, int(arr.mean(0).argmax())].std()) if len(passes) > 1 else 0.0
@@ -229,8 +234,8 @@ def write_predictions(path: str | Path, preds: Sequence[Prediction], classes: Se
             rec["patches"] = pred.patches
             rec["warnings"] = pred.notes
             slides.append(rec)
-        doc = {"classes": list(classes), **(extra or {}), "slides": slides}
+        doc = json_safe({"classes": list(classes), **(extra or {}), "slides": slides})
         with atomic_open(path, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=1)
+            json.dump(doc, fh, indent=1, allow_nan=False)
     else:
         raise ConfigError(f"{path}: --out must end in .csv or .json")

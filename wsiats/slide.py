@@ -19,6 +19,7 @@ Conventions (the same for both backends):
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,9 +60,15 @@ OPENSLIDE_SUFFIXES = (".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslid
 # --- what is a slide ----------------------------------------------------------------------------------------------
 
 
+#: What `wsiats heatmap` names its attention maps: TIFFs, but never slides.
+ATTENTION_SUFFIX = ".attention.tif"
+
+
 def is_slide_file(path: Path) -> bool:
-    """A name that ends in one of `SLIDE_SUFFIXES`, not a folder (a dangling link counts: opening it says so)."""
-    return path.name.lower().endswith(SLIDE_SUFFIXES) and not path.is_dir()
+    """A name that ends in one of `SLIDE_SUFFIXES` (not an attention map of `wsiats heatmap`), not a folder
+    (a dangling link counts: opening it says so)."""
+    lower = path.name.lower()
+    return lower.endswith(SLIDE_SUFFIXES) and not lower.endswith(ATTENTION_SUFFIX) and not path.is_dir()
 
 
 @dataclass(frozen=True)
@@ -138,7 +145,7 @@ def slides_in_folder(folder: Path) -> list[Path]:
 def slide_key(path: Path) -> tuple[str, ...]:
     """What identifies the slide that `path` opens: a DICOM series (from any of its files, or its folder)
     or, for anything else, the resolved path."""
-    where = path.resolve()
+    where = Path(os.path.realpath(path))  # unlike Path.resolve(), no RuntimeError on a symlink loop
     if path.is_dir():
         dcm, only = _dicom_files(path)
         series = dicom_series(dcm) if only else []
@@ -146,7 +153,7 @@ def slide_key(path: Path) -> tuple[str, ...]:
     if path.is_file() and path.suffix.lower() == ".dcm":
         uid = _dicom_instance(path).series
         if uid:
-            return str(path.parent.resolve()), uid
+            return os.path.realpath(path.parent), uid
     return (str(where),)
 
 

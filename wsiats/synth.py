@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from wsiats._io import atomic_open, atomic_path
+from wsiats._io import atomic_open, atomic_path, claim_folder
 from wsiats.errors import ConfigError
 
 #: Microns per level-0 pixel written in every slide (a 40x scan).
@@ -462,7 +462,7 @@ def needle_layout(slide_seed: int) -> tuple[int, int]:
 
 
 def make_cohort(out: Path, *, n: int, size: int, seed: int, test_fraction: float = 0.25, ome_every: int = 3,
-                kind: str = "regions", progress: Callable[[int, int], None] | None = None,
+                kind: str = "regions", progress: Callable[[int, int], None] | None = None, overwrite: bool = False,
                 **slide_kw: Any) -> Path:
     """Write `n` slides to OUT/slides, OUT/labels.csv and OUT/truth.json; return the labels path.
 
@@ -476,7 +476,8 @@ def make_cohort(out: Path, *, n: int, size: int, seed: int, test_fraction: float
     `test_fraction` of each class gets split "test" (at least one of each class when
     n >= 4 and the fraction is positive, and always one of each left for training).
     Every `ome_every`-th slide is an OME-TIFF (0: none). `slide_kw` goes to `make_slide`.
-    `progress(done, total)` is called after each slide.
+    `progress(done, total)` is called after each slide. A non-empty OUT that an earlier
+    `make_cohort` did not write is refused unless `overwrite` (see `wsiats._io.claim_folder`).
     """
     if n < 2:
         raise ConfigError(f"n={n}: a cohort needs at least 2 slides (one of each class)")
@@ -489,6 +490,7 @@ def make_cohort(out: Path, *, n: int, size: int, seed: int, test_fraction: float
     if kind not in COHORT_KINDS:
         raise ConfigError(f"kind={kind!r} must be one of {', '.join(COHORT_KINDS)}")
     out = Path(out)
+    claim_folder(out, command="synth", overwrite=overwrite)
     rng = np.random.default_rng(seed)
     labels = [LABELS[0]] * (n - n // 2) + [LABELS[1]] * (n // 2)
     labels = [labels[i] for i in rng.permutation(n)]

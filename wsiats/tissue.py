@@ -65,3 +65,17 @@ def _filter3(mask: np.ndarray, op: np.ufunc) -> np.ndarray:
     p = np.pad(mask, 1, mode="edge")
     rows = op(op(p[:, :-2], p[:, 1:-1]), p[:, 2:])
     return op(op(rows[:-2], rows[1:-1]), rows[2:])
+
+
+#: A view whose channels all stay within this many grey levels is blank (an empty, white or black scan).
+BLANK_SPREAD = 8
+
+
+def no_tissue_message(path: object, image: np.ndarray) -> str:
+    """The warning for a view without tissue (sampling then falls back to the whole view), naming the slide."""
+    flat = np.asarray(image).reshape(-1, np.asarray(image).shape[-1])
+    blank = ""
+    if flat.size and int((flat.max(0).astype(np.int16) - flat.min(0)).max()) <= BLANK_SPREAD:
+        rgb = ", ".join(str(int(round(v))) for v in flat.mean(0))
+        blank = f" (the view is blank, every pixel about RGB {rgb})"
+    return f"{path}: no tissue found in the view{blank}; sampling from the whole slide"

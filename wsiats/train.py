@@ -70,6 +70,7 @@ class TrainResult:
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    tile_errors: dict[str, int] = field(default_factory=dict)  # slide -> training steps left without it (--skip-bad)
     n_train: int = 0
     n_val: int = 0
     n_test: int = 0
@@ -155,6 +156,30 @@ def training_mode(cfg: Config) -> str:
     return "explore" if cfg.pooling == "gated" and (cfg.candidates or 0) > 0 else "sample"
 
 
+def preflight(train_items: Sequence[Item], val_items: Sequence[Item], cfg: Config, *,
+              unopened: Sequence[tuple[Item, str]] = (), skip_bad: bool = False, backend: str = "auto",
+              mpp: float | None = None, progress: bool = False) -> tuple[ViewDataset, ViewDataset, list[str]]:
+    """Before training starts, prepare every training and validation view once.
+
+    Views that cannot be read, with the slides that could not be opened (`unopened`, from
+    `check_slides`), stop training with one error listing them all, or with `skip_bad` are left out
+    once. Returns the train and validation datasets (views kept in memory as the budget allows) and
+    the paths left out.
+    """
+    datasets = [ViewDataset(part, cfg, backend=backend, mpp=mpp) for part in (train_items, val_items)]
+    failed = [pair for ds in datasets for pair in ds.check_all(workers=cfg.workers, progress=progress)]
+    if (unopened or failed) and not skip_bad:
+        listing = "; ".join([f"{it.path}: {why}" for it, why in unopened] + [message for _, message in failed])
+        raise WsiatsError(f"{len(unopened) + len(failed)} unreadable slide(s) in the cohort: {listing}. "
+                          "Fix or remove them, or pass --skip-bad")
+    broken = {it for it, _ in failed}
+    train_ds, val_ds = (ds.subset([i for i, it in enumerate(ds.items) if it not in broken]) if broken else ds
+                        for ds in datasets)
+    if not train_ds.items:
+        raise WsiatsError(f"none of the {len(train_items)} training slide(s) can be read: nothing to train on")
+    return train_ds, val_ds, [str(it.path) for it, _ in [*unopened, *failed]]
+
+
 def _lr_factor(epoch: int, cfg: Config) -> float:
     """Linear warm-up for `warmup_epochs`, then cosine decay to 5% at the last epoch."""
     if epoch < cfg.warmup_epochs:
@@ -189,11 +214,13 @@ def evaluate(
     seed: int,
     autocast: Callable[[], object],
     ctx: DistContext = DistContext(),
+    errors: dict[str, int] | None = None,
 ) -> dict[str, float]:
     """Loss, accuracy and AUC of one seeded sampling pass per slide over `items`.
 
     Each slide's pass uses a generator seeded by (seed, slide index), so the result does
-    not depend on batching or on how slides are sharded across ranks.
+    not depend on batching or on how slides are sharded across ranks. With `errors` (--skip-bad), a
+    slide whose tiles cannot be read is counted there and left out; without, it is an error.
     """
     model.eval()
     records = []
@@ -202,13 +229,21 @@ def evaluate(
             view = views(i)
             if isinstance(view, str):  # unreadable: reported by the training loop's warning
                 continue
-            out = forward_batch(model, [SlideBatchItem(items[i].path, view)], cfg=cfg, pool=pool,
-                                generator=seeded_generator(seed, 10**6, i), device=device, autocast=autocast)
+            try:
+                out = forward_batch(model, [SlideBatchItem(items[i].path, view)], cfg=cfg, pool=pool,
+                                    generator=seeded_generator(seed, 10**6, i), device=device, autocast=autocast)
+            except SlideError as exc:
+                if errors is None:
+                    raise WsiatsError(f"{exc}; pass --skip-bad to validate without it") from None
+                errors[str(exc.path)] = errors.get(str(exc.path), 0) + 1
+                continue
             y = torch.tensor([items[i].label], device=out.logits.device)
             _, ce = loss_fn(out, y, cfg=cfg, weight=None)
             probs = torch.softmax(out.logits.float(), -1)[0].cpu().tolist()
             records.append((i, float(ce), probs, float(out.entropy[0])))
     merged = sorted(r for part in distributed.gather(ctx, records) for r in part)
+    if not merged:
+        return {"loss": math.nan, "acc": math.nan, "auc": math.nan, "entropy": math.nan}
     targets = np.asarray([items[i].label for i, *_ in merged])
     p = np.asarray([r[2] for r in merged])
     m = classification_metrics(targets, p, n_classes=len(cfg.classes))
@@ -265,17 +300,9 @@ def train(
     cfg.classes = classes
     bad, mpps, notes = check_slides(items, backend=backend, mpp=mpp)
     report(notes, every_rank=False)  # the views' notes come from the rank that reads them
-    skipped = []
-    if bad:
-        listing = "; ".join(f"{it.path}: {why}" for it, why in bad)
-        if not skip_bad:
-            raise WsiatsError(
-                f"{len(bad)} unreadable slide(s) in the cohort: {listing}. Fix or remove them, or pass --skip-bad"
-            )
-        skipped = [str(it.path) for it, _ in bad]
-        items = [it for it in items if str(it.path) not in skipped]
-    train_items, val_items, test_items = split_items(items, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    if len({it.label for it in train_items}) < 2:
+    train_items, val_items, test_items = split_items([it for it in items if it not in {b for b, _ in bad}],
+                                                     val_fraction=cfg.val_fraction, seed=cfg.seed)
+    if (skip_bad or not bad) and len({it.label for it in train_items}) < 2:
         raise ConfigError(f"{labels_csv}: the training split holds fewer than two classes")
     if not resume:  # predict warns on slides far from this resolution
         known = [mpps[it.path] for it in train_items if it.path in mpps]
@@ -285,6 +312,11 @@ def train(
             Path(cfg.view_cache).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"{cfg.view_cache}: cannot create the --view-cache folder ({exc.strerror or exc})") from None
+    train_ds, val_ds, skipped = preflight(train_items, val_items, cfg, unopened=bad, skip_bad=skip_bad,
+                                          backend=backend, mpp=mpp, progress=progress)
+    train_items, val_items = train_ds.items, val_ds.items
+    if len({it.label for it in train_items}) < 2:
+        raise ConfigError(f"{labels_csv}: the training slides that can be read hold fewer than two classes")
 
     ctx, device = distributed.setup(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -306,41 +338,50 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         state = load_state(out_dir / STATE_FILE)
-        if "model" in state:  # the weights of the state's epoch: last.safetensors may be one epoch ahead
-            model.load_state_dict(state["model"])
-        else:
-            load_weights_into(model, out_dir / LAST_FILE)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch = int(state["epoch"]) + 1
-        best_epoch = int(state["best_epoch"])
-        best_key = (float(state["best_acc"]), float(state["best_neg_loss"]))
-        history = [dict(zip(METRIC_COLUMNS, row.tolist())) for row in state["history"]]
+        try:  # a weights-only file can still hold anything: every way it can be wrong is one error
+            if "model" in state:  # the weights of the state's epoch: last.safetensors may be one epoch ahead
+                model.load_state_dict(state["model"])
+            else:
+                load_weights_into(model, out_dir / LAST_FILE)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            start_epoch = int(state["epoch"]) + 1
+            best_epoch = int(state["best_epoch"])
+            best_key = (float(state["best_acc"]), float(state["best_neg_loss"]))
+            history = [dict(zip(METRIC_COLUMNS, row.tolist(), strict=True)) for row in state["history"]]
+            if not 0 <= best_epoch < start_epoch or len(history) != start_epoch:
+                raise ValueError(f"epoch {start_epoch - 1}, best epoch {best_epoch} and {len(history)} history rows")
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+            detail = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise CheckpointError(f"{out_dir / STATE_FILE}: not a training state of this run ({type(exc).__name__}: "
+                                  f"{detail}); train again into a new --out") from None
     elif ctx.is_main:
         cfg.save(out_dir / "config.yaml")
 
-    train_ds = ViewDataset(train_items, cfg, backend=backend, mpp=mpp)
-    val_ds = ViewDataset(val_items, cfg, backend=backend, mpp=mpp)
     # One loader for the whole run: its persistent workers keep their view caches between epochs.
     # The sampler shuffles with seed + epoch and shards across ranks (padding so all get as many).
     sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
     train_loader = _loader(train_ds, cfg, sampler, on_notes=report)
     pool = SlidePool(backend=backend, mpp=mpp)
+    tile_errors: dict[str, int] = {}
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, cfg.epochs):
             row = _train_epoch(
                 net, model, train_loader, cfg=cfg, epoch=epoch, optimizer=optimizer, scaler=scaler, autocast=autocast,
                 weight=weight, pool=pool, device=device, progress=progress and ctx.is_main, ctx=ctx,
+                skip_bad=skip_bad, tile_errors=tile_errors,
             )
             row["lr"] = optimizer.param_groups[0]["lr"]
             scheduler.step()
             if val_items:
                 v = evaluate(model, val_items, lambda i: _noted(val_ds[i][1], report), cfg=cfg, pool=pool,
-                             device=device, seed=cfg.seed, autocast=autocast, ctx=ctx)
+                             device=device, seed=cfg.seed, autocast=autocast, ctx=ctx,
+                             errors=tile_errors if skip_bad else None)
                 row.update(val_loss=v["loss"], val_acc=v["acc"], val_auc=v["auc"])
-                key = (v["acc"], -v["loss"])
+                # no validation slide could be read this epoch (--skip-bad): the latest such epoch ranks lowest
+                key = (v["acc"], -v["loss"]) if v["acc"] == v["acc"] else (-math.inf, float(epoch))
             else:
                 row.update(val_loss=math.nan, val_acc=math.nan, val_auc=math.nan)
                 key = (float(epoch), 0.0)  # no validation: the latest epoch is the best
@@ -351,6 +392,7 @@ def train(
             improved = key > best_key
             if improved:
                 best_key, best_epoch = key, epoch
+            _check_finite_weights(model)  # on every rank: DDP keeps their weights equal
             if not ctx.is_main:
                 distributed.barrier(ctx)
                 continue
@@ -377,11 +419,15 @@ def train(
         saved = (f"epoch {done + 1} of {cfg.epochs} was saved in {out_dir / LAST_FILE}; continue with --resume"
                  if done >= 0 else "no epoch was completed, so nothing to resume; run the same command again")
         raise Interrupted(f"training interrupted during epoch {epoch + 1}; {saved}") from None
+    except _Diverged as exc:  # nothing of this epoch was saved: the files on disk are the last finite ones
+        kept = f"epoch {epoch} in {out_dir / LAST_FILE} is the last one saved" if epoch > 0 else "no epoch was saved"
+        raise WsiatsError(f"training stopped in epoch {epoch + 1}: {exc} (the run diverged); {kept}; "
+                          "try a lower --lr") from None
     finally:
         pool.close()
         distributed.teardown(ctx)
-    return TrainResult(out_dir, len(history), best_epoch, history, skipped, len(train_items), len(val_items),
-                       len(test_items), ctx.rank)
+    return TrainResult(out_dir, len(history), best_epoch, history, skipped, tile_errors, len(train_items),
+                       len(val_items), len(test_items), ctx.rank)
 
 
 def _train_epoch(
@@ -399,6 +445,8 @@ def _train_epoch(
     device: torch.device,
     progress: bool,
     ctx: DistContext,
+    skip_bad: bool = False,
+    tile_errors: dict[str, int] | None = None,
 ) -> dict[str, float]:
     model.train()
     items_of = loader.dataset.items  # type: ignore[attr-defined]
@@ -421,21 +469,28 @@ def _train_epoch(
             for i, view in batch
         ]
         y = torch.tensor([items_of[i].label for i, _ in batch], device=device)
-        out = net(items, cfg=cfg, pool=pool, mode=training_mode(cfg), generator=sample_gen, device=device,
-                  workers=cfg.workers or None, autocast=autocast)
+        items, y, out = _forward_skipping(net, items, y, skip_bad=skip_bad, errors=tile_errors, cfg=cfg, pool=pool,
+                                          mode=training_mode(cfg), generator=sample_gen, device=device,
+                                          workers=cfg.workers or None, autocast=autocast)
+        if out is None:
+            continue
         loss, ce = loss_fn(out, y, cfg=cfg, weight=weight)
+        if not torch.isfinite(loss.detach()):
+            raise _Diverged(f"the training loss is {float(loss.detach())}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
         scaler.step(optimizer)
         scaler.update()
-        total_loss += float(ce.detach()) * len(batch)
+        total_loss += float(ce.detach()) * len(items)
         correct += int((out.logits.argmax(-1) == y).sum())
-        seen += len(batch)
+        seen += len(items)
         entropy_sum += float(out.entropy.detach().sum())
     seconds = time.perf_counter() - t0
     total_loss, correct, seen, entropy_sum = distributed.all_sum(ctx, [total_loss, correct, seen, entropy_sum])
+    if not seen:
+        raise WsiatsError(f"epoch {epoch + 1}: no training slide could be read, so nothing was trained or saved")
     return {
         "epoch": float(epoch + 1),
         "train_loss": total_loss / max(seen, 1),
@@ -444,6 +499,37 @@ def _train_epoch(
         # wall time per slide of this rank's share: what one process spends on a slide
         "seconds_per_slide": seconds * ctx.world_size / max(seen, 1),
     }
+
+
+def _forward_skipping(net: torch.nn.Module, items: list[SlideBatchItem], y: torch.Tensor, *, skip_bad: bool,
+                      errors: dict[str, int] | None, **kwargs: object) -> tuple[list[SlideBatchItem], torch.Tensor, object]:
+    """The forward pass; with `skip_bad`, a slide whose tiles cannot be read leaves the step (counted in
+    `errors`, warned about once) and the rest go on. Returns the items and targets used, and the output
+    (None when no slide of the step was left)."""
+    while items:
+        try:
+            return items, y, net(items, **kwargs)
+        except SlideError as exc:
+            keep = [k for k, it in enumerate(items) if Path(it.slide_path) != exc.path]
+            if len(keep) == len(items):
+                raise
+            if not skip_bad or errors is None:
+                raise WsiatsError(f"{exc}; pass --skip-bad to train on without the steps that read it") from None
+            if str(exc.path) not in errors:
+                warnings.warn(f"left out of the steps that read it (--skip-bad): {exc}", stacklevel=1)
+            errors[str(exc.path)] = errors.get(str(exc.path), 0) + 1
+            items, y = [items[k] for k in keep], y[keep]
+    return items, y, None
+
+
+class _Diverged(Exception):
+    """A non-finite loss or weight: training stops before anything of this epoch is saved."""
+
+
+def _check_finite_weights(model: torch.nn.Module) -> None:
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise _Diverged(f"the weights hold NaN or infinite values ({bad[0]})")
 
 
 def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
