@@ -319,11 +319,6 @@ def _stratified(items: list[Item], fraction: float, seed: int) -> tuple[list[Ite
     return train, val
 
 
-def label_counts(items: Sequence[Item], classes: Sequence[str]) -> dict[str, int]:
-    counts = Counter(it.label for it in items)
-    return {c: counts.get(i, 0) for i, c in enumerate(classes)}
-
-
 class ViewDataset(Dataset):
     """Loads the low-resolution view and tissue mask of each slide (inside DataLoader workers).
 

@@ -106,15 +106,6 @@ def gather(ctx: DistContext, obj: Any) -> list[Any]:
     return out
 
 
-def broadcast(ctx: DistContext, obj: Any) -> Any:
-    """Rank 0's `obj` on every rank."""
-    if not ctx.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def shard(ctx: DistContext, n: int) -> list[int]:
     """This rank's indices of range(n), round robin (ranks may get one fewer)."""
     return list(range(ctx.rank, n, ctx.world_size))
