@@ -99,3 +99,26 @@ def test_learning_ratios_and_targets(learning_report: dict[str, Any]) -> None:
     assert dense["step"]["tiles"] > 10
     assert all(isinstance(t["met"], bool) for t in r["targets"].values())
     assert len(r["machine"]["load_average_start"]) == 3
+
+
+def test_needles_smoke_writes_every_row(tmp_path: Path) -> None:
+    import bench_needles
+
+    out = tmp_path / "needles.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_WAIT_POLICY", "PASSIVE")
+        assert bench_needles.main(["--smoke", "--out", str(out), "--cache", str(tmp_path / "cache")]) == 0
+    text = out.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    doc = json.loads(text)
+    assert set(doc["rows"]) == set(bench_needles.ROWS)
+    for row in ("new_default", "current_default", "u_n"):
+        (run,) = doc["rows"][row]["seeds"]
+        assert 0.0 <= run["test_accuracy"] <= 1.0 and 0.0 <= run["tumour_patch_fraction"] <= 1.0
+        assert run["train_s"] > 0 and run["train_cpu_s"] > 0 and run["curve"]
+    assert doc["rows"]["current_default"]["seeds"][0]["config"]["pooling"] == "ats"
+    dense = doc["rows"]["dense_mil"]
+    assert dense["per_slide_step"]["dense_mil"]["tiles"] > 0 and dense["time_ratio"] > 0
+    frac = doc["cohort"]["informative_fraction_of_tissue"]
+    assert 0 < frac["min"] <= frac["mean"] <= frac["max"] < 0.1
+    assert (tmp_path / "needles.png").is_file()
