@@ -53,6 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_predict import code_version, json_safe, load_average, machine_info, set_omp_policy  # noqa: E402
 
+from wsiats._io import atomic_open, atomic_path  # noqa: E402 - outputs renamed into place when complete
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
@@ -182,13 +184,11 @@ def write_slide(path: Path, gray: np.ndarray) -> None:
     from PIL import Image
 
     rgb = np.repeat(gray[:, :, None], 3, axis=2)
-    tmp = path.with_name(path.name + ".tmp")
-    with tifffile.TiffWriter(tmp) as tw:
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp) as tw:
         for i, ds in enumerate(LEVELS):
             side = max(1, round(gray.shape[0] / ds))
             level = rgb if ds == 1 else np.asarray(Image.fromarray(rgb).resize((side, side), Image.Resampling.BOX))
             tw.write(level, photometric="rgb", tile=(TILE, TILE), compression="zlib", subfiletype=1 if i else 0)
-    os.replace(tmp, path)
 
 
 _WORKER: dict[str, Any] = {}
@@ -230,19 +230,16 @@ def ensure_dataset(cache: Path, *, n_train: int, n_val: int, n_test: int, size: 
     with ProcessPoolExecutor(max(1, jobs), initializer=_init_worker, initargs=(seed, size, str(out / "slides"))) as ex:
         records = dict(ex.map(_make_one, jobs_list, chunksize=16))
     sids = [f"{split}_{i:05d}" for split, i, _ in jobs_list]
-    tmp = out / "labels.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
+    with atomic_open(out / "labels.csv", "w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["slide_id", "label", "split"])
         for sid in sids:
             writer.writerow([sid, records[sid]["label"], records[sid]["split"]])
-    os.replace(tmp, out / "labels.csv")
     pools = digit_pools(load_mnist()[1], seed)
     truth = {"spec": spec, "pool_sizes": {k: len(v) for k, v in pools.items()},
              "slides": {sid: records[sid] for sid in sids}}
-    tmp = truth_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(truth) + "\n")
-    os.replace(tmp, truth_path)
+    with atomic_open(truth_path, "w") as fh:
+        fh.write(json.dumps(truth) + "\n")
     return out
 
 
@@ -257,7 +254,8 @@ def _flags(options: dict[str, Any]) -> list[str]:
 
 def _cli(args: list[str], log: Path, *, on_line: Any = None) -> tuple[int, str, float]:
     """Run `python -m wsiats ARGS` with this checkout first on the path; (exit code, stdout, seconds)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**os.environ, "PYTHONPATH": path,
            "COLUMNS": "200"}
     t0 = time.perf_counter()
     lines = []
@@ -323,7 +321,8 @@ def run_row(data: Path, runs: Path, row: str, *, seed: int, epochs: int | None, 
                     "--workers", str(workers)]
     rc, out, predict_s = _cli(predict_args, run / "predict.log")
     if rc != 0:
-        raise RuntimeError(f"{row} seed {seed}: wsiats predict exited {rc}:\n{(run / 'predict.log').read_text()[-3000:]}")
+        raise RuntimeError(f"{row} seed {seed}: wsiats predict exited {rc}:\n"
+                           f"{(run / 'predict.log').read_text()[-3000:]}")
     summary = json.loads(out[out.index("{"):])
     metrics = summary["metrics"]
     val_error = [1.0 - r["val_acc"] for r in curve]
@@ -368,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--smoke", action="store_true", help="a handful of small images, 1 epoch: seconds")
-    mode.add_argument("--quick", action="store_true", help="reduced protocol (500/100/200 images, 5 epochs, ATS-10, one seed)")
+    mode.add_argument("--quick", action="store_true",
+                      help="reduced protocol (500/100/200 images, 5 epochs, ATS-10, one seed)")
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, help="rows to run (default: the protocol's)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds of ats_10")
     ap.add_argument("--baseline-seeds", type=int, nargs="+", default=None, help="training seeds of the other rows")
@@ -379,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="wsiats --workers (default 2; smoke: 0)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes generating images")
     ap.add_argument("--out", type=Path, default=None,
-                    help="JSON to write (default results/megapixel_mnist.json; _quick / _smoke for those modes); "
+                    help="JSON to write (default results/megapixel_mnist.json, _quick.json with --quick, the cache "
+                         "folder with --smoke); "
                          "the PNG learning curve goes beside it")
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")
     ap.add_argument("--omp-wait-policy", choices=("passive", "active", "inherit"), default="passive",
@@ -391,7 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = args.rows or proto["rows"]
     epochs = args.epochs if args.epochs is not None else proto["epochs"]
     workers = args.workers if args.workers is not None else proto.get("workers", 2)
-    out = args.out or HERE / "results" / ("megapixel_mnist.json" if name == "full" else f"megapixel_mnist_{name}.json")
+    default_out = {"smoke": args.cache / "megapixel_mnist_smoke.json",
+                   "quick": HERE / "results" / "megapixel_mnist_quick.json",
+                   "full": HERE / "results" / "megapixel_mnist.json"}
+    out = args.out or default_out[name]
     load_start = load_average()
     t0 = time.perf_counter()
     data = ensure_dataset(args.cache, n_train=proto["n_train"], n_val=proto["n_val"], n_test=proto["n_test"],
@@ -405,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": {**truth["spec"], "pool_sizes": truth["pool_sizes"], "folder": str(data), "prepare_s": prepare_s,
                  "slides_mb": disk / 2**20, "view_side": round(proto["size"] * VIEW_SIDE / SIZE),
                  "patch_size": PATCH, "mnist": "10k MNIST test digits split into disjoint train/val/test pools"},
-        "settings": {"epochs": epochs if epochs else "wsiats train's default", "workers": workers, "device": args.device,
+        "settings": {"epochs": epochs or "wsiats train's default", "workers": workers, "device": args.device,
                      "view_downsample": SIZE / VIEW_SIDE, "patch_size": PATCH, "patch_downsample": 1,
                      "tissue_mask": False},
         "targets": {"ats_10_test_error": TEST_ERROR_TARGET, "below_0_5_within_share_of_run": BELOW_HALF_WITHIN},
@@ -423,10 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     if ats:
         results["met"] = {"ats_10_test_error": ats["test_error_mean"] <= TEST_ERROR_TARGET,
                           "below_0_5_within_10pct_of_run": ats["below_0_5_within_10pct_of_run"]}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(json_safe(results), indent=1) + "\n")
-    tmp.replace(out)
+    with atomic_open(out, "w") as fh:
+        fh.write(json.dumps(json_safe(results), indent=1) + "\n")
     plot_curves(results, out.with_suffix(".png"))
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "seeds"} for k, v in results["rows"].items()},
                      indent=1))
@@ -449,7 +451,8 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
                     label=f"{row} seed {run['seed']} ({n} epochs, measured)")
     o = OFFICIAL
     ax.plot([0, o["plateau_until_epoch"] / o["epochs"], 1.0], [o["test_error_plateau"]] * 2 + [o["final_test_error"]],
-            color="grey", ls="--", lw=1, label=f"official ATS-10, {o['epochs']} epochs (quoted, not measured)")
+            color="grey", ls="--", lw=1,
+            label=f"official ATS-10, {o['epochs']} epochs (quoted points, not measured; a straight line between them)")
     ax.axhline(0.5, color="grey", ls=":", lw=0.8)
     ax.axvline(BELOW_HALF_WITHIN, color="grey", ls=":", lw=0.8)
     ax.set_xlabel("epoch / epochs of the run")
@@ -460,12 +463,11 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
     if results.get("reduced"):
         title += f" ({results['protocol']} protocol, reduced)"
     ax.set_title(title)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
