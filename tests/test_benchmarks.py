@@ -14,6 +14,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import bench_learning  # noqa: E402
+import bench_megapixel_mnist  # noqa: E402
 import bench_predict  # noqa: E402
 
 PREDICT_KEYS = (
@@ -122,3 +123,65 @@ def test_needles_smoke_writes_every_row(tmp_path: Path) -> None:
     frac = doc["cohort"]["informative_fraction_of_tissue"]
     assert 0 < frac["min"] <= frac["mean"] <= frac["max"] < 0.1
     assert (tmp_path / "needles.png").is_file()
+@pytest.fixture(scope="module")
+def mnist_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    tmp = tmp_path_factory.mktemp("bench_megapixel_mnist")
+    return _run(bench_megapixel_mnist.main, tmp), tmp
+
+
+def test_megapixel_mnist_rows_through_the_cli(mnist_report: tuple[dict[str, Any], Path]) -> None:
+    r, tmp = mnist_report
+    assert r["protocol"] == "smoke" and r["reduced"] is True
+    assert r["rows"]["official"]["measured"] is False  # quoted from the issue, never measured
+    for row in ("ats_10", "u_10"):
+        run = r["rows"][row]["seeds"][0]
+        assert 0.0 <= run["test_error"] <= 1.0 and run["n_test"] == r["data"]["n_test"]
+        assert run["epochs"] == len(run["curve"]) == 1 and run["seconds_per_epoch"] > 0
+        assert run["test_patches_on"]["patches"] == 10 * run["n_test"]  # N = 10 patches per test image
+        assert "--no-tissue-mask" in run["command"] and run["command"][3] == "train"
+    cmd = r["rows"]["u_10"]["seeds"][0]["command"]
+    assert cmd[cmd.index("--attention") + 1] == "uniform" and cmd[cmd.index("--pooling") + 1] == "ats"
+    assert len(r["machine"]["loadavg_start"]) == 3
+    assert (tmp / "result.png").stat().st_size > 0
+
+
+def test_megapixel_mnist_images(mnist_report: tuple[dict[str, Any], Path]) -> None:
+    r, _ = mnist_report
+    data = Path(r["data"]["folder"])
+    truth = json.loads((data / "truth.json").read_text())
+    with open(data / "labels.csv") as fh:
+        rows = [line.split(",") for line in fh.read().splitlines()[1:]]
+    assert {s for _, _, s in rows} == {"train", "val", "test"} and len(rows) == len(truth["slides"])
+    assert {lab for _, lab, s in rows if s == "train"} == {str(c) for c in range(10)}  # every class trains
+    digits = bench_megapixel_mnist.DIGIT
+    for sid, label, _ in rows:
+        boxes = truth["slides"][sid]["digits"]
+        assert sum(b["target"] for b in boxes) == 3 and len(boxes) == 5
+        assert all(b["class"] == int(label) for b in boxes if b["target"])
+        assert not any(b["class"] == int(label) for b in boxes if not b["target"])
+        for i, a in enumerate(boxes):  # no two digits overlap
+            assert all(abs(a["x"] - b["x"]) >= digits or abs(a["y"] - b["y"]) >= digits for b in boxes[i + 1:])
+    # the digits of the training, validation and test images come from disjoint pools
+    used = {s: {b["mnist_index"] for rec in truth["slides"].values() if rec["split"] == s for b in rec["digits"]}
+            for s in ("train", "val", "test")}
+    assert not used["train"] & used["test"] and not used["train"] & used["val"] and not used["val"] & used["test"]
+
+
+def test_megapixel_mnist_slide_is_a_pyramid(mnist_report: tuple[dict[str, Any], Path]) -> None:
+    import tifffile
+
+    from wsiats.slide import open_slide
+
+    r, _ = mnist_report
+    data = Path(r["data"]["folder"])
+    path = data / "slides" / "train_00000.tif"
+    level0 = tifffile.imread(path)
+    images, _ = bench_megapixel_mnist.load_mnist()
+    for b in json.loads((data / "truth.json").read_text())["slides"]["train_00000"]["digits"]:  # drawn losslessly
+        box = level0[b["y"]: b["y"] + b["height"], b["x"]: b["x"] + b["width"]]
+        assert (box == images[b["mnist_index"]][:, :, None]).all()
+    with open_slide(path) as slide:
+        assert slide.dimensions == (r["data"]["size"],) * 2
+        assert slide.level_downsamples == (1.0, 4.0)  # the view (downsample 1500/180) is read from level 1
+        view = slide.read_view(downsample=1500 / 180)
+        assert view.image.shape == (r["data"]["view_side"], r["data"]["view_side"], 3)
