@@ -141,7 +141,7 @@ def _config_options(func: F) -> F:
 
     from wsiats.config import Config, field_help
 
-    skip = {"classes", "version"}
+    skip = {"classes", "version", "feature_net_args"}  # feature_net_args: a mapping, set in --config YAML
     for f in reversed(dataclasses.fields(Config)):
         if f.name in skip:
             continue

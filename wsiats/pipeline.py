@@ -21,6 +21,7 @@ from torch import Tensor
 
 from wsiats import sampling
 from wsiats.config import Config
+from wsiats.embed_cache import embed_patches, patch_keys
 from wsiats.errors import ConfigError, SlideError
 from wsiats.models import ATSModel
 from wsiats.slide import Slide, open_slide, patch_box
@@ -198,7 +199,7 @@ def forward_batch(
     device = device or next(model.parameters()).device
     use_cuda = device.type == "cuda"
     ctx = autocast or _null_context
-    attentions, indices, sampled, boxes, patches = [], [], [], [], []
+    attentions, indices, sampled, boxes, patches, keys = [], [], [], [], [], []
     counts: list[int] = []
     for item in items:
         view = item.view
@@ -229,16 +230,13 @@ def forward_batch(
         pixels = slide.read_patches(centers, size, downsample=pds, workers=workers)
         tiles = torch.from_numpy(pixels).permute(0, 3, 1, 2)
         patches.append(item.augment.images(tiles))
+        keys.extend(patch_keys(item.slide_path, idx_np, view.downsample, size, pds, item.augment))
         attentions.append(att[0])
         indices.append(idx_np)
         sampled.append(a_k[0])
         boxes.append(patch_boxes(centers, size, pds))
         counts.append(n)
-    stacked = torch.cat(patches)
-    if use_cuda:
-        stacked = stacked.pin_memory()
-    with ctx():
-        feats = model.feature_net(stacked.to(device, non_blocking=use_cuda)).float()
+    feats = embed_patches(model, torch.cat(patches), keys, device=device, autocast=ctx)
     pooled, weights = [], []
     start = 0
     replace = cfg.replace and mode == "sample"

@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = (
     "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc",
-    "attention_entropy", "seconds_per_slide", "lr",
+    "attention_entropy", "seconds_per_slide", "lr", "feature_cache_hit_rate", "feature_cache_speedup",
 )
 
 
@@ -247,6 +247,7 @@ def train(
             else:
                 row.update(val_loss=math.nan, val_acc=math.nan, val_auc=math.nan)
                 key = (float(epoch), 0.0)  # no validation: the latest epoch is the best
+            row.update(_cache_report(model, epoch))
             history.append(row)
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
             improved = key > best_key
@@ -267,7 +268,7 @@ def train(
                 "best_epoch": best_epoch,
                 "best_acc": best_key[0],
                 "best_neg_loss": best_key[1],
-                "history": torch.tensor([[r[c] for c in METRIC_COLUMNS] for r in history], dtype=torch.float64),
+                "history": torch.tensor([[r.get(c, math.nan) for c in METRIC_COLUMNS] for r in history], dtype=torch.float64),
             })
             _write_metrics(out_dir / "metrics.csv", history)
             distributed.barrier(ctx)
@@ -345,6 +346,16 @@ def _train_epoch(
         # wall time per slide of this rank's share: what one process spends on a slide
         "seconds_per_slide": seconds * ctx.world_size / max(seen, 1),
     }
+
+
+def _cache_report(model: ATSModel, epoch: int) -> dict[str, float]:
+    """The embedding cache's hit rate and estimated speed-up over this epoch's feature passes (NaN: no cache)."""
+    if model.embed_cache is None:
+        return {"feature_cache_hit_rate": math.nan, "feature_cache_speedup": math.nan}
+    s = model.embed_cache.take_stats()
+    log.info("epoch %d: feature cache hit rate %.3f (%d of %d patches), feature passes %.2fx faster (estimated), "
+             "%d embeddings in %.1f MB", epoch + 1, s.hit_rate, s.hits, s.hits + s.misses, s.speedup, s.entries, s.mb)
+    return {"feature_cache_hit_rate": s.hit_rate, "feature_cache_speedup": s.speedup}
 
 
 def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
