@@ -163,18 +163,27 @@ def test_forward_batch_with_the_cache_equals_the_plain_pass(tiny: _slides.Genera
 
 
 def test_training_reports_hit_rate_and_speedup(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from wsiats.synth import make_cohort
-    from wsiats.train import train
+    """Through the CLI: the epoch lines, the log and metrics.csv carry the hit rate and the speed-up."""
+    from click.testing import CliRunner
 
-    cohort = make_cohort(tmp_path / "cohort", n=4, size=1024, seed=2, test_fraction=0)
-    # a 2 x 2 view and 3 patches a slide: epoch 2 must meet at least 2 of the cells epoch 1 embedded
-    cfg = Config(epochs=2, batch_size=2, n_patches=3, patch_size=32, view_downsample=512.0, tissue_mask=False,
-                 workers=0, val_fraction=0, freeze_features=True, augment=False)
+    from wsiats.cli import cli
+    from wsiats.synth import make_cohort
+
+    labels = make_cohort(tmp_path / "cohort", n=4, size=1024, seed=2, test_fraction=0)
+    # a 2 x 2 view and 4 patches a slide: epoch 2 meets exactly the cells epoch 1 embedded
+    args = ["train", labels.parent / "slides", "--labels", labels, "--out", tmp_path / "run", "--epochs", "2",
+            "--batch-size", "2", "--n-patches", "4", "--patch-size", "32", "--view-downsample", "512",
+            "--no-tissue-mask", "--workers", "0", "--val-fraction", "0", "--freeze-features", "--no-augment", "-q"]
     with caplog.at_level(logging.INFO, logger="wsiats.train"):
-        train(cohort.parent / "slides", cohort, tmp_path / "run", cfg, progress=False)
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
-    assert [r["feature_cache_hit_rate"] != "" for r in rows] == [True, True]
-    assert float(rows[0]["feature_cache_hit_rate"]) == 0.0 and float(rows[1]["feature_cache_hit_rate"]) >= 2 / 3
-    assert float(rows[1]["feature_cache_speedup"]) > 0
+    assert [float(r["feature_cache_hit_rate"]) for r in rows] == [0.0, 1.0]
+    assert float(rows[1]["feature_cache_speedup"]) > 1.0
     lines = [r.getMessage() for r in caplog.records if "feature cache" in r.getMessage()]
-    assert len(lines) == 2 and lines[1].startswith("epoch 2: feature cache hit rate ")
+    assert len(lines) == 2
+    assert lines[1].startswith("epoch 2: feature cache hit rate 1.000 (16 of 16 patches), feature passes ")
+    assert lines[1].endswith("x faster (estimated), 16 embeddings in 0.0 MB")
+    result = CliRunner().invoke(cli, [str(a) for a in args[:-1] + ["--out", tmp_path / "run2"]])
+    epoch_lines = [line for line in result.output.splitlines() if line.startswith("epoch ")]
+    assert "feature cache 0% hits (" in epoch_lines[0] and "feature cache 100% hits (" in epoch_lines[1]

@@ -209,9 +209,12 @@ def train(slide_dir: Path, labels: Path, out: Path, config_file: Path | None, re
             return
         val = "" if row["val_loss"] != row["val_loss"] else (
             f"  val loss {row['val_loss']:.3f} acc {row['val_acc']:.3f} auc {row['val_auc']:.3f}")
+        hits = row.get("feature_cache_hit_rate", float("nan"))
+        cache = "" if hits != hits else (
+            f"  feature cache {hits:.0%} hits ({row['feature_cache_speedup']:.1f}x)")
         console.print(
             f"epoch {int(row['epoch'])}: train loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}{val}"
-            f"  entropy {row['attention_entropy']:.2f}  {row['seconds_per_slide']:.3f} s/slide"
+            f"  entropy {row['attention_entropy']:.2f}  {row['seconds_per_slide']:.3f} s/slide{cache}"
         )
 
     result = run_training(slide_dir, labels, out, cfg, resume=resume, skip_bad=skip_bad, backend=backend,
