@@ -384,17 +384,21 @@ def _print_metrics(m: dict[str, Any], classes: list[str]) -> None:
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="Run folder written by `wsiats train`.")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Folder for the PNG, TIFF and GeoJSON files.")
 @click.option("--top", type=click.IntRange(min=1), default=50, show_default=True, help="Highest-attention patches in the GeoJSON.")
+@click.option("--scale", type=click.Choice(["slide", "global"]), default="slide", show_default=True,
+              help="Colour scale: each slide's own maximum, or one fixed scale for all slides (attention relative "
+                   "to uniform, log).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @backend_option
 @mpp_option
 @quiet_option
 @option_file
 @_reports_errors
-def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, device: str, backend: str,
+def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, scale: str, device: str, backend: str,
             mpp: float | None, quiet: bool, config_file: Path | None) -> None:
     """Draw where the model looks on SLIDES.
 
-    Per slide: OUT/<id>.png (thumbnail with the attention overlay and a colour bar),
+    Per slide: OUT/<id>.png (the slide and its attention side by side, a colour bar, the
+    prediction in the title),
     OUT/<id>.attention.tif (float32 map; its downsample to level 0 stored in the file) and
     OUT/<id>.geojson (the highest-attention patches, importable in QuPath).
 
@@ -407,7 +411,8 @@ def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, devic
     from wsiats.heatmap import heatmap_slides
 
     paths = find_slides(slides)
-    results = list(track(heatmap_slides(paths, model_dir, out, top=top, device=device, backend=backend, mpp=mpp),
+    results = list(track(heatmap_slides(paths, model_dir, out, top=top, device=device, backend=backend, mpp=mpp,
+                                        scale=scale),
                          total=len(paths), description="heatmaps", disable=quiet))
     failed = [r for r in results if r.error]
     if len(failed) < len(results):
