@@ -99,3 +99,25 @@ def test_learning_ratios_and_targets(learning_report: dict[str, Any]) -> None:
     assert dense["step"]["tiles"] > 10
     assert all(isinstance(t["met"], bool) for t in r["targets"].values())
     assert len(r["machine"]["load_average_start"]) == 3
+
+
+def test_backbones_smoke_report(tmp_path: Path) -> None:
+    import bench_backbones
+
+    r = _run(bench_backbones.main, tmp_path)
+    assert r["smoke"] is True and set(r["table"]) == {"small-cnn", "vit_tiny"}
+    dense = r["dense"]
+    assert dense["tissue_tiles"] > dense["sampled_tiles"] > 0 and dense["extrapolated"] is True
+    assert dense["read_s"] == pytest.approx(dense["read_per_tile_ms"] / 1e3 * dense["tissue_tiles"])
+    for key, row in r["table"].items():
+        b = dense["backbones"][key]
+        assert b["dense_s"] == pytest.approx(dense["read_s"] + b["embed_s"])
+        assert row["dense_over_ats"] == pytest.approx(row["dense_s"] / row["ats_predict_s"])
+        assert row["predict_over_decode_once"] == pytest.approx(row["ats_predict_s"] / r["dense_read_decode_once_s"])
+        assert r["ats"][key]["n_patches"] == 10
+    assert dense["backbones"]["vit_tiny"]["input_size"] == [32, 32]  # the ViT's own input size
+    assert r["decode_once"]["file_tiles"] > 0 and r["decode_once"]["extrapolated"] is False
+    assert r["cohort"]["slides"] == 2 and all(b["dense_extrapolated"] for b in r["cohort"]["backbones"].values())
+    assert r["peer"] == {"skipped": "smoke mode"}
+    assert all(isinstance(t["met"], bool) for t in r["targets"].values())
+    assert len(r["machine"]["load_average_start"]) == 3 and r["machine"]["loadavg_end"]
