@@ -269,3 +269,12 @@ def test_hub_model_from_the_local_cache(offline_hub: Path) -> None:
     torch.testing.assert_close(net.mean.flatten(), torch.tensor([0.6, 0.5, 0.4]))
     for key, value in src.backbone.state_dict().items():
         torch.testing.assert_close(net.backbone.state_dict()[key], value)
+
+
+def test_a_run_trained_from_the_hub_predicts_offline(offline_hub: Path) -> None:
+    """predict builds the model without hub weights (the run's file holds them): a recipe's hub name
+    then needs no hub at all, not even its config.json."""
+    net = create_feature_net("hf-hub:MahmoodLab/UNI", pretrained=False, timm_kwargs=dict(RECIPES["uni"].tiny))
+    assert net.backbone.blocks[0].ls1.gamma.shape == (32,) and net.backbone.dynamic_img_size
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
+        create_feature_net("hf-hub:someone/some-vit", pretrained=False)  # no recipe: the architecture is on the hub

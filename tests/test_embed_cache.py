@@ -187,3 +187,20 @@ def test_training_reports_hit_rate_and_speedup(tmp_path: Path, caplog: pytest.Lo
     result = CliRunner().invoke(cli, [str(a) for a in args[:-1] + ["--out", tmp_path / "run2"]])
     epoch_lines = [line for line in result.output.splitlines() if line.startswith("epoch ")]
     assert "feature cache 0% hits (" in epoch_lines[0] and "feature cache 100% hits (" in epoch_lines[1]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cached_embeddings_on_cuda_in_bfloat16() -> None:
+    """On CUDA: pinned patches, bfloat16 autocast, features back on the GPU as float32, cache rows on the CPU."""
+    from wsiats.runtime import autocast_factory
+
+    cuda = torch.device("cuda")
+    model = _model().to(cuda)
+    patches = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    auto = autocast_factory(cuda, True)
+    first = embed_patches(model, patches, _keys([0, 1, 2, 3]), device=cuda, autocast=auto)
+    again = embed_patches(model, patches, _keys([0, 1, 2, 3]), device=cuda, autocast=auto)
+    assert first.device.type == "cuda" and first.dtype == torch.float32
+    torch.testing.assert_close(again, first)
+    assert model.feature_net.embedded == 4  # type: ignore[union-attr]
