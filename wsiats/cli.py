@@ -212,7 +212,7 @@ def _config_options(func: F) -> F:
     from wsiats.config import RUN_FIELDS, Config, field_help
 
     for f in reversed(dataclasses.fields(Config)):
-        if f.name in RUN_FIELDS:
+        if f.name in RUN_FIELDS or f.name == "feature_net_args":  # a mapping: set in --config YAML
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
@@ -403,9 +403,12 @@ def train(slide_dir: Path | None, labels: Path | None, out: Path | None, config_
         eta = (time.perf_counter() - t0) / len(shown) * max(total - epoch, 0)
         val = "" if row["val_loss"] != row["val_loss"] else (
             f"  val loss {row['val_loss']:.3f} acc {row['val_acc']:.3f} auc {row['val_auc']:.3f}")
+        hits = row.get("feature_cache_hit_rate", float("nan"))
+        cache = "" if hits != hits else (
+            f"  feature cache {hits:.0%} hits ({row['feature_cache_speedup']:.1f}x)")
         console.print(
             f"epoch {epoch}/{total}: train loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}{val}"
-            f"  entropy {row['attention_entropy']:.2f}  {row['seconds_per_slide']:.3f} s/slide, ETA {clock(eta)}"
+            f"  entropy {row['attention_entropy']:.2f}  {row['seconds_per_slide']:.3f} s/slide{cache}, ETA {clock(eta)}"
         )
 
     result = run_training(slide_dir, labels, out, cfg, resume=resume, skip_bad=skip_bad, backend=backend,
@@ -571,6 +574,9 @@ def _print_metrics(m: dict[str, Any], classes: list[str]) -> None:
 @model_option
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Folder for the PNG, TIFF and GeoJSON files.")
 @click.option("--top", type=click.IntRange(min=1), default=50, show_default=True, help="Highest-attention patches in the GeoJSON.")
+@click.option("--scale", type=click.Choice(["slide", "global"]), default="slide", show_default=True,
+              help="Colour scale: each slide's own maximum, or one fixed scale for all slides (attention relative "
+                   "to uniform, log).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @allow_hub_option
 @backend_option
@@ -580,11 +586,12 @@ def _print_metrics(m: dict[str, Any], classes: list[str]) -> None:
 @quiet_option
 @option_file
 @_reports_errors
-def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, device: str, allow_hub: bool, backend: str,
-            mpp: float | None, recursive: bool, quiet: bool, config_file: Path | None) -> None:
+def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, scale: str, device: str, allow_hub: bool,
+            backend: str, mpp: float | None, recursive: bool, quiet: bool, config_file: Path | None) -> None:
     """Draw where the model looks on SLIDES.
 
-    Per slide: OUT/<id>.png (thumbnail with the attention overlay and a colour bar),
+    Per slide: OUT/<id>.png (the slide and its attention side by side, a colour bar, the
+    prediction in the title),
     OUT/<id>.attention.tif (float32 map; its downsample to level 0 stored in the file) and
     OUT/<id>.geojson (the highest-attention patches, importable in QuPath); and once
     OUT/heatmap.config.yaml (the options it ran with).
@@ -602,7 +609,7 @@ def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, devic
     paths = find_slides(slides, recursive=recursive)
     check_writable(out / "heatmap.config.yaml")  # the folder can be made and written: fail now, not per slide
     results = list(_warned(track(heatmap_slides(paths, model_dir, out, top=top, device=device, backend=backend,
-                                                mpp=mpp, allow_hub=allow_hub),
+                                                mpp=mpp, allow_hub=allow_hub, scale=scale),
                                  total=len(paths), description="heatmaps", disable=quiet, unit="slide",
                                  label=lambda r: r.slide_id + (" (failed)" if r.error else ""))))
     failed = [r for r in results if r.error]
