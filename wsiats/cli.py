@@ -212,7 +212,7 @@ def _config_options(func: F) -> F:
     from wsiats.config import RUN_FIELDS, Config, field_help
 
     for f in reversed(dataclasses.fields(Config)):
-        if f.name in RUN_FIELDS or f.name == "feature_net_args":  # a mapping: set in --config YAML
+        if f.name in RUN_FIELDS or f.name in _FLAGLESS:  # a mapping: set in --config YAML
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
@@ -269,12 +269,25 @@ def _load_option_file(ctx: click.Context, param: click.Parameter, value: Path | 
         raise _ConfigFileError(str(exc)) from None
     options = _config_keys(ctx.command)
     given = {str(k).replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(set(given) - set(options))
+    # Config fields without a flag (a mapping such as feature_net_args) go to train through ctx.meta
+    flagless = set(_FLAGLESS) if ctx.command.name == "train" else set()
+    unknown = sorted(set(given) - set(options) - flagless)
     if unknown:
-        raise _ConfigFileError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(options)}")
-    defaults = {options[k].name: _option_value(ctx, options[k], k, v, path) for k, v in given.items()}
+        valid = [*options, *sorted(flagless)]
+        raise _ConfigFileError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+    from wsiats.config import _coerce
+
+    try:
+        ctx.meta["config_flagless"] = {k: _coerce(k, v, str(path)) for k, v in given.items() if k in flagless}
+    except ConfigError as exc:
+        raise _ConfigFileError(str(exc)) from None
+    defaults = {options[k].name: _option_value(ctx, options[k], k, v, path) for k, v in given.items() if k in options}
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return path
+
+
+#: Config fields that a --config file of train may set but no flag does (their values are mappings).
+_FLAGLESS = ("feature_net_args",)
 
 
 def _option_value(ctx: click.Context, option: click.Option, key: str, value: Any, source: Path) -> Any:
@@ -374,7 +387,7 @@ def train(slide_dir: Path | None, labels: Path | None, out: Path | None, config_
 
     from wsiats.distributed import read_env
 
-    cfg = resolve(overrides=_config_overrides(kwargs))
+    cfg = resolve(overrides={**click.get_current_context().meta.get("config_flagless", {}), **_config_overrides(kwargs)})
     if print_config:
         doc = {k: v for k, v in cfg.to_dict().items() if k not in RUN_FIELDS}
         paths = {"labels": labels, "out": out}

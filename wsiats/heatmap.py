@@ -383,8 +383,8 @@ def heatmap_slides(
     from wsiats.data import seeded_generator, slide_id
     from wsiats.errors import WsiatsError
     from wsiats.pipeline import (
+        OpenedSlide,
         SlideBatchItem,
-        SlidePool,
         attention_map,
         cell_centers,
         forward_batch,
@@ -393,7 +393,7 @@ def heatmap_slides(
         prepare_view,
     )
     from wsiats.runtime import select_device
-    from wsiats.slide import collect_notes
+    from wsiats.slide import collect_notes, open_slide
 
     if scale not in SCALES:
         raise ConfigError(f"unknown scale {scale!r}; choose one of: {', '.join(SCALES)}")
@@ -404,54 +404,49 @@ def heatmap_slides(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     first_of: dict[str, Path] = {}
-    pool = SlidePool(capacity=2, backend=backend, mpp=mpp)
-    try:
-        for path in paths:
-            sid = slide_id(path)
-            result = HeatmapResult(sid, Path(path))
-            if sid in first_of:  # a.tif and b/a.svs: the second would overwrite the first one's files
-                result.error = (f"{path}: slide id {sid!r} is also the id of {first_of[sid]}; its heatmap files "
-                                "would overwrite that slide's")
-                yield result
-                continue
-            first_of[sid] = Path(path)
-            written: list[Path] = []
-            try:
-                with collect_notes() as result.notes:
-                    slide = pool.get(Path(path))
-                    view = prepare_view(slide, cfg)
-                    slide_mpp = slide.mpp
-                    pds = patch_downsample(slide, cfg)
-                    # The PNG gets a sharper thumbnail than the model's view when the view is small.
-                    thumb_ds = max(1.0, max(slide.dimensions) / thumbnail_size)  # never finer than level 0
-                    thumb = slide.read_view(downsample=thumb_ds).image if thumb_ds < min(view.downsample) else view.image
-                    with torch.no_grad():
-                        out = forward_batch(model, [SlideBatchItem(Path(path), view)], cfg=cfg, pool=pool,
-                                            generator=seeded_generator(0, 0), device=dev)
-                probs = torch.softmax(out.logits.float(), -1)[0].cpu().numpy()
-                best = int(probs.argmax())
-                att = attention_map(model, view, cfg, device=dev)
-                flat = att.ravel()
-                order = np.argsort(-flat, kind="stable")[: min(top, int((flat > 0).sum()))]
-                centers = cell_centers(order, att.shape, view.downsample)
-                boxes = patch_boxes(centers, cfg.patch_size, pds)
-                png = out_dir / f"{sid}.png"
-                tif = out_dir / f"{sid}.attention.tif"
-                geo = out_dir / f"{sid}.geojson"
-                title = f"{sid}: predicted {cfg.classes[best]} (p = {probs[best]:.2f})"
-                write_png(png, render_overlay(thumb, att, mask=view.mask, scale=scale, cmap=cmap, title=title))
-                written.append(png)
-                write_attention_tiff(tif, att.astype(np.float32), downsample=view.downsample, mpp=slide_mpp)
-                written.append(tif)
-                write_geojson(geo, patches_geojson(boxes, flat[order], slide_id=sid, cmap=cmap))
-                result.files = [png, tif, geo]
-            except WsiatsError as exc:
-                result.error = str(exc)
-            except (OSError, RuntimeError, ValueError, MemoryError) as exc:
-                result.error = f"{path}: {type(exc).__name__}: {exc}"
-            if result.error:  # a failed slide leaves none of its three files
-                for done in written:
-                    done.unlink(missing_ok=True)
+    for path in paths:
+        sid = slide_id(path)
+        result = HeatmapResult(sid, Path(path))
+        if sid in first_of:  # a.tif and b/a.svs: the second would overwrite the first one's files
+            result.error = (f"{path}: slide id {sid!r} is also the id of {first_of[sid]}; its heatmap files "
+                            "would overwrite that slide's")
             yield result
-    finally:
-        pool.close()
+            continue
+        first_of[sid] = Path(path)
+        written: list[Path] = []
+        try:
+            with collect_notes() as result.notes, open_slide(path, backend=backend, mpp=mpp) as slide:
+                view = prepare_view(slide, cfg)
+                slide_mpp = slide.mpp
+                pds = patch_downsample(slide, cfg)
+                # The PNG gets a sharper thumbnail than the model's view when the view is small.
+                thumb_ds = max(1.0, max(slide.dimensions) / thumbnail_size)  # never finer than level 0
+                thumb = slide.read_view(downsample=thumb_ds).image if thumb_ds < min(view.downsample) else view.image
+                with torch.no_grad():
+                    out = forward_batch(model, [SlideBatchItem(Path(path), view)], cfg=cfg, pool=OpenedSlide(slide),
+                                        generator=seeded_generator(0, 0), device=dev)
+            probs = torch.softmax(out.logits.float(), -1)[0].cpu().numpy()
+            best = int(probs.argmax())
+            att = attention_map(model, view, cfg, device=dev)
+            flat = att.ravel()
+            order = np.argsort(-flat, kind="stable")[: min(top, int((flat > 0).sum()))]
+            centers = cell_centers(order, att.shape, view.downsample)
+            boxes = patch_boxes(centers, cfg.patch_size, pds)
+            png = out_dir / f"{sid}.png"
+            tif = out_dir / f"{sid}.attention.tif"
+            geo = out_dir / f"{sid}.geojson"
+            title = f"{sid}: predicted {cfg.classes[best]} (p = {probs[best]:.2f})"
+            write_png(png, render_overlay(thumb, att, mask=view.mask, scale=scale, cmap=cmap, title=title))
+            written.append(png)
+            write_attention_tiff(tif, att.astype(np.float32), downsample=view.downsample, mpp=slide_mpp)
+            written.append(tif)
+            write_geojson(geo, patches_geojson(boxes, flat[order], slide_id=sid, cmap=cmap))
+            result.files = [png, tif, geo]
+        except WsiatsError as exc:
+            result.error = str(exc)
+        except (OSError, RuntimeError, ValueError, MemoryError) as exc:
+            result.error = f"{path}: {type(exc).__name__}: {exc}"
+        if result.error:  # a failed slide leaves none of its three files
+            for done in written:
+                done.unlink(missing_ok=True)
+        yield result

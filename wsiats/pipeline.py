@@ -200,6 +200,17 @@ class SlidePool:
         self._open.clear()
 
 
+class OpenedSlide(SlidePool):
+    """What `forward_batch` reads the patches from when the caller opened the slide for its view: that handle."""
+
+    def __init__(self, slide: Slide) -> None:
+        super().__init__(capacity=1)
+        self._slide = slide
+
+    def get(self, path: Path) -> Slide:
+        return self._slide
+
+
 def forward_batch(
     model: ATSModel,
     items: Sequence[SlideBatchItem],
