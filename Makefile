@@ -9,16 +9,18 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
 
-# torch is installed first and pinned to the release the machine ships, so that pip does
-# not go looking for a multi-gigabyte CUDA build; override with TORCH_SPEC=torch for a GPU box.
-TORCH_SPEC ?= torch==2.13.0
+# torch and torchvision are installed first, as a matched pair (a torchvision built for another
+# torch fails on import, and timm imports it): the releases the development machines ship on local
+# disk. On a GPU machine pick the pair for its CUDA, e.g.
+#   make test TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 install: $(BIN)/python
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e .
 
 install-test: $(BIN)/python
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e ".[test]"
 
 test: install-test

@@ -123,6 +123,8 @@ def test_needles_smoke_writes_every_row(tmp_path: Path) -> None:
     frac = doc["cohort"]["informative_fraction_of_tissue"]
     assert 0 < frac["min"] <= frac["mean"] <= frac["max"] < 0.1
     assert (tmp_path / "needles.png").is_file()
+
+
 @pytest.fixture(scope="module")
 def mnist_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     tmp = tmp_path_factory.mktemp("bench_megapixel_mnist")
@@ -185,3 +187,25 @@ def test_megapixel_mnist_slide_is_a_pyramid(mnist_report: tuple[dict[str, Any], 
         assert slide.level_downsamples == (1.0, 4.0)  # the view (downsample 1500/180) is read from level 1
         view = slide.read_view(downsample=1500 / 180)
         assert view.image.shape == (r["data"]["view_side"], r["data"]["view_side"], 3)
+
+
+def test_backbones_smoke_report(tmp_path: Path) -> None:
+    import bench_backbones
+
+    r = _run(bench_backbones.main, tmp_path)
+    assert r["smoke"] is True and set(r["table"]) == {"small-cnn", "vit_tiny"}
+    dense = r["dense"]
+    assert dense["tissue_tiles"] > dense["sampled_tiles"] > 0 and dense["extrapolated"] is True
+    assert dense["read_s"] == pytest.approx(dense["read_per_tile_ms"] / 1e3 * dense["tissue_tiles"])
+    for key, row in r["table"].items():
+        b = dense["backbones"][key]
+        assert b["dense_s"] == pytest.approx(dense["read_s"] + b["embed_s"])
+        assert row["dense_over_ats"] == pytest.approx(row["dense_s"] / row["ats_predict_s"])
+        assert row["predict_over_decode_once"] == pytest.approx(row["ats_predict_s"] / r["dense_read_decode_once_s"])
+        assert r["ats"][key]["n_patches"] == 10
+    assert dense["backbones"]["vit_tiny"]["input_size"] == [32, 32]  # the ViT's own input size
+    assert r["decode_once"]["file_tiles"] > 0 and r["decode_once"]["extrapolated"] is False
+    assert r["cohort"]["slides"] == 2 and all(b["dense_extrapolated"] for b in r["cohort"]["backbones"].values())
+    assert r["peer"] == {"skipped": "smoke mode"}
+    assert all(isinstance(t["met"], bool) for t in r["targets"].values())
+    assert len(r["machine"]["load_average_start"]) == 3 and r["machine"]["loadavg_end"]

@@ -137,6 +137,30 @@ def test_heatmap_outputs(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
     assert geo["type"] == "FeatureCollection" and len(geo["features"]) == 5
 
 
+def test_heatmap_title_holds_the_prediction_and_scale_global(cohort: Path, run_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PNG's title: slide id, the class and probability `wsiats predict` gives by default; --scale reaches it."""
+    import wsiats.heatmap
+
+    seen: list[tuple[str, str]] = []
+    real = wsiats.heatmap.render_overlay
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append((kwargs["title"], kwargs["scale"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(wsiats.heatmap, "render_overlay", spy)
+    slide = cohort / "slides" / "synth_0002.tif"
+    code, text = invoke("heatmap", slide, "--model", run_dir, "--out", tmp_path / "maps", "--scale", "global", "-q")
+    assert code == 0, text
+    code, text = invoke("predict", slide, "--model", run_dir, "--out", tmp_path / "pred.csv", "-q")
+    assert code == 0, text
+    (row,) = list(csv.DictReader(open(tmp_path / "pred.csv")))
+    p = float(row[f"p_{row['prediction']}"])
+    assert seen == [(f"synth_0002: predicted {row['prediction']} (p = {p:.2f})", "global")]
+    assert "scale: global" in (tmp_path / "maps" / "heatmap.config.yaml").read_text()
+
+
 def test_predict_and_heatmap_on_real_scanner_files(shared_slides: Path, run_dir: Path, tmp_path: Path) -> None:
     """SVS, generic TIFF and DICOM (one file, and a series folder of a 16-px slide, smaller than any
     view or thumbnail): every slide gets a prediction and a heatmap."""

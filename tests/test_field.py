@@ -445,7 +445,8 @@ def test_predict_v_logs(mixed: dict[str, list[Path]], run: Path, tmp_path: Path)
 
 def test_train_help_lists_the_feature_nets_and_real_defaults() -> None:
     text = " ".join(CliRunner().invoke(cli, ["train", "--help"], terminal_width=500, max_content_width=500).output.split())
-    assert "Feature network: resnet18, resnet50, small-cnn, timm:<model name> or hf-hub:<repo>. [default: small-cnn]" in text
+    assert ("Feature network: conch, h-optimus-0, h-optimus-1, prov-gigapath, resnet18, resnet50, small-cnn, uni, uni2-h, "
+            "virchow, virchow2, timm:<model name> or hf-hub:<repo>. [default: small-cnn]") in text
     for flag in ("--no-replace", "--augment", "--class-weighting"):
         assert f"[default: {flag}]" in text
     assert "wsiats.models" not in text

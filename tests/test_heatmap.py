@@ -13,8 +13,6 @@ from PIL import Image
 from wsiats import heatmap
 from wsiats.errors import ConfigError, WsiatsError
 from wsiats.heatmap import (
-    COLORBAR_WIDTH,
-    TITLE_HEIGHT,
     apply_colormap,
     patches_geojson,
     read_attention_tiff,
@@ -57,105 +55,137 @@ def test_colormap_ends_and_monotone_luminance(cmap: str) -> None:
     rgb = apply_colormap(np.linspace(0, 1, 256), cmap=cmap)
     assert rgb.shape == (256, 3) and rgb.dtype == np.uint8
     lum = _luminance(rgb)
-    assert (np.diff(lum) >= -0.5).all()  # monotone up to uint8 rounding of one channel
+    assert (np.diff(lum[::15]) > 0).all()  # brighter up the map (plasma wobbles by < 1 level between neighbours)
     assert lum[-1] - lum[0] > 150
-    ends = {"inferno": ([0, 0, 4], [252, 255, 164]), "viridis": ([68, 1, 84], [253, 231, 37])}[cmap]
-    assert rgb[0].tolist() == ends[0] and rgb[-1].tolist() == ends[1]
+    # matplotlib's published end colours (hex), within its float -> uint8 truncation
+    ends = {"inferno": ("000004", "fcffa4"), "viridis": ("440154", "fde725"), "magma": ("000004", "fcfdbf"),
+            "plasma": ("0d0887", "f0f921"), "cividis": ("00224e", "fee838")}[cmap]
+    for got, hexa in zip((rgb[0], rgb[-1]), ends):
+        want = np.array([int(hexa[i:i + 2], 16) for i in (0, 2, 4)])
+        assert np.abs(got.astype(int) - want).max() <= 1, (cmap, got, hexa)
     # clipped outside [0, 1]
-    assert apply_colormap(np.array([-1.0, 2.0]), cmap=cmap).tolist() == [ends[0], ends[1]]
+    assert apply_colormap(np.array([-1.0, 2.0]), cmap=cmap).tolist() == [rgb[0].tolist(), rgb[-1].tolist()]
 
 
 def test_unknown_colormap_names_the_choices(thumb: np.ndarray, attention: np.ndarray) -> None:
-    with pytest.raises(ConfigError, match="'jet'.*inferno, viridis"):
+    with pytest.raises(ConfigError, match="'jet'.*cividis, inferno, magma, plasma, viridis"):
         render_overlay(thumb, attention, cmap="jet")
+    with pytest.raises(ConfigError, match="unknown scale 'batch'; choose one of: slide, global"):
+        render_overlay(thumb, attention, scale="batch")
 
 
-# --- overlay --------------------------------------------------------------------------------------------------------
+# --- the figure -----------------------------------------------------------------------------------------------------
 
 
-def test_overlay_size_and_blending(thumb: np.ndarray, attention: np.ndarray) -> None:
-    img = render_overlay(thumb, attention, alpha=1.0)
-    assert img.mode == "RGB"
-    assert img.size == (160 + COLORBAR_WIDTH, 120)
-    out = np.asarray(img)[:, :160]
-    # attention (6, 8) -> (120, 160): each cell is a 20 x 20 block; the max cell is rows 40:60, cols 100:120
-    top = apply_colormap(np.array(1.0))
-    assert (out[40:60, 100:120] == top).all()
-    assert (out[40:60, 100:120] != thumb[40:60, 100:120]).any(axis=-1).mean() > 0.95
-    # cells at 0.01 / 0.5 = 0.02 of the max get a colour near the bottom of the map
-    assert (out[0:20, 20:40] == apply_colormap(np.array(0.02))).all()
-    # attention == 0: plain thumbnail
-    assert (out[:, 0:20] == thumb[:, 0:20]).all()
+class _Layout:
+    """Where render_overlay puts things, from the module's layout constants (see heatmap._figure)."""
+
+    def __init__(self, h: int, w: int, *, title: bool) -> None:
+        import math
+
+        self.zoom = max(1, math.ceil(heatmap.MIN_PANEL / max(h, w)), math.ceil(heatmap._MIN_PANEL_HEIGHT / h))
+        self.pw, self.ph = w * self.zoom, h * self.zoom
+        k = min(2.0, max(1.0, self.ph / 450))
+        self.title_h, label_h, self.bar_w = round(heatmap._TITLE_H * k), round(heatmap._LABEL_H * k), round(heatmap._BAR_W * k)
+        self.top = self.title_h + label_h if title else label_h
+        self.left_x = heatmap._MARGIN
+        self.right_x = heatmap._MARGIN + self.pw + heatmap._GAP
+        self.bar_x = heatmap._MARGIN + 2 * self.pw + 2 * heatmap._GAP
+        self.size = (self.bar_x + round(heatmap._BAR_AREA * k) - heatmap._GAP + heatmap._GAP, self.top + self.ph + heatmap._MARGIN)
+
+    def panel(self, img: np.ndarray, which: str) -> np.ndarray:
+        """The panel's pixels, reduced back to thumbnail resolution (the centre of each zoomed block)."""
+        x = self.left_x if which == "slide" else self.right_x
+        block = img[self.top: self.top + self.ph, x: x + self.pw]
+        c = self.zoom // 2
+        return block[c::self.zoom, c::self.zoom]
+
+    def on_bar(self, img: np.ndarray, colour: np.ndarray, fraction: float) -> bool:
+        """Whether `colour` is the bar's colour at `fraction` of its height from the bottom: the bar row nearest
+        in colour (off its antialiased outline) is within 2% of the height there, and within 4 levels (the bar's
+        256 colours span ph rows, its edge rows are blended with the outline)."""
+        rows = img[self.top + 2: self.top + self.ph - 2, self.bar_x + self.bar_w // 2].astype(int)
+        dist = np.abs(rows - colour.astype(int)).max(axis=1)
+        best = int(dist.argmin())
+        found = 1 - (best + 2) / (self.ph - 1)
+        return bool(dist[best] <= 4 and abs(found - fraction) <= 0.02)
 
 
-def test_overlay_half_alpha_mixes_thumbnail_and_colour(thumb: np.ndarray, attention: np.ndarray) -> None:
-    out = np.asarray(render_overlay(thumb, attention, alpha=0.5))[:, :160]
-    top = apply_colormap(np.array(1.0)).astype(np.float64)
-    expected = np.rint(0.5 * thumb[40:60, 100:120].astype(np.float64) + 0.5 * top).astype(np.uint8)
-    assert (out[40:60, 100:120] == expected).all()
+def _close(a: np.ndarray, b: np.ndarray, tol: int = 4) -> bool:
+    return bool(np.abs(a.astype(int) - b.astype(int)).max() <= tol)
 
 
-def test_overlay_mask_keeps_thumbnail(thumb: np.ndarray, attention: np.ndarray) -> None:
+def test_attention_colours_are_the_bar_colours(thumb: np.ndarray, attention: np.ndarray) -> None:
+    """The drawn cells are opaque, in the colour the bar shows for their value (no blend towards beige)."""
+    img = np.asarray(render_overlay(thumb, attention))
+    lay = _Layout(120, 160, title=False)
+    assert (img.shape[1], img.shape[0]) == lay.size
+    right = lay.panel(img, "attention")
+    # attention (6, 8) -> (120, 160): the max cell is rows 40:60, cols 100:120, the top colour of the bar
+    hot = right[45, 105]
+    assert _close(hot, apply_colormap(np.array(1.0)), tol=0)
+    assert lay.on_bar(img, hot, 1.0)
+    # cells at 0.01 are 0.02 of the way up the bar (linear scale from 0 to the slide's max)
+    assert _close(right[5, 25], apply_colormap(np.array(0.02)), tol=0)
+    assert lay.on_bar(img, right[5, 25], 0.02)
+    # attention == 0: the plain thumbnail; the left panel is the thumbnail everywhere
+    assert (right[:, 0:20] == thumb[:, 0:20]).all()
+    assert (lay.panel(img, "slide") == thumb).all()
+
+
+def test_mask_keeps_the_thumbnail_and_sets_the_scale(thumb: np.ndarray, attention: np.ndarray) -> None:
     mask = np.ones((120, 160), dtype=bool)
     mask[:, 80:] = False  # right half is "background", including the max cell
-    out = np.asarray(render_overlay(thumb, attention, alpha=0.7, mask=mask))[:, :160]
-    assert (out[:, 80:] == thumb[:, 80:]).all()
-    assert (out[:, 20:80] != thumb[:, 20:80]).any()
-    # the colour scale spans the visible values: the 0.01 cells are now the top colour
-    assert (out[0:20, 20:40] == np.rint((1 - 0.7) * thumb[0:20, 20:40] + 0.7 * apply_colormap(np.array(1.0)))).all()
+    img = np.asarray(render_overlay(thumb, attention, mask=mask))
+    right = _Layout(120, 160, title=False).panel(img, "attention")
+    assert (right[:, 80:] == thumb[:, 80:]).all()
+    # the colour scale spans the drawn values: the 0.01 cells are now the top colour
+    assert (right[0:20, 20:80] == apply_colormap(np.array(1.0))).all()
 
 
-def test_overlay_mask_at_attention_resolution(thumb: np.ndarray, attention: np.ndarray) -> None:
-    mask = np.zeros((6, 8), dtype=bool)
-    mask[2, 5] = True
-    out = np.asarray(render_overlay(thumb, attention, alpha=1.0, mask=mask))[:, :160]
-    changed = (out != thumb).any(axis=-1)
-    assert changed[40:60, 100:120].all()
-    changed[40:60, 100:120] = False
-    assert not changed.any()
+def test_global_scale_is_the_same_for_every_slide(thumb: np.ndarray) -> None:
+    """Per slide, a peaked and a flat map both reach the top colour; on the global scale (attention x cells,
+    log from 0.1x to 1000x) a cell at 100x uniform and one at 2x get different colours, the bar's at 100x and 2x."""
+    cells = 60 * 80  # 2 x 2 thumbnail pixels a cell; the hot cell is (20, 50): pixels (40:42, 100:102)
+    peaked = np.full((60, 80), (1 - 100 / cells) / (cells - 1))
+    peaked[20, 50] = 100 / cells  # 100x the uniform share
+    flat = np.full((60, 80), (1 - 2 / cells) / (cells - 1))
+    flat[20, 50] = 2 / cells
+    lay = _Layout(120, 160, title=False)
+    top = apply_colormap(np.array(1.0))
+    for a in (peaked, flat):
+        per_slide = lay.panel(np.asarray(render_overlay(thumb, a)), "attention")
+        assert _close(per_slide[40, 100], top, tol=0)
+    lo, hi = (np.log10(v) for v in heatmap.GLOBAL_RANGE)
+    img = np.asarray(render_overlay(thumb, peaked, scale="global"))
+    at_100 = (2 - lo) / (hi - lo)
+    assert _close(lay.panel(img, "attention")[40, 100], apply_colormap(np.array(at_100)), tol=1)
+    assert lay.on_bar(img, lay.panel(img, "attention")[40, 100], at_100)
+    img = np.asarray(render_overlay(thumb, flat, scale="global"))
+    at_2 = (np.log10(2) - lo) / (hi - lo)
+    assert _close(lay.panel(img, "attention")[40, 100], apply_colormap(np.array(at_2)), tol=1)
+    assert lay.on_bar(img, lay.panel(img, "attention")[40, 100], at_2)
+    assert not _close(apply_colormap(np.array(at_2)), apply_colormap(np.array(at_100)), tol=20)
 
 
-def test_colorbar_gradient_is_monotone_in_luminance(thumb: np.ndarray, attention: np.ndarray) -> None:
-    arr = np.asarray(render_overlay(thumb, attention, cmap="inferno"))
-    x = 160 + heatmap._BAR_X + heatmap._BAR_W // 2
-    column = arr[heatmap._BAR_PAD:120 - heatmap._BAR_PAD, x]
-    lum = _luminance(column)
-    assert (np.diff(lum) <= 0).all()  # top of the bar is the top colour
-    assert column[0].tolist() == apply_colormap(np.array(1.0)).tolist()
-    assert column[-1].tolist() == apply_colormap(np.array(0.0)).tolist()
-    # tick labels are drawn as dark text right of the bar
-    labels = arr[:, 160 + heatmap._BAR_X + heatmap._BAR_W + heatmap._TICK + 2:]
-    assert (labels.sum(axis=-1) < 200).sum() > 30
-
-
-def test_colorbar_labels_change_with_the_values(thumb: np.ndarray, attention: np.ndarray) -> None:
-    a = np.asarray(render_overlay(thumb, attention))[:, 160:]
-    b = np.asarray(render_overlay(thumb, attention * 1e-3))[:, 160:]
-    bar = slice(heatmap._BAR_X - 1, heatmap._BAR_X + heatmap._BAR_W + 1)
-    assert (a[:, bar] == b[:, bar]).all()  # same gradient: normalised by max
-    assert (a != b).any()  # different label text
-
-
-def test_overlay_title_and_small_thumbnails(attention: np.ndarray) -> None:
+def test_tiny_thumbnails_are_enlarged_and_the_title_sits_above_the_bar(attention: np.ndarray) -> None:
+    """A 20 x 30 px view (a tiny slide) used to give a 100 x 80 PNG with the title over the bar."""
     small = np.full((20, 30, 3), 200, dtype=np.uint8)
-    img = render_overlay(small, attention, title="slide-1: tumour 0.93")
-    assert img.size == (30 + COLORBAR_WIDTH, heatmap._MIN_HEIGHT + TITLE_HEIGHT)
+    img = render_overlay(small, attention, title="slide-1: predicted tumour (p = 0.93)")
+    lay = _Layout(20, 30, title=True)
+    assert img.size == lay.size and lay.zoom == 14 and lay.pw >= heatmap.MIN_PANEL
     arr = np.asarray(img)
-    assert (arr[:TITLE_HEIGHT, :30] < 100).any()  # title text
-    assert (arr[TITLE_HEIGHT + 20:, :30] == 255).all()  # padding below the thumbnail is white
+    title_band = arr[:lay.title_h]
+    dark_rows = np.flatnonzero((title_band.sum(-1) < 200).any(axis=1))
+    assert dark_rows.size and dark_rows.max() - dark_rows.min() >= 14  # bold 16 pt text: legible, not ~10 px
+    assert (arr[:lay.top - 1, lay.bar_x: lay.bar_x + lay.bar_w] > 200).all()  # nothing drawn over the bar's top
+    assert (lay.panel(arr, "slide") == small).all()
 
 
-def test_overlay_log_scale_lifts_small_values(thumb: np.ndarray, attention: np.ndarray) -> None:
-    out = np.asarray(render_overlay(thumb, attention, alpha=1.0, log_decades=2.0))[:, :160]
-    # 0.02 of max is 1.7 decades below: position 1 - 1.699 / 2 = 0.15
-    expected = apply_colormap(np.array(1 + np.log10(0.02) / 2))
-    assert (out[0:20, 20:40] == expected).all()
-    assert (out[40:60, 100:120] == apply_colormap(np.array(1.0))).all()
-
-
-def test_overlay_all_zero_attention_is_plain_thumbnail(thumb: np.ndarray) -> None:
-    out = np.asarray(render_overlay(thumb, np.zeros((3, 4))))
-    assert (out[:, :160] == thumb).all()
+def test_all_zero_attention_shows_the_thumbnail(thumb: np.ndarray) -> None:
+    img = np.asarray(render_overlay(thumb, np.zeros((3, 4))))
+    right = _Layout(120, 160, title=False).panel(img, "attention")
+    assert (right[:10] == thumb[:10]).mean() > 0.99  # "no attention" is written in the middle only
 
 
 @pytest.mark.parametrize("bad", [np.array([[0.1, -0.2]]), np.array([[np.nan, 0.1]]), np.zeros(5)])
@@ -164,11 +194,9 @@ def test_overlay_rejects_bad_attention(thumb: np.ndarray, bad: np.ndarray) -> No
         render_overlay(thumb, bad)
 
 
-def test_overlay_rejects_bad_thumbnail_and_alpha(thumb: np.ndarray, attention: np.ndarray) -> None:
+def test_overlay_rejects_a_bad_thumbnail(thumb: np.ndarray, attention: np.ndarray) -> None:
     with pytest.raises(ValueError, match="thumbnail"):
         render_overlay(thumb.astype(np.float32), attention)
-    with pytest.raises(ValueError, match="alpha"):
-        render_overlay(thumb, attention, alpha=1.5)
 
 
 def test_write_png_round_trip(tmp_path: Path, thumb: np.ndarray, attention: np.ndarray) -> None:

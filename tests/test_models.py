@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import re
 import sys
@@ -26,55 +25,62 @@ from wsiats.models import (
     normalize_images,
 )
 
-HAS_TIMM = importlib.util.find_spec("timm") is not None
 
 
 # --- the feature-network registry ---------------------------------------------------------------------------------
 
 
 def test_registry_lists_the_names() -> None:
-    assert list_feature_nets() == ["resnet18", "resnet50", "small-cnn"]
+    assert list_feature_nets() == ["conch", "h-optimus-0", "h-optimus-1", "prov-gigapath", "resnet18", "resnet50",
+                                   "small-cnn", "uni", "uni2-h", "virchow", "virchow2"]
 
 
 def test_unknown_feature_net_lists_the_valid_ones() -> None:
     with pytest.raises(ModelError) as info:
         create_feature_net("resnet-18")
     assert str(info.value) == (
-        "unknown feature net 'resnet-18'; valid: resnet18, resnet50, small-cnn, timm:<model name> or hf-hub:<repo>"
+        "unknown feature net 'resnet-18'; valid: conch, h-optimus-0, h-optimus-1, prov-gigapath, resnet18, resnet50, "
+        "small-cnn, uni, uni2-h, virchow, virchow2, timm:<model name> or hf-hub:<repo>"
     )
 
 
-@pytest.mark.skipif(HAS_TIMM, reason="timm is installed: the missing-package hint cannot be shown")
-@pytest.mark.parametrize(("name", "shown"), [("timm:resnet18", "resnet18"), ("resnet50", "resnet50"),
-                                             ("hf-hub:org/model", "hf-hub:org/model")])
-def test_timm_names_without_timm_give_the_install_hint(name: str, shown: str) -> None:
-    with pytest.raises(ModelError) as info:
-        create_feature_net(name)
-    assert str(info.value) == f"feature net {shown!r} needs the optional package timm: pip install 'wsiats[timm]'"
-
-
-def test_a_broken_timm_install_is_a_model_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Measured here: timm with torchvision 0.28.0 beside this torch 2.13.0 build fails on import with
-    RuntimeError 'operator torchvision::nms does not exist'; that must be one line, not a traceback."""
+def _import_fails(monkeypatch: pytest.MonkeyPatch, exc: Exception) -> None:
     import builtins
 
     real_import = builtins.__import__
 
     def fake_import(name: str, *args: object, **kwargs: object) -> object:
         if name == "timm":
-            raise RuntimeError("operator torchvision::nms does not exist")
+            raise exc
         return real_import(name, *args, **kwargs)
 
     monkeypatch.delitem(sys.modules, "timm", raising=False)
     monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+@pytest.mark.parametrize(("name", "shown"), [("timm:resnet18", "timm:resnet18"), ("resnet50", "timm:resnet50"),
+                                             ("hf-hub:org/model", "hf-hub:org/model"), ("uni", "uni")])
+def test_timm_names_without_timm_say_how_to_install_it(monkeypatch: pytest.MonkeyPatch, name: str, shown: str) -> None:
+    """timm is a dependency now; an environment that lost it still gets one line, not a traceback."""
+    _import_fails(monkeypatch, ImportError("No module named 'timm'"))
+    with pytest.raises(ModelError) as info:
+        create_feature_net(name)
+    assert str(info.value) == (f"feature net {shown!r} needs timm, a dependency of wsiats that is not installed: "
+                               "pip install 'timm>=1.0.9'")
+
+
+def test_a_broken_timm_install_is_a_model_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Measured here: timm with torchvision 0.28.0 beside a torch 2.13.0 build fails on import with
+    RuntimeError 'operator torchvision::nms does not exist'; that must be one line, not a traceback."""
+    _import_fails(monkeypatch, RuntimeError("operator torchvision::nms does not exist"))
     with pytest.raises(ModelError, match=r"timm is installed but cannot be imported \(RuntimeError: operator "
                                          r"torchvision::nms does not exist\); its torchvision must be the release"):
         create_feature_net("timm:resnet18")
 
 
-@pytest.mark.skipif(not HAS_TIMM, reason="timm is not installed")
 def test_timm_unknown_model_is_a_model_error() -> None:
-    with pytest.raises(ModelError, match="timm could not create it"):
+    with pytest.raises(ModelError, match=r"^feature net 'timm:no-such-model-xyz': timm could not create it "
+                                         r"\(Unknown model \(no-such-model-xyz\)\)$"):
         create_feature_net("timm:no-such-model-xyz")
 
 
@@ -184,20 +190,43 @@ def test_load_weights_mismatch_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=re.escape(f"{tmp_path / 'nope.pt'}: weights file not found")):
         load_weights(SmallCNN(), tmp_path / "nope.pt")
     save_file({"other.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ModelError, match=r"other\.safetensors: weights do not match the feature net \(missing 8"):
+    with pytest.raises(ModelError) as info:
         load_weights(SmallCNN(), tmp_path / "other.safetensors")
+    assert str(info.value) == (f"{tmp_path / 'other.safetensors'}: weights do not match the feature net: "
+                               "8 missing (net.0.weight, net.0.bias, net.2.weight, ...); 1 unexpected (other.weight)")
     # same names, other shapes (a width-16 net's weights for a width-32 net)
     w16 = {k: v.contiguous() for k, v in SmallCNN(width=16).state_dict().items()}
     save_file(w16, str(tmp_path / "w16.safetensors"))
-    with pytest.raises(ModelError, match=r"w16\.safetensors: weights do not match the feature net \(size mismatch for"):
+    with pytest.raises(ModelError) as info:
         load_weights(SmallCNN(width=32), tmp_path / "w16.safetensors")
+    assert str(info.value) == (
+        f"{tmp_path / 'w16.safetensors'}: weights do not match the feature net: 4 mis-shaped "
+        "(net.4.weight (file 16x32x3x3, net 32x32x3x3), net.4.bias (file 16, net 32), "
+        "net.6.weight (file 16x16x3x3, net 32x32x3x3), ...)")
+    assert "\n" not in str(info.value)
     state = SmallCNN(width=8).state_dict()
     torch.save({**state, "net.0.bias": 3}, tmp_path / "int.pt")
-    with pytest.raises(ModelError, match=r"int\.pt: weights do not match the feature net \(.*net\.0\.bias.*int"):
+    with pytest.raises(ModelError, match=r"int\.pt: weights do not match the feature net: 1 mis-shaped "
+                                         r"\(net\.0\.bias \(a int, not a tensor\)\)$"):
         load_weights(SmallCNN(width=8), tmp_path / "int.pt")
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(ModelError, match=r"list\.pt: expected a state dict of tensors"):
         load_weights(SmallCNN(), tmp_path / "list.pt")
+
+
+def test_load_weights_under_a_prefix(tmp_path: Path) -> None:
+    """A backbone inside a larger checkpoint (CONCH's image trunk under visual.trunk.) loads with prefix=."""
+    torch.manual_seed(4)
+    src = SmallCNN(width=8)
+    state = {f"visual.trunk.{k}": v for k, v in src.state_dict().items()}
+    state["text.proj"] = torch.zeros(3)
+    torch.save({"model": state}, tmp_path / "big.pth")
+    dst = SmallCNN(width=8)
+    load_weights(dst, tmp_path / "big.pth", prefix="visual.trunk.")
+    assert _same(src, dst)
+    with pytest.raises(ModelError, match=r"weights do not match the feature net under the prefix 'visual\.tower\.': "
+                                         r"8 missing"):
+        load_weights(dst, tmp_path / "big.pth", prefix="visual.tower.")
 
 
 class _Payload:

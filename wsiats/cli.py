@@ -212,7 +212,7 @@ def _config_options(func: F) -> F:
     from wsiats.config import RUN_FIELDS, Config, field_help
 
     for f in reversed(dataclasses.fields(Config)):
-        if f.name in RUN_FIELDS:
+        if f.name in RUN_FIELDS or f.name in _FLAGLESS:  # a mapping: set in --config YAML
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
@@ -269,12 +269,25 @@ def _load_option_file(ctx: click.Context, param: click.Parameter, value: Path | 
         raise _ConfigFileError(str(exc)) from None
     options = _config_keys(ctx.command)
     given = {str(k).replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(set(given) - set(options))
+    # Config fields without a flag (a mapping such as feature_net_args) go to train through ctx.meta
+    flagless = set(_FLAGLESS) if ctx.command.name == "train" else set()
+    unknown = sorted(set(given) - set(options) - flagless)
     if unknown:
-        raise _ConfigFileError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(options)}")
-    defaults = {options[k].name: _option_value(ctx, options[k], k, v, path) for k, v in given.items()}
+        valid = [*options, *sorted(flagless)]
+        raise _ConfigFileError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+    from wsiats.config import _coerce
+
+    try:
+        ctx.meta["config_flagless"] = {k: _coerce(k, v, str(path)) for k, v in given.items() if k in flagless}
+    except ConfigError as exc:
+        raise _ConfigFileError(str(exc)) from None
+    defaults = {options[k].name: _option_value(ctx, options[k], k, v, path) for k, v in given.items() if k in options}
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return path
+
+
+#: Config fields that a --config file of train may set but no flag does (their values are mappings).
+_FLAGLESS = ("feature_net_args",)
 
 
 def _option_value(ctx: click.Context, option: click.Option, key: str, value: Any, source: Path) -> Any:
@@ -374,7 +387,7 @@ def train(slide_dir: Path | None, labels: Path | None, out: Path | None, config_
 
     from wsiats.distributed import read_env
 
-    cfg = resolve(overrides=_config_overrides(kwargs))
+    cfg = resolve(overrides={**click.get_current_context().meta.get("config_flagless", {}), **_config_overrides(kwargs)})
     if print_config:
         doc = {k: v for k, v in cfg.to_dict().items() if k not in RUN_FIELDS}
         paths = {"labels": labels, "out": out}
@@ -403,9 +416,12 @@ def train(slide_dir: Path | None, labels: Path | None, out: Path | None, config_
         eta = (time.perf_counter() - t0) / len(shown) * max(total - epoch, 0)
         val = "" if row["val_loss"] != row["val_loss"] else (
             f"  val loss {row['val_loss']:.3f} acc {row['val_acc']:.3f} auc {row['val_auc']:.3f}")
+        hits = row.get("feature_cache_hit_rate", float("nan"))
+        cache = "" if hits != hits else (
+            f"  feature cache {hits:.0%} hits ({row['feature_cache_speedup']:.1f}x)")
         console.print(
             f"epoch {epoch}/{total}: train loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}{val}"
-            f"  entropy {row['attention_entropy']:.2f}  {row['seconds_per_slide']:.3f} s/slide, ETA {clock(eta)}"
+            f"  entropy {row['attention_entropy']:.2f}  {row['seconds_per_slide']:.3f} s/slide{cache}, ETA {clock(eta)}"
         )
 
     result = run_training(slide_dir, labels, out, cfg, resume=resume, skip_bad=skip_bad, backend=backend,
@@ -571,6 +587,9 @@ def _print_metrics(m: dict[str, Any], classes: list[str]) -> None:
 @model_option
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Folder for the PNG, TIFF and GeoJSON files.")
 @click.option("--top", type=click.IntRange(min=1), default=50, show_default=True, help="Highest-attention patches in the GeoJSON.")
+@click.option("--scale", type=click.Choice(["slide", "global"]), default="slide", show_default=True,
+              help="Colour scale: each slide's own maximum, or one fixed scale for all slides (attention relative "
+                   "to uniform, log).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @allow_hub_option
 @backend_option
@@ -580,11 +599,12 @@ def _print_metrics(m: dict[str, Any], classes: list[str]) -> None:
 @quiet_option
 @option_file
 @_reports_errors
-def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, device: str, allow_hub: bool, backend: str,
-            mpp: float | None, recursive: bool, quiet: bool, config_file: Path | None) -> None:
+def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, scale: str, device: str, allow_hub: bool,
+            backend: str, mpp: float | None, recursive: bool, quiet: bool, config_file: Path | None) -> None:
     """Draw where the model looks on SLIDES.
 
-    Per slide: OUT/<id>.png (thumbnail with the attention overlay and a colour bar),
+    Per slide: OUT/<id>.png (the slide and its attention side by side, a colour bar, the
+    prediction in the title),
     OUT/<id>.attention.tif (float32 map; its downsample to level 0 stored in the file) and
     OUT/<id>.geojson (the highest-attention patches, importable in QuPath); and once
     OUT/heatmap.config.yaml (the options it ran with).
@@ -602,7 +622,7 @@ def heatmap(slides: tuple[str, ...], model_dir: Path, out: Path, top: int, devic
     paths = find_slides(slides, recursive=recursive)
     check_writable(out / "heatmap.config.yaml")  # the folder can be made and written: fail now, not per slide
     results = list(_warned(track(heatmap_slides(paths, model_dir, out, top=top, device=device, backend=backend,
-                                                mpp=mpp, allow_hub=allow_hub),
+                                                mpp=mpp, allow_hub=allow_hub, scale=scale),
                                  total=len(paths), description="heatmaps", disable=quiet, unit="slide",
                                  label=lambda r: r.slide_id + (" (failed)" if r.error else ""))))
     failed = [r for r in results if r.error]

@@ -67,8 +67,12 @@ class Config:
     """Local weights for the feature network (.safetensors, or a weights-only torch file)."""
     feature_dim: int = 32
     """Width of the small CNN feature network."""
+    feature_net_args: dict[str, Any] = field(default_factory=dict)
+    """timm.create_model arguments over the feature net's recipe (config file only), e.g. {img_size: 448}."""
     freeze_features: bool = False
-    """Keep the feature network's weights fixed; train attention and classifier only."""
+    """Keep the feature network fixed (eval mode, no gradient); train attention and classifier only."""
+    feature_cache_mb: int = 512
+    """With --freeze-features, memory for embeddings of patches already seen (MB, per process); 0: off."""
     attention_eps: float = 1e-4
     """Attention smoothing: a = (1-eps) softmax + eps/K (official SampleSoftmax, speed-limits value)."""
     entropy_weight: float = 1e-4
@@ -163,6 +167,10 @@ class Config:
             raise ConfigError(f"classes must be at most {MAX_CLASSES} distinct names, got {self.classes!r}"[:300])
         need(isinstance(self.view_cache_mb, int) and not isinstance(self.view_cache_mb, bool) and self.view_cache_mb >= 0,
              "view_cache_mb", "must be an integer >= 0")
+        need(isinstance(self.feature_cache_mb, int) and not isinstance(self.feature_cache_mb, bool)
+             and self.feature_cache_mb >= 0, "feature_cache_mb", "must be an integer >= 0")
+        need(isinstance(self.feature_net_args, dict) and all(isinstance(k, str) for k in self.feature_net_args),
+             "feature_net_args", "must be a mapping of timm argument names to values")
         need(isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0, "warmup_epochs", "must be an integer >= 0")
         need(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
         need(0 <= self.attention_eps < 1, "attention_eps", "must be in [0, 1)")
@@ -238,6 +246,10 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if "None" in annotation:
             return None
         raise ConfigError(f"{source}: {name} must not be empty")
+    if annotation.startswith("dict"):  # before the scalar checks: "dict[str, Any]" contains "str"
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return value
+        raise ConfigError(f"{source}: {name} must be a mapping (key: value), got {value!r}")
     if "float" in annotation and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if "float" in annotation and isinstance(value, str) and math.isfinite(number := _number(value)):

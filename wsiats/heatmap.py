@@ -1,8 +1,9 @@
-"""Attention outputs: a PNG overlay with a colour bar, a float32 TIFF map, and QuPath GeoJSON patches.
+"""Attention outputs: a PNG figure with a colour bar, a float32 TIFF map, and QuPath GeoJSON patches.
 
 Pure output side of ``wsiats heatmap``: numpy arrays in, images / files / dicts out. No model,
-no slide reading. Colormaps are small lookup tables interpolated with numpy (no matplotlib).
-Every file is written atomically (``wsiats._io``): a failure never leaves a partial output.
+no slide reading. Colour maps, the colour bar and the figure come from matplotlib (its object API
+and the Agg canvas: no pyplot state, so rendering is safe from any thread). Every file is written
+atomically (``wsiats._io``): a failure never leaves a partial output.
 """
 
 from __future__ import annotations
@@ -16,31 +17,29 @@ from typing import Any
 
 import numpy as np
 import tifffile
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from wsiats._io import atomic_open, atomic_path
 from wsiats.errors import ConfigError, WsiatsError
 
 # --- colormaps ------------------------------------------------------------------------------------------------------
 
-#: matplotlib's perceptually uniform maps sampled at 10 evenly spaced stops (the widely reproduced
-#: d3/plotly tables); linear interpolation between them stays within a few levels of the 256-entry original.
-_CMAP_HEX: dict[str, tuple[str, ...]] = {
-    "inferno": ("#000004", "#1b0c41", "#4a0c6b", "#781c6d", "#a52c60",
-                "#cf4446", "#ed6925", "#fb9b06", "#f7d13d", "#fcffa4"),
-    "viridis": ("#440154", "#482878", "#3e4989", "#31688e", "#26828e",
-                "#1f9e89", "#35b779", "#6ece58", "#b5de2b", "#fde725"),
-}
-#: Names accepted by the `cmap` options.
-COLORMAPS: tuple[str, ...] = tuple(sorted(_CMAP_HEX))
+#: Names accepted by the `cmap` options: matplotlib's perceptually uniform sequential maps.
+COLORMAPS: tuple[str, ...] = ("cividis", "inferno", "magma", "plasma", "viridis")
+#: `scale` values: each slide's own maximum, or one fixed scale for every slide.
+SCALES: tuple[str, ...] = ("slide", "global")
+#: The fixed (global) scale: attention times the number of cells it is spread over (1 = uniform),
+#: log scale from 0.1 to 1000 (a cell 1000x the uniform share holds, on a 100 x 100-cell view, a tenth of
+#: the attention).
+GLOBAL_RANGE = (0.1, 1000.0)
 
 
-def _anchors(cmap: str) -> np.ndarray:
-    try:
-        table = _CMAP_HEX[cmap]
-    except KeyError:
-        raise ConfigError(f"unknown colormap {cmap!r}; choose one of: {', '.join(COLORMAPS)}") from None
-    return np.array([[int(h[i:i + 2], 16) for i in (1, 3, 5)] for h in table], dtype=np.float64)
+def _colormap(cmap: str) -> Any:
+    if cmap not in COLORMAPS:
+        raise ConfigError(f"unknown colormap {cmap!r}; choose one of: {', '.join(COLORMAPS)}")
+    import matplotlib
+
+    return matplotlib.colormaps[cmap]
 
 
 def apply_colormap(values: np.ndarray, *, cmap: str = "inferno") -> np.ndarray:
@@ -48,119 +47,117 @@ def apply_colormap(values: np.ndarray, *, cmap: str = "inferno") -> np.ndarray:
     t = np.asarray(values, dtype=np.float64)
     if not np.isfinite(t).all():
         raise ValueError("colormap values must be finite")
-    anchors = _anchors(cmap)
-    pos = np.clip(t, 0.0, 1.0) * (len(anchors) - 1)
-    stops = np.arange(len(anchors), dtype=np.float64)
-    rgb = np.stack([np.interp(pos, stops, anchors[:, c]) for c in range(3)], axis=-1)
-    return np.rint(rgb).astype(np.uint8)
+    return np.asarray(_colormap(cmap)(np.clip(t, 0.0, 1.0), bytes=True))[..., :3]
 
 
-# --- overlay --------------------------------------------------------------------------------------------------------
+def _norm(scale: str, vmax: float) -> Any:
+    """The matplotlib normalisation of a scale: values -> [0, 1] positions on the colour map."""
+    from matplotlib.colors import LogNorm, Normalize
 
-#: Width in pixels of the colour-bar panel added on the right of the overlay.
-COLORBAR_WIDTH = 84
-#: Height in pixels of the title band added above the overlay when a title is given.
-TITLE_HEIGHT = 16
-#: Smallest canvas height, so the bar and its three labels (10 px font) never overlap.
-_MIN_HEIGHT = 64
-_BAR_X = 6  # left edge of the bar inside the panel
-_BAR_W = 14  # width of the gradient
-_BAR_PAD = 8  # blank rows above and below the bar
-_TICK = 3  # length of a tick mark
-_TEXT = (0, 0, 0)
-_BACKGROUND = (255, 255, 255)
+    if scale == "global":
+        return LogNorm(*GLOBAL_RANGE, clip=True)
+    return Normalize(0.0, vmax if vmax > 0 else 1.0, clip=True)
 
 
-def render_overlay(thumbnail: np.ndarray, attention: np.ndarray, *, alpha: float = 0.5, cmap: str = "inferno",
-                   mask: np.ndarray | None = None, log_decades: float | None = None,
-                   title: str | None = None) -> Image.Image:
-    """The thumbnail with the attention blended on top, a vertical colour bar on the right, an optional title.
+# --- the figure -----------------------------------------------------------------------------------------------------
+
+_DPI = 100
+#: Smallest side of each panel on screen, in pixels: small thumbnails are enlarged (nearest neighbour).
+MIN_PANEL = 400
+#: Smallest panel height, so that the colour bar and its labels are legible.
+_MIN_PANEL_HEIGHT = 260
+_MARGIN, _GAP, _TITLE_H, _LABEL_H = 12, 16, 44, 22  # pixels
+_BAR_W, _BAR_AREA = 22, 150  # the bar, and the space it takes with its ticks and label
+
+
+def render_overlay(thumbnail: np.ndarray, attention: np.ndarray, *, cmap: str = "inferno",
+                   mask: np.ndarray | None = None, scale: str = "slide", title: str | None = None) -> Image.Image:
+    """The slide and its attention side by side, with a labelled colour bar and an optional title.
 
     thumbnail: (h, w, 3) uint8 view of the slide. attention: (ha, wa) values >= 0 over the same area
     (a probability map over view cells); it is resized to (h, w) by nearest neighbour, so one cell
-    becomes a block of pixels. mask: optional bool map (any shape, resized the same way); False keeps
-    the plain thumbnail there.
+    becomes a block of pixels. mask: optional bool map (any shape, resized the same way); the attention
+    is drawn where it is > 0 and the mask allows, opaque, in exactly the colours of the bar; elsewhere
+    the right panel shows the thumbnail.
 
-    Normalisation: with ``vmax`` the largest attention among the blended pixels, linear scale maps
-    ``a / vmax`` onto the colormap (0 -> bottom colour, vmax -> top colour); ``log_decades=d`` maps
-    ``log10(a / vmax)`` from -d..0 instead (values below vmax * 10**-d get the bottom colour), which
-    shows structure in peaked attention. A pixel is blended, ``(1 - alpha) * thumb + alpha * colour``,
-    where attention > 0 and the mask allows; elsewhere it is the thumbnail unchanged.
+    scale "slide": linear from 0 to the largest drawn attention (the bar is labelled in attention per
+    cell). scale "global": the same for every slide, attention times the number of drawn cells (1 is
+    the uniform share; so slides of different tissue areas compare), log scale over GLOBAL_RANGE.
 
-    The result is (w + COLORBAR_WIDTH) x (max(h, 64) [+ TITLE_HEIGHT when `title`]) pixels: the overlay
-    at the top left (below the title band), the bar on the right with ticks labelled with the attention
-    values its top, middle and bottom colours stand for.
+    Panels are shown at the thumbnail's own pixels, enlarged by a whole factor when smaller than
+    MIN_PANEL, so cell colours are exact.
     """
     thumb = np.asarray(thumbnail)
     if thumb.ndim != 3 or thumb.shape[2] != 3 or thumb.dtype != np.uint8 or thumb.shape[0] == 0 or thumb.shape[1] == 0:
         raise ValueError(f"thumbnail must be a non-empty (h, w, 3) uint8 array, got {thumb.dtype} {thumb.shape}")
     att = _check_map(attention, "attention")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if log_decades is not None and not (math.isfinite(log_decades) and log_decades > 0):
-        raise ValueError(f"log_decades must be a positive number, got {log_decades}")
-    _anchors(cmap)  # fail on a bad name before any work
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale {scale!r}; choose one of: {', '.join(SCALES)}")
+    colormap = _colormap(cmap)
 
     h, w = thumb.shape[:2]
-    att_px = _resize_nearest(att, (h, w))
-    blend = att_px > 0
+    drawn = att > 0
     if mask is not None:
         m = np.asarray(mask)
         if m.ndim != 2 or m.size == 0:
             raise ValueError(f"mask must be a non-empty 2-D array, got shape {m.shape}")
-        blend &= _resize_nearest(m.astype(bool), (h, w))
-    vmax = float(att_px[blend].max()) if blend.any() else 0.0
+        drawn &= _resize_nearest(m.astype(bool), att.shape)
+    cells = int(drawn.sum())
+    values = att * cells if scale == "global" else att
+    vmax = float(values[drawn].max()) if cells else 0.0
+    norm = _norm(scale, vmax)
+    drawn_px = _resize_nearest(drawn, (h, w))
+    overlay = thumb.copy()
+    if cells:
+        positions = np.asarray(norm(_resize_nearest(values, (h, w))[drawn_px]), dtype=np.float64)
+        overlay[drawn_px] = np.asarray(colormap(positions, bytes=True))[:, :3]
+    return _figure(thumb, overlay, colormap, norm, scale=scale, title=title, empty=not cells)
 
-    out = thumb.copy()
-    if vmax > 0:
-        t = _normalise(att_px[blend], vmax, log_decades)
-        colours = apply_colormap(t, cmap=cmap).astype(np.float64)
-        mixed = (1.0 - alpha) * thumb[blend].astype(np.float64) + alpha * colours
-        out[blend] = np.rint(mixed).astype(np.uint8)
 
-    top = TITLE_HEIGHT if title else 0
-    height = max(h, _MIN_HEIGHT)
-    canvas = Image.new("RGB", (w + COLORBAR_WIDTH, height + top), _BACKGROUND)
-    canvas.paste(Image.fromarray(out), (0, top))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
+def _figure(thumb: np.ndarray, overlay: np.ndarray, colormap: Any, norm: Any, *, scale: str, title: str | None,
+            empty: bool) -> Image.Image:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    h, w = thumb.shape[:2]
+    zoom = max(1, math.ceil(MIN_PANEL / max(h, w)), math.ceil(_MIN_PANEL_HEIGHT / h))
+    pw, ph = w * zoom, h * zoom
+    k = min(2.0, max(1.0, ph / 450))  # text grows with the panels, so it stays legible when the PNG is shown smaller
+    title_h, label_h, bar_w, bar_area = (round(v * k) for v in (_TITLE_H, _LABEL_H, _BAR_W, _BAR_AREA))
+    top = title_h + label_h if title else label_h
+    width = _MARGIN + pw + _GAP + pw + _GAP + bar_area
+    height = top + ph + _MARGIN
+    fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI, facecolor="white")
+    FigureCanvasAgg(fig)
+
+    def axes(x: float, y: float, aw: float, ah: float) -> Any:  # pixels from the top left -> figure fractions
+        return fig.add_axes((x / width, 1 - (y + ah) / height, aw / width, ah / height))
+
+    for x, image, label in ((_MARGIN, thumb, "slide"), (_MARGIN + pw + _GAP, overlay, "attention")):
+        ax = axes(x, top, pw, ph)
+        ax.imshow(image, interpolation="nearest", resample=False)
+        ax.set_axis_off()
+        ax.text(0, 1.005, label, transform=ax.transAxes, fontsize=12 * k, va="bottom", ha="left")
+    if empty:
+        ax.text(0.5, 0.5, "no attention", transform=ax.transAxes, fontsize=12 * k, ha="center", va="center",
+                bbox={"facecolor": "white", "edgecolor": "none"})
+    cax = axes(_MARGIN + 2 * pw + 2 * _GAP, top, bar_w, ph)
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=colormap), cax=cax)
+    if scale == "global":
+        bar.set_label("attention relative to uniform\n(one scale for every slide)", fontsize=10 * k)
+        bar.formatter = FuncFormatter(lambda v, _: f"{v:g}x")
+    else:
+        bar.set_label("attention per cell\n(scaled to this slide's maximum)", fontsize=10 * k)
+        bar.formatter = FuncFormatter(lambda v, _: "0" if v == 0 else f"{v:.2g}")
+    bar.ax.tick_params(labelsize=10 * k)
+    bar.update_ticks()
     if title:
-        draw.text((4, 2), title, fill=_TEXT, font=font)
-    _draw_colorbar(canvas, draw, font, x0=w, y0=top, height=height, vmax=vmax, cmap=cmap, log_decades=log_decades)
-    return canvas
-
-
-def _normalise(values: np.ndarray, vmax: float, log_decades: float | None) -> np.ndarray:
-    """Attention values -> [0, 1] positions on the colormap (see render_overlay)."""
-    rel = values / vmax
-    if log_decades is None:
-        return np.clip(rel, 0.0, 1.0)
-    with np.errstate(divide="ignore"):
-        logs = np.log10(np.maximum(rel, 0.0))
-    return np.clip(1.0 + logs / log_decades, 0.0, 1.0)
-
-
-def _tick_values(vmax: float, log_decades: float | None) -> tuple[float, float, float]:
-    """Attention values at the top, middle and bottom of the bar."""
-    if log_decades is None:
-        return vmax, vmax / 2, 0.0
-    return vmax, vmax * 10.0 ** (-log_decades / 2), vmax * 10.0 ** -log_decades
-
-
-def _draw_colorbar(canvas: Image.Image, draw: ImageDraw.ImageDraw, font: Any, *, x0: int, y0: int, height: int,
-                   vmax: float, cmap: str, log_decades: float | None) -> None:
-    bar_h = height - 2 * _BAR_PAD
-    bx, by = x0 + _BAR_X, y0 + _BAR_PAD
-    gradient = apply_colormap(np.linspace(1.0, 0.0, bar_h), cmap=cmap)  # top row = top colour
-    canvas.paste(Image.fromarray(np.repeat(gradient[:, None, :], _BAR_W, axis=1)), (bx, by))
-    draw.rectangle((bx - 1, by - 1, bx + _BAR_W, by + bar_h), outline=_TEXT)
-    tx = bx + _BAR_W + 1
-    for value, y in zip(_tick_values(vmax, log_decades), (by, by + bar_h // 2, by + bar_h - 1), strict=True):
-        draw.line((tx, y, tx + _TICK - 1, y), fill=_TEXT)
-        label = "0" if value == 0 else f"{value:.3g}"
-        left, top_, right, bottom = draw.textbbox((0, 0), label, font=font)
-        ty = min(max(y - (top_ + bottom) // 2, y0 + 1), y0 + height - bottom - 1)
-        draw.text((tx + _TICK + 2, ty), label, fill=_TEXT, font=font)
+        fig.text(_MARGIN / width, 1 - 8 * k / height, title, fontsize=16 * k, va="top", ha="left", weight="bold")
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    return Image.fromarray(np.ascontiguousarray(rgba[..., :3]))
 
 
 def _resize_nearest(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -263,7 +260,7 @@ def _positive_pair(pair: Sequence[float], name: str) -> tuple[float, float]:
 
 #: QuPath classification of every exported patch, and its colour (QuPath's class colours are per name).
 CLASSIFICATION = "wsiats attention"
-_CLASS_COLOR = [252, 255, 164]  # inferno's top colour
+_CLASS_COLOR = [252, 254, 164]  # inferno's top colour
 
 
 def patches_geojson(boxes: np.ndarray, attention: np.ndarray, *, slide_id: str, top: int | None = None,
@@ -310,7 +307,7 @@ def patches_geojson(boxes: np.ndarray, attention: np.ndarray, *, slide_id: str, 
         raise ValueError("every box needs a positive width and height")
     if top is not None and top < 0:
         raise ValueError(f"top must be >= 0, got {top}")
-    _anchors(cmap)  # fail on a bad name before any work
+    _colormap(cmap)  # fail on a bad name before any work
 
     features: list[dict[str, Any]] = []
     if b.shape[0]:
@@ -370,20 +367,37 @@ def heatmap_slides(
     mpp: float | None = None,
     thumbnail_size: int = 1024,
     allow_hub: bool = False,
+    scale: str = "slide",
+    cmap: str = "inferno",
 ) -> Iterator[HeatmapResult]:
     """For each slide write <id>.png, <id>.attention.tif and <id>.geojson into `out_dir`.
 
     The attention is the model's full distribution over the view (no sampling, so the maps are
-    deterministic); the GeoJSON holds the `top` highest-attention cells' patch boxes.
+    deterministic); the GeoJSON holds the `top` highest-attention cells' patch boxes. The PNG's
+    title gives the prediction of one sampling pass with seed 0, what `wsiats predict` gives by default.
     A slide that fails yields its error and the others go on; the warnings about a slide travel in its result.
     """
+    import torch
+
     from wsiats.checkpoint import load_model
-    from wsiats.data import slide_id
+    from wsiats.data import seeded_generator, slide_id
     from wsiats.errors import WsiatsError
-    from wsiats.pipeline import attention_map, cell_centers, patch_boxes, patch_downsample, prepare_view
+    from wsiats.pipeline import (
+        OpenedSlide,
+        SlideBatchItem,
+        attention_map,
+        cell_centers,
+        forward_batch,
+        patch_boxes,
+        patch_downsample,
+        prepare_view,
+    )
     from wsiats.runtime import select_device
     from wsiats.slide import collect_notes, open_slide
 
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale {scale!r}; choose one of: {', '.join(SCALES)}")
+    _colormap(cmap)
     model, cfg = load_model(run_dir, allow_hub=allow_hub)
     dev = select_device(device)
     model.to(dev)
@@ -394,21 +408,25 @@ def heatmap_slides(
         sid = slide_id(path)
         result = HeatmapResult(sid, Path(path))
         if sid in first_of:  # a.tif and b/a.svs: the second would overwrite the first one's files
-            result.error = (f"{path}: slide id {sid!r} is also the id of {first_of[sid]}; its heatmap files would "
-                            "overwrite that slide's")
+            result.error = (f"{path}: slide id {sid!r} is also the id of {first_of[sid]}; its heatmap files "
+                            "would overwrite that slide's")
             yield result
             continue
         first_of[sid] = Path(path)
         written: list[Path] = []
         try:
-            with collect_notes() as result.notes:
-                with open_slide(path, backend=backend, mpp=mpp) as slide:
-                    view = prepare_view(slide, cfg)
-                    slide_mpp = slide.mpp
-                    pds = patch_downsample(slide, cfg)
-                    # The PNG gets a sharper thumbnail than the model's view when the view is small.
-                    thumb_ds = max(1.0, max(slide.dimensions) / thumbnail_size)  # never finer than level 0
-                    thumb = slide.read_view(downsample=thumb_ds).image if thumb_ds < min(view.downsample) else view.image
+            with collect_notes() as result.notes, open_slide(path, backend=backend, mpp=mpp) as slide:
+                view = prepare_view(slide, cfg)
+                slide_mpp = slide.mpp
+                pds = patch_downsample(slide, cfg)
+                # The PNG gets a sharper thumbnail than the model's view when the view is small.
+                thumb_ds = max(1.0, max(slide.dimensions) / thumbnail_size)  # never finer than level 0
+                thumb = slide.read_view(downsample=thumb_ds).image if thumb_ds < min(view.downsample) else view.image
+                with torch.no_grad():
+                    out = forward_batch(model, [SlideBatchItem(Path(path), view)], cfg=cfg, pool=OpenedSlide(slide),
+                                        generator=seeded_generator(0, 0), device=dev)
+            probs = torch.softmax(out.logits.float(), -1)[0].cpu().numpy()
+            best = int(probs.argmax())
             att = attention_map(model, view, cfg, device=dev)
             flat = att.ravel()
             order = np.argsort(-flat, kind="stable")[: min(top, int((flat > 0).sum()))]
@@ -417,11 +435,12 @@ def heatmap_slides(
             png = out_dir / f"{sid}.png"
             tif = out_dir / f"{sid}.attention.tif"
             geo = out_dir / f"{sid}.geojson"
-            write_png(png, render_overlay(thumb, att, mask=view.mask, title=f"{sid}: attention"))
+            title = f"{sid}: predicted {cfg.classes[best]} (p = {probs[best]:.2f})"
+            write_png(png, render_overlay(thumb, att, mask=view.mask, scale=scale, cmap=cmap, title=title))
             written.append(png)
             write_attention_tiff(tif, att.astype(np.float32), downsample=view.downsample, mpp=slide_mpp)
             written.append(tif)
-            write_geojson(geo, patches_geojson(boxes, flat[order], slide_id=sid))
+            write_geojson(geo, patches_geojson(boxes, flat[order], slide_id=sid, cmap=cmap))
             result.files = [png, tif, geo]
         except WsiatsError as exc:
             result.error = str(exc)

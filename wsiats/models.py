@@ -7,7 +7,7 @@ features -> expectation -> logits).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from wsiats import backbones
+from wsiats.embed_cache import EmbeddingCache
 from wsiats.errors import ModelError
 from wsiats.mil import GatedAttentionPool
 
@@ -128,17 +130,65 @@ class SmallCNN(nn.Module):
 
 
 class L2Normalized(nn.Module):
-    """Wrap a backbone: normalise its input, L2-normalise its output (paper eq. 9 needs it)."""
+    """Wrap a backbone: feed it as its weights expect, L2-normalise its output (paper eq. 9 needs it).
 
-    def __init__(self, backbone: nn.Module, out_dim: int) -> None:
+    Patches are resized to the backbone's `input_size` (when it has one) and normalised with its
+    `mean`/`std`; `pool` "token+mean" turns a token sequence [M, T, D] into the class token
+    concatenated with the mean of the patch tokens (after `prefix_tokens` class/register tokens).
+    On CUDA the backbone runs channels-last (see `_apply`).
+    """
+
+    def __init__(self, backbone: nn.Module, out_dim: int, *, input_size: tuple[int, int] | None = None,
+                 mean: Sequence[float] = _MEAN, std: Sequence[float] = _STD, interpolation: str = "bilinear",
+                 pool: str = "features", prefix_tokens: int = 0) -> None:
         super().__init__()
         self.backbone = backbone
         self.out_dim = out_dim
+        self.input_size = input_size
+        self.interpolation = interpolation
+        self.pool = pool
+        self.prefix_tokens = prefix_tokens
+        # not saved with the weights: they come from the feature net's name, like its architecture
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, patches: Tensor) -> Tensor:
+        """uint8 (or [0, 1] float) patches [M, 3, p, p] -> the backbone's input: resized, normalised."""
+        x = patches.float()
+        if patches.dtype == torch.uint8:
+            x = x / 255.0
+        if self.input_size is not None and tuple(x.shape[-2:]) != tuple(self.input_size):
+            x = F.interpolate(x, size=self.input_size, mode=self.interpolation, align_corners=False, antialias=True)
+            x = x.clamp(0.0, 1.0)  # bicubic overshoots
+        x = (x - self.mean) / self.std
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def forward(self, patches: Tensor) -> Tensor:
         """patches [M, 3, p, p] uint8 -> unit-norm features [M, D]."""
-        feats = self.backbone(normalize_images(patches))
+        feats = self.backbone(self.preprocess(patches))
+        if self.pool == "token+mean":
+            feats = torch.cat([feats[:, 0], feats[:, self.prefix_tokens:].mean(1)], dim=-1)
         return F.normalize(feats.float(), dim=-1, eps=1e-6)
+
+    def _apply(self, fn: Callable[..., Tensor], recurse: bool = True) -> L2Normalized:  # type: ignore[override]
+        """`.to(device)` and friends; on CUDA also convert the backbone's 4-D weights to channels-last."""
+        super()._apply(fn, recurse)
+        if self.mean.is_cuda:
+            channels_last(self.backbone)
+        return self
+
+
+def channels_last(module: nn.Module) -> nn.Module:
+    """Convert the 4-D parameters (convolution weights) of `module` to channels-last, in place.
+
+    cuDNN's convolutions run fastest on NHWC tensors under mixed precision; values are unchanged.
+    """
+    for param in module.parameters():
+        if param.dim() == 4 and not param.is_contiguous(memory_format=torch.channels_last):
+            param.data = param.data.contiguous(memory_format=torch.channels_last)
+    return module
 
 
 FeatureFactory = Callable[..., "tuple[nn.Module, int]"]
@@ -156,8 +206,9 @@ def register_feature_net(name: str) -> Callable[[FeatureFactory], FeatureFactory
 
 
 def list_feature_nets() -> list[str]:
-    """Registered names; any timm model is also accepted as `timm:<name>` or `hf-hub:<repo>`."""
-    return sorted(_FEATURE_NETS)
+    """Registered names and foundation-model recipes; any timm model is also accepted as `timm:<name>`
+    or `hf-hub:<repo>`."""
+    return sorted([*_FEATURE_NETS, *_TIMM_ALIASES, *backbones.list_recipes()])
 
 
 @register_feature_net("small-cnn")
@@ -166,63 +217,42 @@ def _small_cnn(*, width: int = 32) -> tuple[nn.Module, int]:
     return net, net.out_dim
 
 
-def _timm_model(name: str, *, pretrained: bool = True) -> tuple[nn.Module, int]:
-    try:
-        import timm
-    except ImportError:
-        raise ModelError(
-            f"feature net {name!r} needs the optional package timm: pip install 'wsiats[timm]'"
-        ) from None
-    except Exception as exc:  # typically a torchvision built for another torch: "operator torchvision::nms does not exist"
-        raise ModelError(
-            f"feature net {name!r}: timm is installed but cannot be imported ({type(exc).__name__}: {exc}); "
-            f"its torchvision must be the release built for torch {torch.__version__}"
-        ) from None
-    try:
-        # num_classes=0 returns pooled features; pretrained weights come from --feature-weights,
-        # or from the Hugging Face hub for 'hf-hub:' names (needs network access) unless `pretrained`
-        # is off: a saved run brings its own weights, so loading one never downloads them.
-        model = timm.create_model(name, pretrained=pretrained and name.startswith("hf-hub:"), num_classes=0)
-    except Exception as exc:  # timm raises RuntimeError for unknown names
-        raise ModelError(f"feature net {name!r}: timm could not create it ({exc})") from None
-    return model, int(model.num_features)
+#: Registered names that are timm architectures.
+_TIMM_ALIASES = {"resnet18": "timm:resnet18", "resnet50": "timm:resnet50"}
 
 
-@register_feature_net("resnet18")
-def _resnet18(**_: object) -> tuple[nn.Module, int]:
-    return _timm_model("resnet18")
-
-
-@register_feature_net("resnet50")
-def _resnet50(**_: object) -> tuple[nn.Module, int]:
-    return _timm_model("resnet50")
-
-
-def create_feature_net(name: str, *, width: int = 32, weights: str | Path | None = None,
-                       pretrained: bool = True) -> L2Normalized:
+def create_feature_net(name: str, *, width: int = 32, weights: str | Path | None = None, pretrained: bool = True,
+                       timm_kwargs: dict[str, object] | None = None) -> L2Normalized:
     """Build a feature network by name, L2-normalised, optionally loading local weights.
 
-    Names: the registry (`list_feature_nets()`), `timm:<any timm model>`, or `hf-hub:<repo>`
-    (hub weights downloaded only when `pretrained`).
+    Names: the registry and recipes (`list_feature_nets()`), `timm:<any timm model>`, or
+    `hf-hub:<repo>` (weights downloaded when `pretrained`). `timm_kwargs` go to
+    `timm.create_model`, over a recipe's arguments.
     """
     if name in _FEATURE_NETS:
         backbone, dim = _FEATURE_NETS[name](width=width)
-    elif name.startswith("timm:"):
-        backbone, dim = _timm_model(name[len("timm:"):])
-    elif name.startswith("hf-hub:"):
-        backbone, dim = _timm_model(name, pretrained=pretrained)
-    else:
+        if weights is not None:
+            load_weights(backbone, weights)
+        return L2Normalized(backbone, dim)
+    if not (name in _TIMM_ALIASES or name in backbones.RECIPES or name.startswith(("timm:", "hf-hub:"))):
         raise ModelError(
             f"unknown feature net {name!r}; valid: {', '.join(list_feature_nets())}, "
             "timm:<model name> or hf-hub:<repo>"
         )
+    b = backbones.build(_TIMM_ALIASES.get(name, name), pretrained=pretrained and weights is None, kwargs=timm_kwargs)
     if weights is not None:
-        load_weights(backbone, weights)
-    return L2Normalized(backbone, dim)
+        load_weights(b.module, weights, prefix=b.weights_prefix)
+    return L2Normalized(b.module, b.out_dim, input_size=b.input_size, mean=b.mean, std=b.std,
+                        interpolation=b.interpolation, pool=b.pool, prefix_tokens=b.prefix_tokens)
 
 
-def load_weights(module: nn.Module, path: str | Path) -> None:
-    """Load a state dict from .safetensors or a weights-only torch file; never unpickle code."""
+def load_weights(module: nn.Module, path: str | Path, *, prefix: str = "") -> None:
+    """Load a state dict from .safetensors or a weights-only torch file; never unpickle code.
+
+    prefix: only the file's keys that start with it are used, with it removed (a backbone stored
+    inside a larger checkpoint). A mismatch is one line naming the file and the first missing,
+    unexpected and mis-shaped keys.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: weights file not found")
@@ -239,22 +269,36 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
             f"{path}: not a loadable weights file ({type(exc).__name__}: {detail}); "
             "only safetensors and weights-only torch files are accepted"
         ) from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    for wrapper in ("state_dict", "model"):  # {"state_dict": ...} (Lightning) or {"model": ...} (DINO, iBOT)
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
     if not isinstance(state, dict):
         raise ModelError(f"{path}: expected a state dict of tensors")
-    try:
-        missing, unexpected = module.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # a shape differs, or a value is not a tensor: torch lists them after line 1
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        raise ModelError(f"{path}: weights do not match the feature net ({lines[-1][:200]})") from None
-    # A backbone's classifier head is dropped (num_classes=0): ignore 'fc.'/'head.' leftovers.
-    unexpected = [k for k in unexpected if not k.split(".")[0] in ("fc", "head", "classifier")]
-    if missing or unexpected:
-        raise ModelError(
-            f"{path}: weights do not match the feature net (missing {len(missing)} e.g. {missing[:3]}, "
-            f"unexpected {len(unexpected)} e.g. {unexpected[:3]})"
-        )
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    # A backbone's classifier head is dropped (num_classes=0): 'fc.'/'head.' leftovers are not a mismatch.
+    unexpected = [k for k in state if k not in own and str(k).split(".")[0] not in ("fc", "head", "classifier")]
+    misshaped = []
+    for k, mine in own.items():  # in the net's order: the first layers first
+        v = state.get(k)
+        if v is not None and not isinstance(v, Tensor):
+            misshaped.append(f"{k} (a {type(v).__name__}, not a tensor)")
+        elif v is not None and v.shape != mine.shape:
+            misshaped.append(f"{k} (file {_shape(v)}, net {_shape(mine)})")
+    if missing or unexpected or misshaped:
+        parts = [f"{len(keys)} {what} ({', '.join(map(str, keys[:3]))}{', ...' if len(keys) > 3 else ''})"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+                 if keys]
+        hint = f" under the prefix {prefix!r}" if prefix else ""
+        raise ModelError(f"{path}: weights do not match the feature net{hint}: {'; '.join(parts)}")
+    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+
+
+def _shape(t: Tensor) -> str:
+    return "x".join(map(str, t.shape)) or "scalar"
 
 
 class ATSModel(nn.Module):
@@ -262,6 +306,8 @@ class ATSModel(nn.Module):
 
     pooling 'gated' adds `mil`, a `GatedAttentionPool` over the patches' features; 'ats' combines
     them with the attention-sampling estimator alone (the paper's model, no extra parameters).
+    With `freeze_features` the feature network stays in eval mode and runs without gradient, and
+    `embed_cache` (`feature_cache_mb` > 0) keeps the embeddings of patches already seen.
     """
 
     def __init__(
@@ -273,18 +319,21 @@ class ATSModel(nn.Module):
         feature_weights: str | Path | None = None,
         freeze_features: bool = False,
         pooling: str = "ats",
+        feature_net_args: dict[str, object] | None = None,
         pretrained: bool = True,
+        feature_cache_mb: float = 0,
     ) -> None:
         super().__init__()
         if pooling not in ("gated", "ats"):
             raise ModelError(f"pooling must be 'gated' or 'ats', got {pooling!r}")
         self.attention_net = AttentionNet()
         self.feature_net = create_feature_net(feature_net, width=feature_dim, weights=feature_weights,
-                                              pretrained=pretrained)
+                                              pretrained=pretrained, timm_kwargs=feature_net_args)
         self.pooling = pooling
         self.mil = GatedAttentionPool(self.feature_net.out_dim) if pooling == "gated" else None
         self.classifier = nn.Linear(self.feature_net.out_dim, n_classes)
         self.freeze_features = freeze_features
+        self.embed_cache = EmbeddingCache(feature_cache_mb) if freeze_features and feature_cache_mb > 0 else None
         if freeze_features:
             self.feature_net.requires_grad_(False)
 

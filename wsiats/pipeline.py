@@ -20,6 +20,7 @@ from torch import Tensor
 
 from wsiats import mil, sampling
 from wsiats.config import Config
+from wsiats.embed_cache import embed_patches, patch_keys
 from wsiats.errors import ConfigError, SlideError
 from wsiats.models import ATSModel
 from wsiats.slide import Slide, collect_notes, note, open_slide, patch_box
@@ -199,6 +200,17 @@ class SlidePool:
         self._open.clear()
 
 
+class OpenedSlide(SlidePool):
+    """What `forward_batch` reads the patches from when the caller opened the slide for its view: that handle."""
+
+    def __init__(self, slide: Slide) -> None:
+        super().__init__(capacity=1)
+        self._slide = slide
+
+    def get(self, path: Path) -> Slide:
+        return self._slide
+
+
 def forward_batch(
     model: ATSModel,
     items: Sequence[SlideBatchItem],
@@ -238,6 +250,7 @@ def forward_batch(
     use_cuda = device.type == "cuda"
     ctx = autocast or _null_context
     attentions, indices, sampled, boxes, patches, distill = [], [], [], [], [], []
+    keys: list[object] = []
     counts: list[int] = []
     for item in items:
         view = item.view
@@ -299,16 +312,13 @@ def forward_batch(
                     np.concatenate([centers, c2]), torch.cat([tiles, t2])
                 a_k = att.gather(1, idx)
         patches.append(tiles)
+        keys.extend(patch_keys(item.slide_path, orig, view.downsample, size, pds, item.augment))
         attentions.append(att[0])
         indices.append(orig)
         sampled.append(a_k[0])
         boxes.append(patch_boxes(centers, size, pds))
         counts.append(n)
-    stacked = torch.cat(patches)
-    if use_cuda:
-        stacked = stacked.pin_memory()
-    with ctx():
-        feats = model.feature_net(stacked.to(device, non_blocking=use_cuda)).float()
+    feats = embed_patches(model, torch.cat(patches), keys, device=device, autocast=ctx)
     pooled, weights = [], []
     start = 0
     replace = cfg.replace and mode == "sample"

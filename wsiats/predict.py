@@ -26,7 +26,7 @@ from wsiats.config import SEED_MAX, Config
 from wsiats.data import seeded_generator, slide_id
 from wsiats.errors import ConfigError, WsiatsError
 from wsiats.models import ATSModel
-from wsiats.pipeline import PreparedView, SlideBatchItem, SlidePool, forward_batch, prepare_view
+from wsiats.pipeline import OpenedSlide, PreparedView, SlideBatchItem, SlidePool, forward_batch, prepare_view
 from wsiats.runtime import autocast_factory, select_device
 from wsiats.slide import Slide, collect_notes, open_slide
 
@@ -168,7 +168,7 @@ class Predictor:
                 try:
                     slide, view = futures.pop(i).result()
                     with slide:
-                        pred = self.predict_view(path, view, _Opened(slide))
+                        pred = self.predict_view(path, view, OpenedSlide(slide))
                 except WsiatsError as exc:
                     pred = Prediction(slide_id(path), path, error=str(exc))
                 except (OSError, RuntimeError, ValueError, MemoryError) as exc:
@@ -183,17 +183,6 @@ class Predictor:
             for fut in futures.values():  # views read ahead for slides never predicted: close their slides
                 if not fut.cancelled() and fut.exception() is None:
                     fut.result()[0].close()
-
-
-class _Opened(SlidePool):
-    """What `forward_batch` reads the patches from: the slide this prediction opened for its view."""
-
-    def __init__(self, slide: Slide) -> None:
-        super().__init__(capacity=1)
-        self._slide = slide
-
-    def get(self, path: Path) -> Slide:
-        return self._slide
 
 
 def prediction_label(pred: Prediction, classes: Sequence[str]) -> str:

@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = (
     "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc",
-    "attention_entropy", "seconds_per_slide", "lr",
+    "attention_entropy", "seconds_per_slide", "lr", "feature_cache_hit_rate", "feature_cache_speedup",
 )
 
 
@@ -385,6 +385,7 @@ def train(
             else:
                 row.update(val_loss=math.nan, val_acc=math.nan, val_auc=math.nan)
                 key = (float(epoch), 0.0)  # no validation: the latest epoch is the best
+            row.update(_cache_report(model, epoch))
             history.append(row)
             if len(history) == PLATEAU_EPOCHS and start_epoch == 0 and _stalled(history):
                 warnings.warn(stall_message(history, cfg), stacklevel=1)
@@ -408,7 +409,7 @@ def train(
                 "best_epoch": best_epoch,
                 "best_acc": best_key[0],
                 "best_neg_loss": best_key[1],
-                "history": torch.tensor([[r[c] for c in METRIC_COLUMNS] for r in history], dtype=torch.float64),
+                "history": torch.tensor([[r.get(c, math.nan) for c in METRIC_COLUMNS] for r in history], dtype=torch.float64),
             })
             _write_metrics(out_dir / "metrics.csv", history)
             distributed.barrier(ctx)
@@ -530,6 +531,14 @@ def _check_finite_weights(model: torch.nn.Module) -> None:
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise _Diverged(f"the weights hold NaN or infinite values ({bad[0]})")
+def _cache_report(model: ATSModel, epoch: int) -> dict[str, float]:
+    """The embedding cache's hit rate and estimated speed-up over this epoch's feature passes (NaN: no cache)."""
+    if model.embed_cache is None:
+        return {"feature_cache_hit_rate": math.nan, "feature_cache_speedup": math.nan}
+    s = model.embed_cache.take_stats()
+    log.info("epoch %d: feature cache hit rate %.3f (%d of %d patches), feature passes %.2fx faster (estimated), "
+             "%d embeddings in %.1f MB", epoch + 1, s.hit_rate, s.hits, s.hits + s.misses, s.speedup, s.entries, s.mb)
+    return {"feature_cache_hit_rate": s.hit_rate, "feature_cache_speedup": s.speedup}
 
 
 def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
