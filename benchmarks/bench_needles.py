@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    set_omp_policy("PASSIVE")
+    set_omp_policy("passive")
     if args.child is not None:
         print(json.dumps(json_safe(_child(json.loads(args.child)))))
         return 0
