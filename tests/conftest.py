@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +78,15 @@ def shared_slides() -> Path:
     if not SHARED_SLIDES.is_dir():
         pytest.skip(f"real test slides not found at {SHARED_SLIDES}")
     return SHARED_SLIDES
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Many tiny ops: intra-op threads only add wake-up latency (~0.5 ms an op on 2 busy cores).
+    Use it for a whole module with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

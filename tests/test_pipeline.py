@@ -9,7 +9,6 @@ without-replacement formula does not.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,13 +41,7 @@ from wsiats.slide import Slide, open_slide
 TINY_SIZE, TINY_VIEW_DS, TINY_PATCH = 256, 32.0, 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Many tiny ops: intra-op threads only add wake-up latency (~0.5 ms an op on 2 busy cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
