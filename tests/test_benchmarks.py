@@ -127,6 +127,8 @@ def test_needles_smoke_writes_every_row(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def mnist_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    if not (bench_megapixel_mnist.MNIST / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"the MNIST test set is not beside the repository ({bench_megapixel_mnist.MNIST})")
     tmp = tmp_path_factory.mktemp("bench_megapixel_mnist")
     return _run(bench_megapixel_mnist.main, tmp), tmp
 
