@@ -312,3 +312,27 @@ def test_openslide_reads_the_generic_layout(cohort: Path) -> None:
     finally:
         slide.close()
     assert np.array_equal(got, _levels(path)[0][512:712, 256:556])
+
+
+def test_synth_cli_needles_kind(tmp_path: Path) -> None:
+    """`wsiats synth --kind needles`: every slide has 2-6 regions, positives 1-2 informative and >= 1 decoy,
+    negatives only decoys."""
+    import json
+
+    from click.testing import CliRunner
+
+    from wsiats.cli import cli
+
+    out = tmp_path / "needles"
+    result = CliRunner().invoke(cli, ["synth", str(out), "--n", "6", "--size", "2048", "--seed", "2", "--kind",
+                                      "needles", "-q"])
+    assert result.exit_code == 0, result.output
+    truth = json.loads((out / "truth.json").read_text())
+    assert truth["kind"] == "needles"
+    for rec in truth["slides"].values():
+        kinds = [r["kind"] for r in rec["regions"]]
+        assert 2 <= len(kinds) <= 6 and "lookalike" in kinds
+        informative = kinds.count("positive")
+        assert (1 <= informative <= 2) if rec["label"] == "positive" else informative == 0
+    bad = CliRunner().invoke(cli, ["synth", str(tmp_path / "x"), "--kind", "haystack"])
+    assert bad.exit_code == 2 and "'haystack' is not one of 'regions', 'needles'" in bad.output

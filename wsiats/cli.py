@@ -647,25 +647,31 @@ overwrite_option = click.option(
 @click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True, help="Random seed.")
 @click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.25, show_default=True,
               help="Fraction of each class marked split=test in labels.csv.")
+@click.option("--kind", type=click.Choice(["regions", "needles"]), default="regions", show_default=True,
+              help="regions: every region of a positive slide is informative; needles: 2-6 look-alike regions a "
+                   "slide, 1-2 informative on positive slides, the rest decoys.")
 @verbose_option
 @overwrite_option
 @quiet_option
 @_reports_errors
-def synth(out: Path, n: int, size: int, seed: int, test_fraction: float, overwrite: bool, quiet: bool) -> None:
+def synth(out: Path, n: int, size: int, seed: int, test_fraction: float, kind: str, overwrite: bool,
+          quiet: bool) -> None:
     """Generate a synthetic cohort of pyramidal slides in OUT.
 
     Positive slides hold small regions whose texture shows only at full resolution;
-    negative slides hold look-alike regions with the same low-resolution appearance.
+    negative slides hold look-alike regions with the same low-resolution appearance
+    (with --kind needles, positive slides hold decoys too).
     Writes OUT/slides/*.tif, OUT/labels.csv (slide_id,label,split) and OUT/truth.json.
 
     \b
     Example:
         wsiats synth cohort --n 40 --size 4096 --seed 0
+        wsiats synth needles --n 64 --size 12288 --kind needles
     """
     from wsiats.synth import make_cohort
 
     labels = _make_cohort(out, n=n, size=size, seed=seed, test_fraction=test_fraction, quiet=quiet, make=make_cohort,
-                          overwrite=overwrite)
+                          overwrite=overwrite, kind=kind)
     console.print(f"wrote {n} slides to {out / 'slides'}, labels to {labels}, regions to {out / 'truth.json'}")
 
 
