@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -40,6 +39,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from wsiats._io import atomic_open  # noqa: E402
 
 from bench_predict import (  # noqa: E402 - beside this script
     code_version,
@@ -285,9 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                           "train_minutes": new["train_minutes_max"] <= TRAIN_MINUTES_TARGET,
                           "tumour_patch_fraction": new["tumour_patch_fraction_mean"] >= TUMOUR_FRACTION_TARGET}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(json_safe(results), indent=1) + "\n")
-    tmp.replace(args.out)
+    with atomic_open(args.out, "w") as fh:
+        fh.write(json.dumps(json_safe(results), indent=1) + "\n")
     plot_curves(results, args.out.with_suffix(".png"))
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("seeds", "per_slide_step")}
                       for k, v in results["rows"].items()}, indent=1))
@@ -315,10 +315,9 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
     ax.set_title("needle cohort: learning curves")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
