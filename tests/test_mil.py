@@ -102,9 +102,10 @@ def test_distillation_target_is_the_top_scores_weighted_by_their_contrast() -> N
     scores = torch.tensor([3.0, -1.0, 2.0, 0.0])
     want = -(torch.log(a[[0, 2]] / a.sum())).mean() * mil.score_contrast(scores)
     torch.testing.assert_close(mil.distillation_loss(a, scores, top=2), want)
-    # the target is the ranking; the weight grows as the scores single the top ones out
+    # scores 100x sharper: only the best still stands out (softmax weight >= 1/M), and it weighs more
     sharper_scores = mil.distillation_loss(a, 100 * scores, top=2) / mil.score_contrast(100 * scores)
-    torch.testing.assert_close(sharper_scores, want / mil.score_contrast(scores))
+    torch.testing.assert_close(sharper_scores, -torch.log(a[0] / a.sum()))
+    assert float(mil.score_contrast(100 * scores)) > float(mil.score_contrast(scores))
     # lower when the attention is on the top candidates, and it keeps falling as it concentrates
     on_top = mil.distillation_loss(torch.tensor([0.45, 0.05, 0.45, 0.05]), scores, top=2)
     sharper = mil.distillation_loss(torch.tensor([0.495, 0.005, 0.495, 0.005]), scores, top=2)
@@ -160,3 +161,21 @@ def test_exploration_prior_explores_rare_tissue_as_much_as_common() -> None:
     assert float(prior[40:50, 40:50].sum()) >= 1 / 8 - 1e-6
     again = mil.exploration_prior(image, mask)
     assert np.array_equal(prior, again)  # deterministic
+
+
+def test_distillation_target_holds_only_the_candidates_that_stand_out() -> None:
+    """One informative candidate among flat ones: the target is that one, not `top` cells of background.
+
+    (A fixed count of targets pulled a needle run's attention back to uniform once it had learnt.)"""
+    a = torch.full((8,), 1 / 8)
+    scores = torch.tensor([0.0, 0.1, 8.0, 0.2, 0.0, 0.1, 0.0, 0.3])
+    only_the_needle = -torch.log(a[2] / a.sum()) * mil.score_contrast(scores)
+    torch.testing.assert_close(mil.distillation_loss(a, scores, top=4), only_the_needle)
+    logits = torch.zeros(1, 8, requires_grad=True)
+    mil.distillation_loss(sampling.smooth_attention(logits)[0], scores, top=4).backward()
+    assert float(logits.grad[0, 2]) < 0  # raised
+    assert all(float(logits.grad[0, i]) > 0 for i in range(8) if i != 2)  # every background cell lowered
+    # two that stand out and two that do not: the target is the two
+    scores = torch.tensor([5.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    two = -torch.log(a[[0, 1]] / a.sum()).mean() * mil.score_contrast(scores)
+    torch.testing.assert_close(mil.distillation_loss(a, scores, top=4), two)
