@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wsiats._io import atomic_open
 from wsiats.cli import DEMO_CONFIG
 from wsiats.config import resolve
 from wsiats.data import build_cohort, split_items
@@ -45,7 +46,7 @@ def hit_fraction(preds: list, truth: dict) -> float:
     return hits / max(total, 1)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=56, help="slides (25%% go to the test split)")
     ap.add_argument("--size", type=int, default=12000)
@@ -57,7 +58,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "cohort.json")
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.smoke:
         args.n, args.size, args.epochs = 8, 1024, 1
     cohort = args.cache / f"cohort_{args.n}x{args.size}_s{args.seed}"
@@ -75,14 +76,16 @@ def main() -> None:
                    "train_val_slides": len(items) - len(test), "synth_s": round(synth_s, 1)},
         "methods": {},
     }
-    for name, attention in (("ats", "learned"), ("uniform", "uniform")):
+    for name, attention in (("ats", "learned"), ("uniform", "uniform"), ("defaults", None)):
         # The demo's optimisation settings (batch 4, lr 3e-3, 64 px patches, view downsample 32) with
         # more epochs, more patches and wider patches: informative regions cover ~9x less of a 12k slide
         # than of the demo's 4k ones, so the first hits that teach the networks are ~9x rarer.
         overrides = {**DEMO_CONFIG, "epochs": args.epochs, "seed": args.seed, "attention": attention,
                      "n_patches": args.n_patches, "patch_downsample": args.patch_downsample}
+        if attention is None:  # `wsiats train` as a new user runs it: every setting at its default
+            overrides = {"seed": args.seed}
         if args.smoke:
-            overrides.update(patch_size=32, view_downsample=16.0, n_patches=4, batch_size=2)
+            overrides.update(patch_size=32, view_downsample=16.0, n_patches=4, batch_size=2, epochs=1)
         cfg = resolve(overrides=overrides)
         run = args.cache / f"run_{cohort.name}_{name}"
         shutil.rmtree(run, ignore_errors=True)
@@ -94,8 +97,9 @@ def main() -> None:
         y = np.array([it.label for it in test])
         m = classification_metrics(y, np.array([p.probs for p in preds]), n_classes=len(classes))
         results["methods"][name] = {
-            "config": {k: getattr(cfg, k) for k in ("attention", "n_patches", "patch_size", "view_downsample",
-                                                     "batch_size", "lr", "epochs")},
+            "config": {k: getattr(cfg, k) for k in ("attention", "pooling", "candidates", "n_patches", "patch_size",
+                                                     "patch_downsample", "view_downsample", "batch_size", "lr",
+                                                     "epochs")},
             "test_auc": m["auc"], "test_accuracy": m["accuracy"], "confusion": m["confusion"],
             "patch_hit_fraction": hit_fraction(preds, truth),
             "final_train_loss": result.history[-1]["train_loss"],
@@ -104,9 +108,11 @@ def main() -> None:
         }
     results["machine"]["loadavg_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    with atomic_open(args.out, "w") as fh:
+        fh.write(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results["methods"], indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

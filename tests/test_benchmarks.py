@@ -13,6 +13,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import bench_cohort  # noqa: E402
 import bench_learning  # noqa: E402
 import bench_megapixel_mnist  # noqa: E402
 import bench_predict  # noqa: E402
@@ -211,3 +212,17 @@ def test_backbones_smoke_report(tmp_path: Path) -> None:
     assert r["peer"] == {"skipped": "smoke mode"}
     assert all(isinstance(t["met"], bool) for t in r["targets"].values())
     assert len(r["machine"]["load_average_start"]) == 3 and r["machine"]["loadavg_end"]
+
+
+def test_bench_cohort_smoke_writes_every_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 12k-cohort benchmark runs its three rows (learned, uniform, plain defaults) and predicts the test split."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    out = tmp_path / "cohort.json"
+    assert bench_cohort.main(["--smoke", "--out", str(out), "--cache", str(tmp_path / "cache")]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["methods"]) == {"ats", "uniform", "defaults"}
+    assert r["methods"]["uniform"]["config"]["attention"] == "uniform"
+    assert r["methods"]["defaults"]["config"]["pooling"] == "gated"  # the defaults row is wsiats's defaults
+    for m in r["methods"].values():
+        assert 0.0 <= m["patch_hit_fraction"] <= 1.0 and 0.0 <= m["test_accuracy"] <= 1.0
+        assert m["train_s"] > 0
