@@ -40,10 +40,11 @@ Which estimator wsiats uses (`Config.pooling`):
     M -> K (every tissue cell a candidate) this is exactly IPS's objective over the whole view
     (gated pooling of the top-T patches by instance score), whatever the draw: consistent for it,
     and equal to it when M >= K (tested in tests/test_explore.py). The attention network learns
-    from `wsiats.mil.distillation_loss` (cross-entropy of a over the candidates against the N
-    best-scored), not from a score-function gradient.
-  - Inference reads N patches: N - round(zoom N) cells drawn without replacement from a (as
-    `sample`), the rest drawn without replacement from a restricted to the square around the cell
+    from `wsiats.mil.distillation_loss` (cross-entropy of a over the candidates against the at
+    most `train_patches // 4` best-scored that stand out, softmax weight >= 1/M), not from a
+    score-function gradient.
+  - Inference reads N patches: N - round(zoom N) cells drawn without replacement from a and kept
+    at least `SPREAD_PATCHES` patch widths apart (`wsiats.pipeline.spread_cells`), the rest drawn without replacement from a restricted to the square around the cell
     whose patch has the highest instance score (`wsiats.pipeline.zoom_cells`), all N pooled.
 """
 
