@@ -70,3 +70,14 @@ def test_opening_equals_pil_min_max_filters() -> None:
         mask = rng.random(shape) < p
         img = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(3)).filter(ImageFilter.MaxFilter(3))
         np.testing.assert_array_equal(_open3(mask), np.asarray(img) > 0)
+
+
+@pytest.mark.parametrize("size", [200, 201])
+def test_half_resolution_mask_of_a_large_view_matches_the_full_resolution_one(size: int) -> None:
+    """Views above `half_above` pixels are thresholded at half resolution: same shape, ~the same mask."""
+    img, truth = _view(size=size)
+    full = tissue_mask(img, half_above=size * size)  # not above: full resolution
+    half = tissue_mask(img, half_above=0)
+    assert half.shape == full.shape == (size, size) and half.dtype == bool
+    assert (half == full).mean() > 0.99
+    assert half[truth].mean() > 0.97 and half[~truth].mean() < 0.01 and not half[5, 5]
