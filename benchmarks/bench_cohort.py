@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         # than of the demo's 4k ones, so the first hits that teach the networks are ~9x rarer.
         overrides = {**DEMO_CONFIG, "epochs": args.epochs, "seed": args.seed, "attention": attention,
                      "n_patches": args.n_patches, "patch_downsample": args.patch_downsample}
+        if attention == "uniform":  # the paper's U-N: uniform sampling and its mean estimator
+            overrides.update(pooling="ats", candidates=0, zoom=0.0)
         if attention is None:  # `wsiats train` as a new user runs it: every setting at its default
             overrides = {"seed": args.seed}
         if args.smoke:

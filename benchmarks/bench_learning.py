@@ -68,6 +68,17 @@ UNIFORM_FACTOR = 0.5  # ATS test error at most this times U-N's
 COST_FACTOR = 10.0  # dense MIL at least this many times ATS's time and memory per sample
 
 
+#: The paper's U-N baseline: uniform sampling of N cells and the mean estimator (ATS pooling, no candidates,
+#: no zoom). With only --attention uniform, the default training (gated MIL over IPS-selected candidates)
+#: would run with a uniform view attention, a different method.
+UNIFORM_ROW = {"attention": "uniform", "pooling": "ats", "candidates": 0, "zoom": 0.0}
+
+
+def _row_cfg(attention: str, **overrides: Any) -> Any:
+    """The demo settings of an ATS-N (attention 'learned') or U-N (attention 'uniform') row."""
+    return _demo_cfg(**overrides, **(UNIFORM_ROW if attention == "uniform" else {"attention": attention}))
+
+
 def _demo_cfg(**overrides: Any) -> Any:
     from wsiats.cli import DEMO_CONFIG
     from wsiats.config import resolve
@@ -99,12 +110,13 @@ def run_ats(cohort: Path, runs: Path, *, attention: str, n: int, seed: int, epoc
     from wsiats.predict import Predictor
     from wsiats.train import train
 
-    run = runs / f"{method_name('ats' if attention == 'learned' else 'uniform', n)}_s{seed}_e{epochs}"
+    run = runs / f"{method_name('ats' if attention == 'learned' else 'uniform', n)}_s{seed}_e{epochs}" \
+        f"{'_paper' if attention == 'uniform' else ''}"
     info_path = run / "bench_info.json"
     if info_path.exists():
         return json.loads(info_path.read_text())
     shutil.rmtree(run, ignore_errors=True)
-    cfg = _demo_cfg(seed=seed, epochs=epochs, n_patches=n, attention=attention)
+    cfg = _row_cfg(attention, seed=seed, epochs=epochs, n_patches=n)
     t0 = time.perf_counter()
     result = train(cohort / "slides", cohort / "labels.csv", run, cfg, progress=False)
     train_s = time.perf_counter() - t0
@@ -330,7 +342,7 @@ def _step_setup(method: str, spec: dict[str, Any]) -> tuple[Callable[[], Any], C
     gen = torch.Generator().manual_seed(0)
     if method.startswith(("ats_", "u_")):
         n = int(method.split("_")[1])
-        cfg = _demo_cfg(n_patches=n, attention="learned" if method.startswith("ats_") else "uniform")
+        cfg = _row_cfg("learned" if method.startswith("ats_") else "uniform", n_patches=n)
         cfg.classes = list(classes)
         torch.manual_seed(0)
         model = build_model(cfg)
@@ -570,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "seeds": args.seeds, "n_patches": args.n_patches, "ats_epochs": epochs,
             "ats_config": "wsiats.cli.DEMO_CONFIG (batch 4, lr 3e-3, view downsample 32, patch 64, AdamW, "
-                          "cosine schedule, augmentation)",
+                          "cosine schedule, augmentation; gated pooling over 64 candidates, 16 with gradient)",
+            "uniform_config": {"demo settings plus": UNIFORM_ROW},
             "dense_epochs": args.dense_epochs, "dense_lr": args.dense_lr, "dense_batch": 1,
             "cnn_epochs": args.cnn_epochs, "cnn_lr": cfg.lr, "cnn_batch": cfg.batch_size,
             "model_selection": "best validation epoch (accuracy, then loss), as wsiats.train does",

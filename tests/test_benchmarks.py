@@ -221,7 +221,8 @@ def test_bench_cohort_smoke_writes_every_row(tmp_path: Path, monkeypatch: pytest
     assert bench_cohort.main(["--smoke", "--out", str(out), "--cache", str(tmp_path / "cache")]) == 0
     r = json.loads(out.read_text())
     assert set(r["methods"]) == {"ats", "uniform", "defaults"}
-    assert r["methods"]["uniform"]["config"]["attention"] == "uniform"
+    uniform = r["methods"]["uniform"]["config"]
+    assert (uniform["attention"], uniform["pooling"], uniform["candidates"]) == ("uniform", "ats", 0)  # the paper's U-N
     assert r["methods"]["defaults"]["config"]["pooling"] == "gated"  # the defaults row is wsiats's defaults
     for m in r["methods"].values():
         assert 0.0 <= m["patch_hit_fraction"] <= 1.0 and 0.0 <= m["test_accuracy"] <= 1.0
