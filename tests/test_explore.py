@@ -167,3 +167,24 @@ def test_explore_with_every_cell_a_candidate_is_ips_over_the_whole_view(slide_pa
     for out in outs:
         assert sorted(out.indices[0].tolist()) == sorted(top.tolist())
         torch.testing.assert_close(out.logits, want, rtol=1e-4, atol=1e-5)
+
+
+def test_spread_cells_keeps_distinct_places_the_attention_points_to() -> None:
+    """Far-apart cells first, but only where the attention is at least uniform; the tail is not taken for
+    being far away: the rest come in draw order (here top-k order) from the places already found."""
+    from wsiats.pipeline import spread_cells
+
+    h, w = 10, 10
+    att = torch.full((h, w), 0.1 / 96)  # background: below the uniform level 1/100
+    att[0, 0:2] = att[9, 8:10] = 0.9 / 4  # two places of two cells each
+    att = (att / att.sum()).reshape(1, -1)
+    cells = spread_cells(att, 4, (h, w), 3)[0].tolist()  # deterministic (top-k)
+    assert len(set(cells)) == 4
+    assert set(cells) == {0, 1, 98, 99}  # both places, then their other cells: no background
+    firsts = {divmod(c, w)[0] for c in cells[:2]}
+    assert firsts == {0, 9}  # the first two are one of each place
+    # near-uniform attention: every cell is at the uniform level, so the cells are spread as before
+    flat = torch.full((1, h * w), 1.0 / (h * w))
+    spread = spread_cells(flat, 4, (h, w), 3)[0].tolist()
+    pts = [divmod(c, w) for c in spread]
+    assert all(max(abs(a[0] - b[0]), abs(a[1] - b[1])) > 3 for i, a in enumerate(pts) for b in pts[:i])
