@@ -83,11 +83,12 @@ def ensure_run(cache: Path, key: str, feature_net: str, net_args: dict[str, Any]
     """A run folder (config.yaml + model.safetensors) with random weights: what `Predictor` loads."""
     import torch
 
-    from wsiats.checkpoint import MODEL_FILE, build_model, save_weights
+    from wsiats.checkpoint import build_model, save_weights
     from wsiats.config import resolve
+    from wsiats.run import RunFolder
 
     run = cache / f"backbone_run_{key}_{settings['patch_size']}_{code_hash()}"
-    if (run / MODEL_FILE).exists():
+    if RunFolder(run).model.exists():
         return run
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
@@ -96,8 +97,8 @@ def ensure_run(cache: Path, key: str, feature_net: str, net_args: dict[str, Any]
     cfg.classes = ["negative", "positive"]
     torch.manual_seed(0)
     model = build_model(cfg)
-    cfg.save(run / "config.yaml")
-    save_weights(model, run / MODEL_FILE)
+    RunFolder(run).save_config(cfg)
+    save_weights(model, RunFolder(run).model)
     return run
 
 

@@ -511,9 +511,9 @@ def main(argv: list[str] | None = None) -> int:
                             feature_sample=args.feature_sample, limit_s=args.full_limit_s, seed=args.seed)
     load_end = load_average()
 
-    from wsiats.config import load_run_config
+    from wsiats.run import RunFolder
 
-    cfg = load_run_config(run)
+    cfg = RunFolder(run).load_config()
     predict_s = _median(timing["large"]["predict_s"])
     floor_s = _median(timing["large"]["floor_s"])
     dense_read_s = dense["per_patch"]["seconds"]

@@ -13,9 +13,10 @@ import pytest
 
 import wsiats.pipeline
 import wsiats.predict
-from wsiats.checkpoint import MODEL_FILE, build_model, save_weights
+from wsiats.checkpoint import build_model, save_weights
 from wsiats.config import Config
 from wsiats.predict import Prediction, Predictor, write_predictions
+from wsiats.run import MODEL_FILE
 
 
 @pytest.fixture(scope="module")

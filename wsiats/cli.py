@@ -382,7 +382,8 @@ def train(slide_dir: Path | None, labels: Path | None, out: Path | None, config_
     import yaml
 
     from wsiats._progress import clock
-    from wsiats.config import RUN_FIELDS, load_run_config, resolve
+    from wsiats.config import RUN_FIELDS, resolve
+    from wsiats.run import RunFolder
     from wsiats.train import train as run_training
 
     from wsiats.distributed import read_env
@@ -400,12 +401,13 @@ def train(slide_dir: Path | None, labels: Path | None, out: Path | None, config_
             raise click.UsageError(f"Missing {what}.")
     assert slide_dir is not None and labels is not None and out is not None
     read_env()  # a broken torchrun environment is reported before any slide is read
-    if (out / "last_state.pt").exists() and not resume:  # a run that finished an epoch; config.yaml alone is not one
+    run = RunFolder(out)
+    if run.holds_run() and not resume:
         raise click.ClickException(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
     total = cfg.epochs
     if resume:
         try:
-            total = load_run_config(out).epochs
+            total = run.load_config(use="resume").epochs
         except WsiatsError:
             pass  # train() says what is wrong with the run folder
     t0, shown = time.perf_counter(), []
@@ -443,7 +445,7 @@ def train(slide_dir: Path | None, labels: Path | None, out: Path | None, config_
         "n/a" if best_acc != best_acc else f"{best_acc:.3f}",
     )
     console.print(table)
-    console.print(f"model: {out / 'model.safetensors'}")
+    console.print(f"model: {run.model}")
 
 
 model_option = click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
@@ -716,6 +718,7 @@ def demo(out: Path, seed: int, n: int, size: int, epochs: int | None, overwrite:
     from wsiats.metrics import classification_metrics
     from wsiats.predict import Predictor, write_predictions
     from wsiats.synth import make_cohort
+    from wsiats.run import RunFolder
     from wsiats.train import train as run_training
 
     from wsiats._io import claim_folder
@@ -754,7 +757,7 @@ def demo(out: Path, seed: int, n: int, size: int, epochs: int | None, overwrite:
     auc = "n/a" if m["auc"] != m["auc"] else f"{m['auc']:.3f}"
     console.print(
         f"demo done in {minutes:.1f} min: test accuracy {m['accuracy']:.3f} on {len(test)} held-out slides (AUC {auc}).\n"
-        f"  model {run / 'model.safetensors'}\n  predictions {pred_file}\n  heatmaps {heat_dir}/"
+        f"  model {RunFolder(run).model}\n  predictions {pred_file}\n  heatmaps {heat_dir}/"
     )
 
 

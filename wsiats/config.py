@@ -318,43 +318,17 @@ def resolve(*, config_file: str | Path | None = None, overrides: dict[str, Any] 
 _BEFORE_POOLING = {"pooling": "ats", "candidates": 0, "zoom": 0.0}
 
 
-def load_run_config(run_dir: str | Path) -> Config:
-    """Read `RUN/config.yaml` written by `train`, refusing other versions."""
-    from wsiats.errors import CheckpointError
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        runs = sorted(p.parent for p in Path(run_dir).glob("*/config.yaml")) if Path(run_dir).is_dir() else []
-        hint = (f"did you mean {' or '.join(map(str, runs[:3]))}?" if runs
-                else "pass the --out folder of `wsiats train`")
-        raise CheckpointError(f"{run_dir}: not a wsiats run folder (no config.yaml); {hint}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read the config ({exc.strerror or exc})") from None
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{path}: config is not UTF-8 text") from None
-    except yaml.YAMLError:
-        raise CheckpointError(f"{path}: config is not valid YAML") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: config is not a mapping")
+def config_from_mapping(raw: dict[Any, Any], source: str) -> Config:
+    """The Config of a run's saved mapping (`RUN/config.yaml`), refusing other versions and unknown keys;
+    ConfigError names `source`."""
     version = raw.get("version")
     if version != CONFIG_VERSION:
-        raise CheckpointError(
-            f"{path}: config version {version!r} is not supported by this wsiats (expects {CONFIG_VERSION}); "
+        raise ConfigError(
+            f"{source}: config version {version!r} is not supported by this wsiats (expects {CONFIG_VERSION}); "
             "retrain, or use the wsiats release that wrote it"
         )
     unknown = _unknown_keys(raw)
     if unknown:
-        raise CheckpointError(f"{path}: unknown key(s) {unknown}")
-    for key, value in _BEFORE_POOLING.items():  # runs written before pooling existed used the ats estimator
-        raw.setdefault(key, value)
-    try:
-        values = {k: _coerce(k, v, str(path)) for k, v in raw.items()}
-        cfg = Config(**values)
-    except ConfigError as exc:
-        text = str(exc)
-        raise CheckpointError(text if text.startswith(str(path)) else f"{path}: {text}") from None
-    if len(cfg.classes) < 2:
-        raise CheckpointError(f"{path}: no class names recorded; the run did not finish setting up")
-    return cfg
+        raise ConfigError(f"{source}: unknown key(s) {unknown}")
+    raw = {**_BEFORE_POOLING, **raw}  # runs written before pooling existed used the ats estimator
+    return Config(**{k: _coerce(k, v, source) for k, v in raw.items()})

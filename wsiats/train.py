@@ -7,7 +7,6 @@ uninterrupted run would have (on the CPU, where kernels are deterministic).
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -25,19 +24,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from wsiats import distributed
 from wsiats.distributed import DistContext
 
-from wsiats._io import atomic_open
 from wsiats._progress import track
-from wsiats.checkpoint import (
-    LAST_FILE,
-    MODEL_FILE,
-    STATE_FILE,
-    build_model,
-    load_state,
-    load_weights_into,
-    save_state,
-    save_weights,
-)
-from wsiats.config import Config, load_run_config
+from wsiats.checkpoint import build_model, load_state, load_weights_into, save_state, save_weights
+from wsiats.config import Config
 from wsiats.data import Item, ViewDataset, collate_views, match_cohort, seeded_generator, short_list, split_items
 from wsiats.errors import CheckpointError, ConfigError, Interrupted, SlideError, WsiatsError
 from wsiats.metrics import classification_metrics
@@ -52,15 +41,11 @@ from wsiats.pipeline import (
     forward_batch,
     loss_fn,
 )
+from wsiats.run import METRIC_COLUMNS, RunFolder
 from wsiats.runtime import autocast_factory, grad_scaler
 from wsiats.slide import collect_notes, open_slide
 
 log = logging.getLogger(__name__)
-
-METRIC_COLUMNS = (
-    "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc",
-    "attention_entropy", "seconds_per_slide", "lr", "feature_cache_hit_rate", "feature_cache_speedup",
-)
 
 
 @dataclass
@@ -283,11 +268,10 @@ def train(
                 (on_note or _warn)(text)
 
     out_dir = Path(out_dir)
+    run = RunFolder(out_dir)
     if resume:
-        saved = load_run_config(out_dir)
-        cfg = saved
-        if not (out_dir / STATE_FILE).is_file():
-            raise CheckpointError(f"{out_dir}: nothing to resume (no {STATE_FILE}); start without --resume")
+        cfg = run.load_config(use="resume")
+        run.check("resume")
     cohort = match_cohort(slide_dir, labels_csv, classes=cfg.classes or None, recursive=recursive,
                           allow_missing=skip_bad)
     items, classes = cohort.items, cohort.classes
@@ -337,12 +321,12 @@ def train(
     start_epoch, best_epoch, best_key = 0, -1, (-math.inf, -math.inf)
     out_dir.mkdir(parents=True, exist_ok=True)
     if resume:
-        state = load_state(out_dir / STATE_FILE)
+        state = load_state(run.state)
         try:  # a weights-only file can still hold anything: every way it can be wrong is one error
             if "model" in state:  # the weights of the state's epoch: last.safetensors may be one epoch ahead
                 model.load_state_dict(state["model"])
             else:
-                load_weights_into(model, out_dir / LAST_FILE)
+                load_weights_into(model, run.last)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
@@ -354,10 +338,10 @@ def train(
                 raise ValueError(f"epoch {start_epoch - 1}, best epoch {best_epoch} and {len(history)} history rows")
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
             detail = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise CheckpointError(f"{out_dir / STATE_FILE}: not a training state of this run ({type(exc).__name__}: "
+            raise CheckpointError(f"{run.state}: not a training state of this run ({type(exc).__name__}: "
                                   f"{detail}); train again into a new --out") from None
     elif ctx.is_main:
-        cfg.save(out_dir / "config.yaml")
+        run.save_config(cfg)
 
     # One loader for the whole run: its persistent workers keep their view caches between epochs.
     # The sampler shuffles with seed + epoch and shards across ranks (padding so all get as many).
@@ -398,9 +382,9 @@ def train(
                 distributed.barrier(ctx)
                 continue
             if improved:
-                save_weights(model, out_dir / MODEL_FILE, metadata={"epoch": str(epoch)})
-            save_weights(model, out_dir / LAST_FILE, metadata={"epoch": str(epoch)})
-            save_state(out_dir / STATE_FILE, {
+                save_weights(model, run.model, metadata={"epoch": str(epoch)})
+            save_weights(model, run.last, metadata={"epoch": str(epoch)})
+            save_state(run.state, {
                 "epoch": epoch,
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},  # one file, renamed at once
                 "optimizer": optimizer.state_dict(),
@@ -411,17 +395,17 @@ def train(
                 "best_neg_loss": best_key[1],
                 "history": torch.tensor([[r.get(c, math.nan) for c in METRIC_COLUMNS] for r in history], dtype=torch.float64),
             })
-            _write_metrics(out_dir / "metrics.csv", history)
+            run.write_metrics(history)
             distributed.barrier(ctx)
             if on_epoch is not None and ctx.is_main:
                 on_epoch(row)
     except KeyboardInterrupt:
         done = epoch - 1
-        saved = (f"epoch {done + 1} of {cfg.epochs} was saved in {out_dir / LAST_FILE}; continue with --resume"
+        saved = (f"epoch {done + 1} of {cfg.epochs} was saved in {run.last}; continue with --resume"
                  if done >= 0 else "no epoch was completed, so nothing to resume; run the same command again")
         raise Interrupted(f"training interrupted during epoch {epoch + 1}; {saved}") from None
     except _Diverged as exc:  # nothing of this epoch was saved: the files on disk are the last finite ones
-        kept = f"epoch {epoch} in {out_dir / LAST_FILE} is the last one saved" if epoch > 0 else "no epoch was saved"
+        kept = f"epoch {epoch} in {run.last} is the last one saved" if epoch > 0 else "no epoch was saved"
         raise WsiatsError(f"training stopped in epoch {epoch + 1}: {exc} (the run diverged); {kept}; "
                           "try a lower --lr") from None
     finally:
@@ -539,19 +523,3 @@ def _cache_report(model: ATSModel, epoch: int) -> dict[str, float]:
     log.info("epoch %d: feature cache hit rate %.3f (%d of %d patches), feature passes %.2fx faster (estimated), "
              "%d embeddings in %.1f MB", epoch + 1, s.hit_rate, s.hits, s.hits + s.misses, s.speedup, s.entries, s.mb)
     return {"feature_cache_hit_rate": s.hit_rate, "feature_cache_speedup": s.speedup}
-
-
-def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
-    with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(METRIC_COLUMNS)
-        for row in history:
-            writer.writerow([_fmt(row.get(c, math.nan)) for c in METRIC_COLUMNS])
-
-
-def _fmt(value: float) -> str:
-    if isinstance(value, float) and math.isnan(value):
-        return ""
-    if float(value).is_integer():
-        return str(int(value))
-    return f"{value:.6g}"
