@@ -71,3 +71,16 @@ def test_run_config_round_trip_and_version_check(tmp_path: Path) -> None:
         RunFolder(tmp_path / "nope").load_config()
     with pytest.raises(CheckpointError, match=r"not a wsiats run folder \(no config.yaml, no last_state.pt\)"):
         RunFolder(tmp_path / "nope").load_config(use="resume")
+
+
+def test_resume_config_takes_what_may_change_and_refuses_the_rest() -> None:
+    from wsiats.config import resume_config
+
+    saved = Config(epochs=3, classes=["a", "b"], n_patches=8)
+    cfg, taken = resume_config(saved, {"epochs": 9, "workers": 0, "n_patches": 8, "lr": None})
+    assert (cfg.epochs, cfg.workers, cfg.n_patches, cfg.lr, cfg.classes) == (9, 0, 8, saved.lr, ["a", "b"])
+    assert taken == ["--epochs 9 (was 3)", "--workers 0 (was 2)"] and saved.epochs == 3
+    with pytest.raises(ConfigError, match=r"^--n-patches 4 \(the run has 8\): would change the model"):
+        resume_config(saved, {"epochs": 9, "n_patches": 4})
+    with pytest.raises(ConfigError, match="epochs"):
+        resume_config(saved, {"epochs": 0})  # the merged config is checked like any other

@@ -79,14 +79,31 @@ def test_resume_continues_to_more_epochs(cohort: Path, run_dir: Path, tmp_path: 
 
     run = tmp_path / "resumed"
     shutil.copytree(run_dir, run)
-    cfg = run / "config.yaml"
-    cfg.write_text(cfg.read_text().replace("epochs: 1\n", "epochs: 2\n"))
-    code, text = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run, "--resume", "-q")
+    train = ["train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run, "--resume", "-q"]
+    code, text = invoke(*train, "--epochs", "2", "--lr", "5e-3", "--workers", "0")  # --workers 0: as saved, not taken
     assert code == 0, text
+    assert text.splitlines()[0] == (f"resuming {run} with --epochs 2 (was 1), --lr 0.005 (was 0.001); the rest as "
+                                    f"saved in {run / 'config.yaml'}")
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert float(rows[1]["lr"]) == 5e-3  # warm-up over, the cosine at its start: the new --lr itself
+    assert "epochs: 2\n" in (run / "config.yaml").read_text()
+    code, text = invoke(*train)  # nothing left to do: the run has its 2 epochs
+    assert code == 0, text
+    assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 2
     before, after = load_file(str(run_dir / "last.safetensors")), load_file(str(run / "last.safetensors"))
     assert any(not (before[k] == after[k]).all() for k in before)
+
+
+def test_resume_refuses_options_that_would_change_the_model(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "resumed"
+    shutil.copytree(run_dir, run)
+    code, text = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run, "--resume", "-q",
+                        "--epochs", "2", "--feature-dim", "16", "--n-patches", "4", "--seed", "7")
+    assert code == 2
+    assert text == ("Error: --feature-dim 16 (the run has 32), --seed 7 (the run has 0): would change the model of the "
+                    "run being resumed; resume without them, or train a new run into another --out\n")
+    assert [r["epoch"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["1"]
 
 
 def test_predict_csv_and_json(cohort: Path, run_dir: Path, tmp_path: Path) -> None:

@@ -382,13 +382,14 @@ def train(slide_dir: Path | None, labels: Path | None, out: Path | None, config_
     import yaml
 
     from wsiats._progress import clock
-    from wsiats.config import RUN_FIELDS, resolve
+    from wsiats.config import RUN_FIELDS, resolve, resume_config
     from wsiats.run import RunFolder
     from wsiats.train import train as run_training
 
     from wsiats.distributed import read_env
 
-    cfg = resolve(overrides={**click.get_current_context().meta.get("config_flagless", {}), **_config_overrides(kwargs)})
+    given = {**click.get_current_context().meta.get("config_flagless", {}), **_config_overrides(kwargs)}
+    cfg = resolve(overrides=given)  # on --resume: its values are checked again with the run's own
     if print_config:
         doc = {k: v for k, v in cfg.to_dict().items() if k not in RUN_FIELDS}
         paths = {"labels": labels, "out": out}
@@ -396,20 +397,21 @@ def train(slide_dir: Path | None, labels: Path | None, out: Path | None, config_
         doc.update(backend=backend, mpp=mpp, skip_bad=skip_bad, recursive=recursive)
         click.echo(yaml.safe_dump(doc, sort_keys=False), nl=False)
         return
-    for what, given in (("argument 'SLIDE_DIR'", slide_dir), ("option '--labels'", labels), ("option '--out'", out)):
-        if given is None:
+    for what, value in (("argument 'SLIDE_DIR'", slide_dir), ("option '--labels'", labels), ("option '--out'", out)):
+        if value is None:
             raise click.UsageError(f"Missing {what}.")
     assert slide_dir is not None and labels is not None and out is not None
     read_env()  # a broken torchrun environment is reported before any slide is read
     run = RunFolder(out)
     if run.holds_run() and not resume:
         raise click.ClickException(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
-    total = cfg.epochs
     if resume:
-        try:
-            total = run.load_config(use="resume").epochs
-        except WsiatsError:
-            pass  # train() says what is wrong with the run folder
+        saved = run.load_config(use="resume")
+        run.check("resume")
+        cfg, taken = resume_config(saved, given)
+        if taken:
+            console.print(f"resuming {out} with {', '.join(taken)}; the rest as saved in {run.config}")
+    total = cfg.epochs
     t0, shown = time.perf_counter(), []
 
     def show(row: dict[str, float]) -> None:

@@ -215,6 +215,36 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 RUN_FIELDS = ("classes", "train_mpp", "version")
 
 
+#: Options that `train --resume` takes from the command line (or --config): how the run goes on, on which
+#: machine. Every other option defines the model, what it is shown or the data split, and stays as saved.
+RESUME_MAY_CHANGE = ("epochs", "batch_size", "lr", "head_lr_scale", "weight_decay", "clip_norm", "warmup_epochs",
+                     "class_weighting", "augment", "entropy_weight", "distill_weight", "device", "amp", "workers",
+                     "view_cache_mb", "view_cache", "feature_cache_mb")
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of a Config field (`n_patches` -> `--n-patches`)."""
+    return "--" + name.replace("_", "-")
+
+
+def resume_config(saved: Config, given: dict[str, Any]) -> tuple[Config, list[str]]:
+    """The configuration a resumed run goes on with, and what it took from `given` ("--epochs 40 (was 30)").
+
+    `saved` is the run's own (RUN/config.yaml); `given` maps option names to the values the user passed (None:
+    not passed). Options of RESUME_MAY_CHANGE are taken; any other one that differs from the run's value is a
+    ConfigError naming them all, since it would change the model the saved weights and optimizer belong to.
+    """
+    changed = {k: v for k, v in given.items()
+               if v is not None and k not in RUN_FIELDS and k in _FIELDS and getattr(saved, k) != v}
+    fixed = [k for k in changed if k not in RESUME_MAY_CHANGE]
+    if fixed:
+        listing = ", ".join(f"{flag_of(k)} {changed[k]!r} (the run has {getattr(saved, k)!r})" for k in fixed)
+        raise ConfigError(f"{listing}: would change the model of the run being resumed; resume without "
+                          f"{'it' if len(fixed) == 1 else 'them'}, or train a new run into another --out")
+    cfg = dataclasses.replace(saved, **changed)
+    return cfg, [f"{flag_of(k)} {v} (was {getattr(saved, k)})" for k, v in changed.items()]
+
+
 def field_help(name: str) -> str:
     """The docstring of a Config field (used as CLI help)."""
     import ast

@@ -7,6 +7,7 @@ uninterrupted run would have (on the CPU, where kernels are deterministic).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ from wsiats.distributed import DistContext
 
 from wsiats._progress import track
 from wsiats.checkpoint import build_model, load_state, load_weights_into, save_state, save_weights
-from wsiats.config import Config
+from wsiats.config import Config, resume_config
 from wsiats.data import Item, ViewDataset, collate_views, match_cohort, seeded_generator, short_list, split_items
 from wsiats.errors import CheckpointError, ConfigError, Interrupted, SlideError, WsiatsError
 from wsiats.metrics import classification_metrics
@@ -174,6 +175,16 @@ def _lr_factor(epoch: int, cfg: Config) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def _retune(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, model: ATSModel,
+            cfg: Config) -> None:
+    """After loading a saved optimizer and scheduler: the learning rates and weight decay of `cfg`, which a
+    resumed run may have changed (the same numbers, bit for bit, when it has not)."""
+    scheduler.base_lrs = [float(group["lr"]) for group in param_groups(model, cfg)]  # type: ignore[arg-type]
+    factor = _lr_factor(scheduler.last_epoch, cfg)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group.update(initial_lr=base, lr=base * factor, weight_decay=cfg.weight_decay)
+
+
 def _loader(ds: ViewDataset, cfg: Config, sampler: DistributedSampler,
             on_notes: Callable[[list[str]], None] = lambda notes: None) -> DataLoader:
     return _NotingLoader(
@@ -240,7 +251,7 @@ def train(
     slide_dir: str | Path,
     labels_csv: str | Path,
     out_dir: str | Path,
-    cfg: Config,
+    cfg: Config | None,
     *,
     resume: bool = False,
     skip_bad: bool = False,
@@ -252,6 +263,10 @@ def train(
     on_note: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train an ATS model on the labelled slides of `slide_dir`; write the run to `out_dir`.
+
+    With `resume`, the run in `out_dir` goes on from its last completed epoch: `cfg` is None (go on as saved) or
+    the run's config (`RunFolder(out_dir).load_config()`) with options of `config.RESUME_MAY_CHANGE` changed,
+    e.g. more epochs; a change to any other option is a ConfigError.
 
     `skip_bad` trains on the labelled slides that have a readable file; `recursive` also looks for slide files
     in the sub-folders of `slide_dir`. What there is to say about the cohort and about each slide (labels
@@ -270,8 +285,13 @@ def train(
     out_dir = Path(out_dir)
     run = RunFolder(out_dir)
     if resume:
-        cfg = run.load_config(use="resume")
+        saved = run.load_config(use="resume")
         run.check("resume")
+        cfg, taken = resume_config(saved, {} if cfg is None else dataclasses.asdict(cfg))
+        if taken:
+            log.info("resuming %s with %s; the rest as saved in %s", out_dir, ", ".join(taken), run.config)
+    elif cfg is None:
+        raise ConfigError("train() needs a Config unless it resumes a run")
     cohort = match_cohort(slide_dir, labels_csv, classes=cfg.classes or None, recursive=recursive,
                           allow_missing=skip_bad)
     items, classes = cohort.items, cohort.classes
@@ -329,6 +349,7 @@ def train(
                 load_weights_into(model, run.last)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            _retune(optimizer, scheduler, model, cfg)
             scaler.load_state_dict(state["scaler"])
             start_epoch = int(state["epoch"]) + 1
             best_epoch = int(state["best_epoch"])
@@ -340,8 +361,8 @@ def train(
             detail = (str(exc).strip().splitlines() or [""])[0][:200]
             raise CheckpointError(f"{run.state}: not a training state of this run ({type(exc).__name__}: "
                                   f"{detail}); train again into a new --out") from None
-    elif ctx.is_main:
-        run.save_config(cfg)
+    if ctx.is_main:
+        run.save_config(cfg)  # on --resume too: what it took from the command line is the run's own now
 
     # One loader for the whole run: its persistent workers keep their view caches between epochs.
     # The sampler shuffles with seed + epoch and shards across ranks (padding so all get as many).
