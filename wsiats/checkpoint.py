@@ -91,6 +91,9 @@ def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor])
 def load_model(run_dir: str | Path, *, which: str = MODEL_FILE, allow_hub: bool = False) -> tuple[ATSModel, Config]:
     """Read a run folder's config and weights; the model is in eval mode on the CPU.
 
+    The config's Runtime part (device, amp, workers, caches) is at its defaults, not the training machine's:
+    whoever applies the model says how to run it.
+
     `run_dir` may also be a weights file in a run folder (RUN/model.safetensors, RUN/last.safetensors).
     Nothing is downloaded: the run's own weights are loaded. A `feature_net: hf-hub:<repo>` in the
     run's config would make timm fetch that repository's config (which picks the architecture)
@@ -113,7 +116,7 @@ def load_model(run_dir: str | Path, *, which: str = MODEL_FILE, allow_hub: bool 
     model = build_model(cfg, load_feature_weights=False)
     load_weights_into(model, run.path / which)
     model.eval()
-    return model, cfg
+    return model, cfg.without_runtime()
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:

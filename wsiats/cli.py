@@ -470,6 +470,8 @@ def _record_path(out: Path) -> Path:
 @click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True, help="Sampling seed.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Threads reading tiles and prefetching views.")
+@click.option("--amp/--no-amp", default=True, show_default=True,
+              help="Mixed precision (bfloat16/float16 autocast) on CUDA; ignored on CPU. Not taken from the training run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @allow_hub_option
 @backend_option
@@ -480,7 +482,8 @@ def _record_path(out: Path) -> Path:
 @option_file
 @_reports_errors
 def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | None, mc: int, topk: bool,
-            n_patches: int | None, seed: int, device: str, workers: int, as_json: bool, allow_hub: bool, backend: str,
+            n_patches: int | None, seed: int, device: str, workers: int, amp: bool, as_json: bool, allow_hub: bool,
+            backend: str,
             mpp: float | None, recursive: bool, quiet: bool, config_file: Path | None) -> None:
     """Classify SLIDES (files, folders or glob patterns) with a trained model.
 
@@ -506,7 +509,7 @@ def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | 
     check_writable(out, _record_path(out))  # fail now, not after predicting every slide
     ctx, dev = distributed.setup(device)
     try:
-        predictor = Predictor(model_dir, device=dev, mc=mc, topk=topk, seed=seed, workers=workers,
+        predictor = Predictor(model_dir, device=dev, mc=mc, topk=topk, seed=seed, workers=workers, amp=amp,
                               backend=backend, mpp=mpp, n_patches=n_patches, allow_hub=allow_hub)
         if truth is not None:
             _check_labels(truth, labels, paths, predictor.classes)

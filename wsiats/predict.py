@@ -60,7 +60,8 @@ class Prediction:
 
 
 class Predictor:
-    """A trained model ready to classify slides."""
+    """A trained model ready to classify slides: `device`, `workers` and `amp` (mixed precision on CUDA) are how
+    this machine runs it, whatever the training run used."""
 
     def __init__(
         self,
@@ -71,6 +72,7 @@ class Predictor:
         topk: bool = False,
         seed: int = 0,
         workers: int = 2,
+        amp: bool = True,
         backend: str = "auto",
         mpp: float | None = None,
         n_patches: int | None = None,
@@ -89,7 +91,8 @@ class Predictor:
         self.classes = list(cfg.classes)
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.model: ATSModel = model.to(self.device)
-        self.autocast = autocast_factory(self.device, cfg.amp)
+        self.amp = amp  # this machine's choice: never the training run's (see config.Runtime)
+        self.autocast = autocast_factory(self.device, amp)
         self.mc, self.topk, self.seed, self.workers = (1 if topk else mc), topk, seed, workers
         self.backend, self.mpp = backend, mpp
 
