@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsiats.cli import DEMO_CONFIG
+from wsiats.demo import DEMO_CONFIG
 from wsiats.config import resolve
 from wsiats.data import build_cohort, split_items
 from wsiats.metrics import classification_metrics

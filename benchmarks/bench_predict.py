@@ -1,7 +1,7 @@
 """Benchmark `wsiats predict` on a gigapixel slide against dense reading, dense MIL and the floor.
 
 On a generated slide of >= 2 gigapixels (cached in benchmarks/.cache/), with a model trained
-once on a small synthetic cohort with the demo settings (`wsiats.cli.DEMO_CONFIG`, cached too):
+once on a small synthetic cohort with the demo settings (`wsiats.demo.DEMO_CONFIG`, cached too):
 
 - predict: wall time per slide through the `Predictor` API (median of `--repeat` runs after a
   warm-up, in a fresh process), and peak RSS (VmHWM of a fresh process that loads the model
@@ -212,7 +212,7 @@ def ensure_cohort(cache: Path, *, n: int, size: int, seed: int) -> tuple[Path, f
 
 def ensure_model(cache: Path, *, n: int, size: int, epochs: int, seed: int) -> tuple[Path, dict[str, Any]]:
     """A run folder trained with the demo settings on a synthetic cohort (cached per code version)."""
-    from wsiats.cli import DEMO_CONFIG
+    from wsiats.demo import DEMO_CONFIG
     from wsiats.config import resolve
     from wsiats.train import train
 
@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         args.large, args.small, args.repeat, args.rss_repeats = 2048, 1024, 2, 1
         args.cohort_n, args.cohort_size, args.epochs = 4, 1024, 1
         args.dense_sample, args.feature_sample = 256, 256
-    from wsiats.cli import DEMO_CONFIG
+    from wsiats.demo import DEMO_CONFIG
 
     epochs = args.epochs or int(DEMO_CONFIG["epochs"])
     started = time.perf_counter()
@@ -553,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, path, size, gen in (("large", large, args.large, large_gen), ("small", small, args.small, small_gen))
         },
         "model": {"run": str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run), **model_info,
-                  "settings": "wsiats.cli.DEMO_CONFIG"},
+                  "settings": "wsiats.demo.DEMO_CONFIG"},
         "timing": {**timing, "repeat": args.repeat, "statistic": "median after one warm-up run, fresh process"},
         "rss": {**rss, "method": "VmHWM of a fresh process that loads the model and predicts the one slide"},
         "dense": dense,
