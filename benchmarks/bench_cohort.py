@@ -14,16 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from wsiats.demo import DEMO_CONFIG
+from _common import machine_info
 from wsiats.config import resolve
+from wsiats.demo import DEMO_CONFIG
 from wsiats.data import build_cohort, split_items
 from wsiats.metrics import classification_metrics
 from wsiats.predict import Predictor, write_predictions
@@ -69,8 +68,7 @@ def main() -> None:
     items, classes = build_cohort(cohort / "slides", cohort / "labels.csv")
     _, _, test = split_items(items, val_fraction=0, seed=args.seed)
     results: dict = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "loadavg_start": os.getloadavg()},
+        "machine": {**machine_info(), "loadavg_start": os.getloadavg()},
         "cohort": {"slides": args.n, "size": args.size, "seed": args.seed, "test_slides": len(test),
                    "train_val_slides": len(items) - len(test), "synth_s": round(synth_s, 1)},
         "methods": {},

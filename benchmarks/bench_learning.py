@@ -45,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_predict import (  # noqa: E402 - beside this script
+from _common import (  # noqa: E402 - beside this script
     ROOT,
     code_hash,
     code_version,
