@@ -34,6 +34,7 @@ from wsiats.metrics import classification_metrics
 from wsiats.models import ATSModel
 from wsiats.pipeline import (
     ATSForward,
+    ForwardResult,
     Augment,
     PreparedView,
     SlideBatchItem,
@@ -243,7 +244,8 @@ def evaluate(
     targets = np.asarray([items[i].label for i, *_ in merged])
     p = np.asarray([r[2] for r in merged])
     m = classification_metrics(targets, p, n_classes=len(cfg.classes))
-    return {"loss": float(np.mean([r[1] for r in merged])), "acc": float(m["accuracy"]), "auc": float(m["auc"]),
+    return {"loss": float(np.mean([r[1] for r in merged])), "acc": float(m["accuracy"]),  # type: ignore[arg-type]
+            "auc": float(m["auc"]),  # type: ignore[arg-type]
             "entropy": float(np.mean([r[3] for r in merged]))}
 
 
@@ -366,7 +368,7 @@ def train(
 
     # One loader for the whole run: its persistent workers keep their view caches between epochs.
     # The sampler shuffles with seed + epoch and shards across ranks (padding so all get as many).
-    sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
+    sampler: DistributedSampler[int] = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
     train_loader = _loader(train_ds, cfg, sampler, on_notes=report)
     pool = SlidePool(backend=backend, mpp=mpp)
     tile_errors: dict[str, int] = {}
@@ -422,9 +424,9 @@ def train(
                 on_epoch(row)
     except KeyboardInterrupt:
         done = epoch - 1
-        saved = (f"epoch {done + 1} of {cfg.epochs} was saved in {run.last}; continue with --resume"
-                 if done >= 0 else "no epoch was completed, so nothing to resume; run the same command again")
-        raise Interrupted(f"training interrupted during epoch {epoch + 1}; {saved}") from None
+        what = (f"epoch {done + 1} of {cfg.epochs} was saved in {run.last}; continue with --resume"
+                if done >= 0 else "no epoch was completed, so nothing to resume; run the same command again")
+        raise Interrupted(f"training interrupted during epoch {epoch + 1}; {what}") from None
     except _Diverged as exc:  # nothing of this epoch was saved: the files on disk are the last finite ones
         kept = f"epoch {epoch} in {run.last} is the last one saved" if epoch > 0 else "no epoch was saved"
         raise WsiatsError(f"training stopped in epoch {epoch + 1}: {exc} (the run diverged); {kept}; "
@@ -494,7 +496,8 @@ def _train_epoch(
         seen += len(items)
         entropy_sum += float(out.entropy.detach().sum())
     seconds = time.perf_counter() - t0
-    total_loss, correct, seen, entropy_sum = distributed.all_sum(ctx, [total_loss, correct, seen, entropy_sum])
+    total_loss, correct, seen, entropy_sum = distributed.all_sum(  # type: ignore[assignment]  # counts as floats
+        ctx, [total_loss, correct, seen, entropy_sum])
     if not seen:
         raise WsiatsError(f"epoch {epoch + 1}: no training slide could be read, so nothing was trained or saved")
     return {
@@ -508,7 +511,8 @@ def _train_epoch(
 
 
 def _forward_skipping(net: torch.nn.Module, items: list[SlideBatchItem], y: torch.Tensor, *, skip_bad: bool,
-                      errors: dict[str, int] | None, **kwargs: object) -> tuple[list[SlideBatchItem], torch.Tensor, object]:
+                      errors: dict[str, int] | None, **kwargs: object
+                      ) -> tuple[list[SlideBatchItem], torch.Tensor, ForwardResult | None]:
     """The forward pass; with `skip_bad`, a slide whose tiles cannot be read leaves the step (counted in
     `errors`, warned about once) and the rest go on. Returns the items and targets used, and the output
     (None when no slide of the step was left)."""
