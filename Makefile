@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= wsiats-demo
 
-.PHONY: install install-test test demo bench clean
+.PHONY: install install-test test typecheck demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ install-test: $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[test]"
 
 test: install-test
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q
+
+typecheck: install-test
+	$(BIN)/python -m mypy
 
 demo: install
 	$(BIN)/wsiats demo --out $(DEMO_OUT)

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -42,19 +41,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_predict import (  # noqa: E402
+from _common import (  # noqa: E402
     code_hash,
     code_version,
     ensure_cohort,
     ensure_slide,
-    floor_pass,
     json_safe,
+    median,
     load_average,
     machine_info,
     prune_stale,
     set_omp_policy,
     tissue_tile_centers,
 )
+from bench_predict import floor_pass  # noqa: E402 - its floor: the same direct calls, timed the same way
 
 #: Targets of issue 12 (predict against the decode-once read, against the floor; ATS-ViT against dense-ViT).
 TARGETS = {"predict_over_decode_once": 0.05, "predict_over_floor": 1.2, "dense_vit_over_ats_vit": 100.0}
@@ -75,19 +75,16 @@ _EMBED_BATCH = 32  # tiles per feature-network call in the dense pipelines
 _READ_BATCH = 64
 
 
-def _median(values: list[float]) -> float:
-    return float(statistics.median(values))
-
-
 def ensure_run(cache: Path, key: str, feature_net: str, net_args: dict[str, Any], settings: dict[str, Any]) -> Path:
     """A run folder (config.yaml + model.safetensors) with random weights: what `Predictor` loads."""
     import torch
 
-    from wsiats.checkpoint import MODEL_FILE, build_model, save_weights
+    from wsiats.checkpoint import build_model, save_weights
     from wsiats.config import resolve
+    from wsiats.run import RunFolder
 
     run = cache / f"backbone_run_{key}_{settings['patch_size']}_{code_hash()}"
-    if (run / MODEL_FILE).exists():
+    if RunFolder(run).model.exists():
         return run
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
@@ -96,8 +93,8 @@ def ensure_run(cache: Path, key: str, feature_net: str, net_args: dict[str, Any]
     cfg.classes = ["negative", "positive"]
     torch.manual_seed(0)
     model = build_model(cfg)
-    cfg.save(run / "config.yaml")
-    save_weights(model, run / MODEL_FILE)
+    RunFolder(run).save_config(cfg)
+    save_weights(model, RunFolder(run).model)
     return run
 
 
@@ -152,9 +149,9 @@ def time_ats(runs: dict[str, Path], slide: Path, *, repeat: int, workers: int, s
             seconds, stage, _ = floor_pass(slide, predictor.model, predictor.cfg, workers=workers, seed=seed)
             floor_s.append(seconds)
             stages.append(stage)
-        out[key] = {"predict_s": _median(predict_s), "floor_s": _median(floor_s), "predict_runs_s": predict_s,
+        out[key] = {"predict_s": median(predict_s), "floor_s": median(floor_s), "predict_runs_s": predict_s,
                     "floor_runs_s": floor_s, "n_patches": pred.n_patches,
-                    "floor_stages_median_s": {k: _median([s[k] for s in stages]) for k in stages[0]}}
+                    "floor_stages_median_s": {k: median([s[k] for s in stages]) for k in stages[0]}}
         del predictor
     return out
 

@@ -14,17 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from _common import machine_info
 from wsiats._io import atomic_open
-from wsiats.cli import DEMO_CONFIG
 from wsiats.config import resolve
+from wsiats.demo import DEMO_CONFIG
 from wsiats.data import build_cohort, split_items
 from wsiats.metrics import classification_metrics
 from wsiats.predict import Predictor, write_predictions
@@ -70,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     items, classes = build_cohort(cohort / "slides", cohort / "labels.csv")
     _, _, test = split_items(items, val_fraction=0, seed=args.seed)
     results: dict = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "loadavg_start": os.getloadavg()},
+        "machine": {**machine_info(), "loadavg_start": os.getloadavg()},
         "cohort": {"slides": args.n, "size": args.size, "seed": args.seed, "test_slides": len(test),
                    "train_val_slides": len(items) - len(test), "synth_s": round(synth_s, 1)},
         "methods": {},

@@ -4,7 +4,7 @@ On a `wsiats synth` cohort (48 slides of 4096 px, test split from labels.csv; ca
 benchmarks/.cache/), for several training seeds:
 
 - ATS-N (learned attention) and U-N (uniform attention), for two values of N: trained with
-  `wsiats.train.train` and the demo settings (`wsiats.cli.DEMO_CONFIG`), tested with
+  `wsiats.train.train` and the demo settings (`wsiats.demo.DEMO_CONFIG`), tested with
   `wsiats.predict.Predictor` (one sampling pass, as `wsiats predict` does by default);
 - dense attention-MIL (Ilse et al. 2018, gated attention pooling) over the features of EVERY
   tissue tile (the same `patch_size` grid and tissue mask as bench_predict.py), with the same
@@ -45,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_predict import (  # noqa: E402 - beside this script
+from _common import (  # noqa: E402 - beside this script
     ROOT,
     code_hash,
     code_version,
@@ -80,7 +80,7 @@ def _row_cfg(attention: str, **overrides: Any) -> Any:
 
 
 def _demo_cfg(**overrides: Any) -> Any:
-    from wsiats.cli import DEMO_CONFIG
+    from wsiats.demo import DEMO_CONFIG
     from wsiats.config import resolve
 
     return resolve(overrides={**DEMO_CONFIG, **overrides})
@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
                                               "max": max(tile_counts)}},
         "settings": {
             "seeds": args.seeds, "n_patches": args.n_patches, "ats_epochs": epochs,
-            "ats_config": "wsiats.cli.DEMO_CONFIG (batch 4, lr 3e-3, view downsample 32, patch 64, AdamW, "
+            "ats_config": "wsiats.demo.DEMO_CONFIG (batch 4, lr 3e-3, view downsample 32, patch 64, AdamW, "
                           "cosine schedule, augmentation; gated pooling over 64 candidates, 16 with gradient)",
             "uniform_config": {"demo settings plus": UNIFORM_ROW},
             "dense_epochs": args.dense_epochs, "dense_lr": args.dense_lr, "dense_batch": 1,

@@ -51,7 +51,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_predict import code_version, json_safe, load_average, machine_info, set_omp_policy  # noqa: E402
+from _common import code_version, json_safe, load_average, machine_info, set_omp_policy  # noqa: E402
 
 from wsiats._io import atomic_open, atomic_path  # noqa: E402 - outputs renamed into place when complete
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from wsiats._io import atomic_open  # noqa: E402
 
-from bench_predict import (  # noqa: E402 - beside this script
+from _common import (  # noqa: E402 - beside this script
     code_version,
     json_safe,
     load_average,

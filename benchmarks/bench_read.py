@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import ROOT  # noqa: E402 - beside this script; puts the repository first on sys.path
+from _common import machine_info as _machine  # noqa: E402
 from wsiats._io import atomic_open, atomic_path  # noqa: E402
 from wsiats.slide import Slide, TiffSlide, open_slide  # noqa: E402
 
@@ -134,17 +134,14 @@ def bench_backend(path: Path, name: str, locations: np.ndarray, *, repeat: int) 
 
 
 def machine_info(load_before: float | None) -> dict[str, Any]:
+    """`_common.machine_info` without torch (the readers alone), the load and the readers' versions."""
     import openslide
     import tifffile
     import zarr
     from PIL import Image
 
     info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        **_machine(with_torch=False),
         # other work on the machine skews timings: the 1-minute load average before and after the runs
         "load_average_1min": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
         "versions": {"numpy": np.__version__, "tifffile": tifffile.__version__, "zarr": zarr.__version__,

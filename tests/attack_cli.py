@@ -32,9 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _slides  # noqa: E402
-
-TINY = ["--batch-size", "2", "--n-patches", "4", "--patch-size", "32", "--view-downsample", "16", "--workers", "0",
-        "-q"]
+from conftest import TINY  # noqa: E402 - the training options of every CLI test
 
 
 class Broken(AssertionError):

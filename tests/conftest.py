@@ -1,4 +1,5 @@
-"""Session-wide fixtures: small slides generated once per test run (see tests/_slides.py)."""
+"""Session-wide fixtures: small slides, a synthetic cohort and a 1-epoch run made once per test run (see
+tests/_slides.py), and the helpers the CLI tests share (TINY, invoke)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,42 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner, Result
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import _slides  # noqa: E402
 from _slides import Generated  # noqa: E402
+
+#: Training options of the CLI tests: a tiny model that trains in seconds (no progress bars).
+TINY = ["--batch-size", "2", "--n-patches", "4", "--patch-size", "32", "--view-downsample", "16", "--workers", "0",
+        "-q"]
+
+
+def invoke(*args: object, env: dict[str, str] | None = None) -> Result:
+    """`wsiats ARGS` through click's CliRunner, in this process."""
+    from wsiats.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env)
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`wsiats synth --n 8 --size 1024 --seed 5`, read-only for the tests (copy what you change)."""
+    out = tmp_path_factory.mktemp("cohort")
+    result = invoke("synth", out, "--n", "8", "--size", "1024", "--seed", "5", "-q")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def run_dir(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-epoch TINY run on `cohort`, read-only for the tests (copy it to resume or damage it)."""
+    run = tmp_path_factory.mktemp("runs") / "run"
+    result = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run, "--epochs", "1", *TINY)
+    assert result.exit_code == 0, result.output
+    return run
+
 
 #: Real slides from scanners and slide software (read-only), shared beside the repository.
 SHARED_SLIDES = Path(__file__).parent.parent.parent / "shared" / "slides"

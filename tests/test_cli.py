@@ -71,7 +71,7 @@ def test_print_config_shows_defaults(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("files", "message"),
     [
-        ({}, "not a wsiats run folder (no config.yaml)"),
+        ({}, "not a wsiats run folder (no config.yaml, no model.safetensors)"),
         ({"config.yaml": "version: 0\n"}, "config version 0 is not supported"),
     ],
 )

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from wsiats.config import CONFIG_VERSION, Config, load_run_config, load_yaml, resolve
+from wsiats.config import CONFIG_VERSION, Config, load_yaml, resolve
 from wsiats.errors import CheckpointError, ConfigError
+from wsiats.run import RunFolder
 
 
 def test_defaults_are_the_official_hyperparameters_where_the_needle_benchmark_did_not_move_them() -> None:
@@ -61,10 +62,25 @@ def test_out_of_range_values_name_the_flag(key: str, value: object, message: str
 def test_run_config_round_trip_and_version_check(tmp_path: Path) -> None:
     cfg = Config(epochs=3, classes=["a", "b"])
     cfg.save(tmp_path / "config.yaml")
-    assert load_run_config(tmp_path) == cfg
+    assert RunFolder(tmp_path).load_config() == cfg
     text = (tmp_path / "config.yaml").read_text().replace(f"version: {CONFIG_VERSION}", "version: 99")
     (tmp_path / "config.yaml").write_text(text)
     with pytest.raises(CheckpointError, match="config version 99 is not supported"):
-        load_run_config(tmp_path)
-    with pytest.raises(CheckpointError, match="not a wsiats run folder"):
-        load_run_config(tmp_path / "nope")
+        RunFolder(tmp_path).load_config()
+    with pytest.raises(CheckpointError, match="model folder not found"):
+        RunFolder(tmp_path / "nope").load_config()
+    with pytest.raises(CheckpointError, match=r"not a wsiats run folder \(no config.yaml, no last_state.pt\)"):
+        RunFolder(tmp_path / "nope").load_config(use="resume")
+
+
+def test_resume_config_takes_what_may_change_and_refuses_the_rest() -> None:
+    from wsiats.config import resume_config
+
+    saved = Config(epochs=3, classes=["a", "b"], n_patches=8)
+    cfg, taken = resume_config(saved, {"epochs": 9, "workers": 0, "n_patches": 8, "lr": None})
+    assert (cfg.epochs, cfg.workers, cfg.n_patches, cfg.lr, cfg.classes) == (9, 0, 8, saved.lr, ["a", "b"])
+    assert taken == ["--epochs 9 (was 3)", "--workers 0 (was 2)"] and saved.epochs == 3
+    with pytest.raises(ConfigError, match=r"^--n-patches 4 \(the run has 8\): would change the model"):
+        resume_config(saved, {"epochs": 9, "n_patches": 4})
+    with pytest.raises(ConfigError, match="epochs"):
+        resume_config(saved, {"epochs": 0})  # the merged config is checked like any other

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 from click.testing import CliRunner
+from conftest import TINY
 
 from wsiats.cli import cli
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
-TINY = ["--batch-size", "2", "--n-patches", "4", "--patch-size", "32", "--view-downsample", "16", "--workers", "0", "-q"]
 
 
 def torchrun(*args: object) -> subprocess.CompletedProcess[str]:

@@ -11,37 +11,34 @@ from typing import Any
 
 import pytest
 import tifffile
-from click.testing import CliRunner
+from conftest import TINY, invoke
 from safetensors.torch import load_file
 
-from wsiats.cli import cli
 from wsiats.data import find_slides
 from wsiats.train import METRIC_COLUMNS
 
-TINY = ["--batch-size", "2", "--n-patches", "4", "--patch-size", "32", "--view-downsample", "16", "--workers", "0", "-q"]
 
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, [str(a) for a in args])
+def call(*args: object) -> tuple[int, str]:
+    """(exit status, output) of `wsiats ARGS`."""
+    result = invoke(*args)
     return result.exit_code, result.output
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cohort")
-    code, text = invoke("synth", out, "--n", "8", "--size", "1024", "--seed", "3", "-q")
+def test_synth_says_what_it_wrote(tmp_path: Path) -> None:
+    code, text = call("synth", tmp_path, "--n", "2", "--size", "512", "--seed", "3", "-q")
     assert code == 0, text
-    assert text.strip() == f"wrote 8 slides to {out / 'slides'}, labels to {out / 'labels.csv'}, regions to {out / 'truth.json'}"
-    return out
+    assert text.strip() == (f"wrote 2 slides to {tmp_path / 'slides'}, labels to {tmp_path / 'labels.csv'}, "
+                            f"regions to {tmp_path / 'truth.json'}")
 
 
 @pytest.fixture(scope="module")
 def run_dir(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "run"
-    code, text = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run, "--epochs", "1", *TINY,
-                        "--view-cache", run.parent / "views")
+    """This module's own 1-epoch run (not the session's): it also writes a --view-cache."""
+    folder = tmp_path_factory.mktemp("runs") / "run"
+    code, text = call("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", folder, "--epochs", "1",
+                     *TINY, "--view-cache", folder.parent / "views")
     assert code == 0, text
-    return run
+    return folder
 
 
 def test_train_writes_the_run(cohort: Path, run_dir: Path) -> None:
@@ -61,7 +58,7 @@ def test_train_writes_the_run(cohort: Path, run_dir: Path) -> None:
 def test_train_names_a_view_cache_folder_it_cannot_create(cohort: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code, text = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", tmp_path / "run", *TINY,
+    code, text = call("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", tmp_path / "run", *TINY,
                         "--view-cache", blocker / "views")
     assert code == 2
     assert text.strip() == f"Error: {blocker / 'views'}: cannot create the --view-cache folder (Not a directory)"
@@ -69,7 +66,7 @@ def test_train_names_a_view_cache_folder_it_cannot_create(cohort: Path, tmp_path
 
 
 def test_train_refuses_to_overwrite_a_run(cohort: Path, run_dir: Path) -> None:
-    code, text = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run_dir, *TINY)
+    code, text = call("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run_dir, *TINY)
     assert code == 1
     assert text.strip() == f"Error: {run_dir}: already holds a run; pass --resume to continue it or choose another --out"
 
@@ -79,19 +76,36 @@ def test_resume_continues_to_more_epochs(cohort: Path, run_dir: Path, tmp_path: 
 
     run = tmp_path / "resumed"
     shutil.copytree(run_dir, run)
-    cfg = run / "config.yaml"
-    cfg.write_text(cfg.read_text().replace("epochs: 1\n", "epochs: 2\n"))
-    code, text = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run, "--resume", "-q")
+    train = ["train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run, "--resume", "-q"]
+    code, text = call(*train, "--epochs", "2", "--lr", "5e-3", "--workers", "0")  # --workers 0: as saved, not taken
     assert code == 0, text
+    assert text.splitlines()[0] == (f"resuming {run} with --epochs 2 (was 1), --lr 0.005 (was 0.001); the rest as "
+                                    f"saved in {run / 'config.yaml'}")
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert float(rows[1]["lr"]) == 5e-3  # warm-up over, the cosine at its start: the new --lr itself
+    assert "epochs: 2\n" in (run / "config.yaml").read_text()
+    code, text = call(*train)  # nothing left to do: the run has its 2 epochs
+    assert code == 0, text
+    assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 2
     before, after = load_file(str(run_dir / "last.safetensors")), load_file(str(run / "last.safetensors"))
     assert any(not (before[k] == after[k]).all() for k in before)
 
 
+def test_resume_refuses_options_that_would_change_the_model(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "resumed"
+    shutil.copytree(run_dir, run)
+    code, text = call("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run, "--resume", "-q",
+                        "--epochs", "2", "--feature-dim", "16", "--n-patches", "4", "--seed", "7")
+    assert code == 2
+    assert text == ("Error: --feature-dim 16 (the run has 32), --seed 7 (the run has 0): would change the model of the "
+                    "run being resumed; resume without them, or train a new run into another --out\n")
+    assert [r["epoch"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["1"]
+
+
 def test_predict_csv_and_json(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "pred.csv"
-    code, text = invoke("predict", cohort / "slides", "--model", run_dir, "--out", out, "--labels", cohort / "labels.csv", "--mc", "3", "-q")
+    code, text = call("predict", cohort / "slides", "--model", run_dir, "--out", out, "--labels", cohort / "labels.csv", "--mc", "3", "-q")
     assert code == 0, text
     assert text.startswith(f"wrote {out}: 8 slide(s) predicted, 0 failed\n8 labelled slides: accuracy ")
     assert "confusion (rows: truth, columns: prediction)" in text
@@ -105,7 +119,7 @@ def test_predict_csv_and_json(cohort: Path, run_dir: Path, tmp_path: Path) -> No
         assert math.isclose(float(r["p_negative"]) + float(r["p_positive"]), 1.0, abs_tol=1e-5)
         assert r["prediction"] in ("negative", "positive") and int(r["n_patches"]) == 12
     js = tmp_path / "pred.json"
-    code, text = invoke("predict", cohort / "slides" / "synth_0000.tif", "--model", run_dir, "--out", js, "--topk", "--json", "-q")
+    code, text = call("predict", cohort / "slides" / "synth_0000.tif", "--model", run_dir, "--out", js, "--topk", "--json", "-q")
     assert code == 0, text
     assert json.loads(text) == {"slides": 1, "failed": 0, "out": str(js)}
     doc = json.loads(js.read_text())
@@ -122,7 +136,7 @@ def test_heatmap_outputs(cohort: Path, run_dir: Path, tmp_path: Path) -> None:
     from PIL import Image
 
     out = tmp_path / "maps"
-    code, text = invoke("heatmap", cohort / "slides" / "synth_0001.tif", "--model", run_dir, "--out", out, "--top", "5", "-q")
+    code, text = call("heatmap", cohort / "slides" / "synth_0001.tif", "--model", run_dir, "--out", out, "--top", "5", "-q")
     assert code == 0, text
     assert text.strip() == f"wrote 1 heatmap(s) to {out}, 0 failed"
     assert sorted(p.name for p in out.iterdir()) == [
@@ -151,9 +165,9 @@ def test_heatmap_title_holds_the_prediction_and_scale_global(cohort: Path, run_d
 
     monkeypatch.setattr(wsiats.heatmap, "render_overlay", spy)
     slide = cohort / "slides" / "synth_0002.tif"
-    code, text = invoke("heatmap", slide, "--model", run_dir, "--out", tmp_path / "maps", "--scale", "global", "-q")
+    code, text = call("heatmap", slide, "--model", run_dir, "--out", tmp_path / "maps", "--scale", "global", "-q")
     assert code == 0, text
-    code, text = invoke("predict", slide, "--model", run_dir, "--out", tmp_path / "pred.csv", "-q")
+    code, text = call("predict", slide, "--model", run_dir, "--out", tmp_path / "pred.csv", "-q")
     assert code == 0, text
     (row,) = list(csv.DictReader(open(tmp_path / "pred.csv")))
     p = float(row[f"p_{row['prediction']}"])
@@ -166,7 +180,7 @@ def test_predict_and_heatmap_on_real_scanner_files(shared_slides: Path, run_dir:
     view or thumbnail): every slide gets a prediction and a heatmap."""
     slides = [shared_slides / n for n in ("CMU-1-Small-Region.svs", "small.svs", "boxes.tiff", "sm_image.dcm",
                                           "dicom-boxes")]
-    code, text = invoke("predict", *slides, "--model", run_dir, "--out", tmp_path / "pred.csv", "-q")
+    code, text = call("predict", *slides, "--model", run_dir, "--out", tmp_path / "pred.csv", "-q")
     assert code == 0, text
     with open(tmp_path / "pred.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -175,7 +189,7 @@ def test_predict_and_heatmap_on_real_scanner_files(shared_slides: Path, run_dir:
     # the whole folder: also the fluorescence NDPI, the grey JPEG pyramid, the RGBA and the strip TIFF
     n = len(find_slides([shared_slides]))
     assert n >= 10
-    code, text = invoke("heatmap", shared_slides, "--model", run_dir, "--out", tmp_path / "maps", "-q")
+    code, text = call("heatmap", shared_slides, "--model", run_dir, "--out", tmp_path / "maps", "-q")
     assert code == 0, text
     *warned, last = text.strip().splitlines()
     assert last == f"wrote {n} heatmap(s) to {tmp_path / 'maps'}, 0 failed"
@@ -228,7 +242,7 @@ def test_train_says_when_nothing_moved(cohort: Path, tmp_path: Path, monkeypatch
     import wsiats.train
 
     monkeypatch.setattr(wsiats.train, "PLATEAU_EPOCHS", 2)
-    code, text = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", tmp_path / "run",
+    code, text = call("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", tmp_path / "run",
                         "--epochs", "2", "--lr", "1e-12", "--warmup-epochs", "0", *TINY)
     assert code == 0, text
     stalls = [line for line in text.splitlines() if "have not moved in 2 epochs" in line]

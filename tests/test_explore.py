@@ -134,13 +134,13 @@ def test_zoom_cells_excludes_taken_and_fills_from_elsewhere() -> None:
 def test_old_runs_without_pooling_load_as_the_ats_estimator(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import yaml
 
-    from wsiats.config import load_run_config
+    from wsiats.run import RunFolder
 
     cfg = Config(classes=["a", "b"]).to_dict()
     for key in ("pooling", "candidates", "zoom"):
         cfg.pop(key)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    loaded = load_run_config(tmp_path)
+    loaded = RunFolder(tmp_path).load_config()
     assert (loaded.pooling, loaded.candidates, loaded.zoom) == ("ats", 0, 0.0)
 
 

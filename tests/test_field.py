@@ -22,7 +22,8 @@ import _slides  # noqa: E402
 
 from wsiats.checkpoint import build_model, save_weights  # noqa: E402
 from wsiats.cli import cli  # noqa: E402
-from wsiats.config import Config, load_run_config, load_yaml  # noqa: E402
+from wsiats.config import Config, load_yaml  # noqa: E402
+from wsiats.run import RunFolder  # noqa: E402
 
 TRAIN = ["--epochs", "1", "--batch-size", "2", "--n-patches", "4", "--patch-size", "16", "--view-downsample", "16",
          "--workers", "0", "--val-fraction", "0", "-q"]
@@ -164,7 +165,7 @@ def test_train_records_the_cohort_resolution_and_old_runs_still_load(cohort: Pat
     assert saved["train_mpp"] == 0.25 and saved["n_patches"] == 4
     old = _run(tmp_path / "old")  # a run written before train_mpp existed: no such key
     (old / "config.yaml").write_text((old / "config.yaml").read_text().replace("train_mpp: null\n", ""))
-    assert "train_mpp" not in (old / "config.yaml").read_text() and load_run_config(old).train_mpp is None
+    assert "train_mpp" not in (old / "config.yaml").read_text() and RunFolder(old).load_config().train_mpp is None
     result = invoke("predict", cohort / "slides" / "s0.tif", "--model", old, "--out", tmp_path / "p.csv", "-q")
     assert result.exit_code == 0 and warnings_of(result) == []
 
@@ -416,7 +417,8 @@ def test_model_folder_mistakes(mixed: dict[str, list[Path]], run: Path, tmp_path
         "holds config.yaml and model.safetensors)\n")
     result = invoke("predict", slide, "--model", run.parent, "--out", out, "-q")
     assert result.exit_code == 1
-    assert result.output == f"Error: {run.parent}: not a wsiats run folder (no config.yaml); did you mean {run}?\n"
+    assert result.output == (f"Error: {run.parent}: not a wsiats run folder (no config.yaml, no model.safetensors); "
+                             f"did you mean {run}?\n")
     other = _run(tmp_path / "other", feature_dim=16)
     (other / "config.yaml").write_text((run / "config.yaml").read_text())  # weights of another run
     result = invoke("predict", slide, "--model", other, "--out", out, "-q")

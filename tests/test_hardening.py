@@ -15,17 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_reliability import TINY, _good, assert_clean, cohort, run_dir  # noqa: E402,F401  (shared fixtures)
-
-from wsiats.cli import cli  # noqa: E402
-
-
-def invoke(*args: object, env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], env=env)
+from conftest import TINY, invoke  # noqa: E402
+from test_reliability import _good, assert_clean  # noqa: E402
 
 
 def _copy_run(run_dir: Path, tmp_path: Path) -> Path:

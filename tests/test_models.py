@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from wsiats.checkpoint import MODEL_FILE, build_model, load_model, save_weights
+from wsiats.checkpoint import build_model, load_model, save_weights
 from wsiats.config import Config
 from wsiats.errors import CheckpointError, ModelError
 from wsiats.models import (
@@ -24,6 +24,7 @@ from wsiats.models import (
     load_weights,
     normalize_images,
 )
+from wsiats.run import MODEL_FILE
 
 
 

@@ -13,9 +13,10 @@ import pytest
 
 import wsiats.pipeline
 import wsiats.predict
-from wsiats.checkpoint import MODEL_FILE, build_model, save_weights
+from wsiats.checkpoint import build_model, save_weights
 from wsiats.config import Config
 from wsiats.predict import Prediction, Predictor, write_predictions
+from wsiats.run import MODEL_FILE
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +71,24 @@ def test_each_slide_is_opened_once_and_read_from_that_handle(run: Path, tmp_path
     (swapped,) = predictor.predict([a])
     assert opened == [a]
     assert swapped.ok and swapped.probs == clean.probs and swapped.patches == clean.patches
+
+
+def test_machine_settings_of_the_training_run_are_not_inherited(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run trained with --no-amp --workers 7 --device cpu: predict runs as it is told (defaults here)."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    cfg = Config(classes=["a", "b"], n_patches=6, patch_size=32, view_downsample=8.0, feature_dim=8, amp=False,
+                 workers=7, device="cpu", view_cache_mb=5)
+    cfg.save(folder / "config.yaml")
+    save_weights(build_model(cfg), folder / MODEL_FILE)
+    asked: list[bool] = []
+    real = wsiats.predict.autocast_factory
+    monkeypatch.setattr(wsiats.predict, "autocast_factory", lambda device, amp: asked.append(amp) or real(device, amp))
+    predictor = Predictor(folder)
+    assert asked == [True] and predictor.amp
+    assert (predictor.cfg.amp, predictor.cfg.workers, predictor.cfg.device, predictor.cfg.view_cache_mb) == (
+        True, 2, "auto", 1024)
+    assert (predictor.cfg.n_patches, predictor.cfg.feature_dim) == (6, 8)  # what defines the model is the run's
+    Predictor(folder, amp=False)
+    assert asked == [True, False]

@@ -17,23 +17,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from click.testing import CliRunner, Result
+from click.testing import Result
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import _slides  # noqa: E402
 
-from wsiats.cli import cli  # noqa: E402
+from conftest import TINY, invoke  # noqa: E402
 
-TINY = ["--batch-size", "2", "--n-patches", "4", "--patch-size", "32", "--view-downsample", "16", "--workers", "0",
-        "-q"]
 #: The reader's answer for files that are neither a TIFF tifffile can use nor anything OpenSlide knows.
 NOT_A_SLIDE = "not a whole-slide image format tifffile or OpenSlide can read"
-
-
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def assert_clean(result: Result, code: int) -> None:
@@ -53,24 +47,7 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.rglob("*") if p.name.startswith(".") or ".tmp" in p.name)
 
 
-# --- shared data: one tiny cohort, one 1-epoch model, a folder of broken slides ----------------------------------
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cohort")
-    result = invoke("synth", out, "--n", "8", "--size", "1024", "--seed", "5", "-q")
-    assert_clean(result, 0)
-    return out
-
-
-@pytest.fixture(scope="module")
-def run_dir(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "run"
-    result = invoke("train", cohort / "slides", "--labels", cohort / "labels.csv", "--out", run, "--epochs", "1", *TINY)
-    assert_clean(result, 0)
-    assert not leftovers(run)
-    return run
+# --- shared data: the session's cohort and 1-epoch run (conftest.py), a folder of broken slides -------------
 
 
 def _good(cohort: Path, i: int) -> Path:

@@ -133,8 +133,8 @@ class _ZarrLevel:
 
     def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         if self._planar:
-            return np.moveaxis(np.asarray(self._array[:, y0:y1, x0:x1]), 0, -1)
-        return np.asarray(self._array[y0:y1, x0:x1])
+            return np.moveaxis(np.asarray(self._array[:, y0:y1, x0:x1]), 0, -1)  # type: ignore[index]  # a zarr Array
+        return np.asarray(self._array[y0:y1, x0:x1])  # type: ignore[index]
 
     def close(self) -> None:
         self._store.close()
@@ -228,7 +228,7 @@ class TiffSlide(Slide):
         """Refuse non-RGB pixels, absurd sizes, and tiles that lie past the end of the file."""
         key = lev.keyframe
         shape = dict(zip(lev.axes, lev.shape))
-        channels = int(shape.get("S", shape.get("C", 1)))
+        channels = int(shape.get("S", shape.get("C", 1)))  # type: ignore[arg-type]
         extra = [f"{a}={n}" for a, n in shape.items() if a not in "YXSC" and n > 1]
         if int(key.compression) == 6:  # tifffile reads such pages as YCbCr without a decoder
             raise UnsupportedSlideError(self.path, "uses old-style JPEG compression (TIFF compression 6, replaced in "

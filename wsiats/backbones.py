@@ -207,7 +207,7 @@ def _creation_error(name: str, exc: Exception) -> ModelError:
     try:
         from huggingface_hub import errors as hub_errors
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency of timm
-        hub_errors = None
+        hub_errors = None  # type: ignore[assignment]
     repo = name.split(":", 1)[1] if ":" in name else name
     if hub_errors is not None and isinstance(exc, hub_errors.LocalEntryNotFoundError | hub_errors.OfflineModeIsEnabled):
         recipe = recipe_for(name)

@@ -1,9 +1,6 @@
-"""Model files: safetensors weights + YAML config. Loading never unpickles code.
+"""Model files: safetensors weights and the weights-only training state. Loading never unpickles code.
 
-A run folder holds `config.yaml`, `model.safetensors` (best on validation),
-`last.safetensors` and `last_state.pt` (model weights again, optimizer, scheduler and epoch
-in one file, so that weights and optimizer state are renamed into place together; loaded with
-`weights_only=True`) for `--resume`, and `metrics.csv`.
+Which files a run folder holds, and under what names, is `wsiats.run`'s.
 """
 
 from __future__ import annotations
@@ -17,14 +14,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from wsiats._io import atomic_path
-from wsiats.config import Config, load_run_config
+from wsiats.config import Config
 from wsiats.data import short_list
 from wsiats.errors import CheckpointError
 from wsiats.models import ATSModel
-
-MODEL_FILE = "model.safetensors"
-LAST_FILE = "last.safetensors"
-STATE_FILE = "last_state.pt"
+from wsiats.run import CONFIG_FILE, MODEL_FILE, RunFolder
 
 
 def build_model(cfg: Config, *, load_feature_weights: bool = True) -> ATSModel:
@@ -97,29 +91,32 @@ def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor])
 def load_model(run_dir: str | Path, *, which: str = MODEL_FILE, allow_hub: bool = False) -> tuple[ATSModel, Config]:
     """Read a run folder's config and weights; the model is in eval mode on the CPU.
 
+    The config's Runtime part (device, amp, workers, caches) is at its defaults, not the training machine's:
+    whoever applies the model says how to run it.
+
     `run_dir` may also be a weights file in a run folder (RUN/model.safetensors, RUN/last.safetensors).
     Nothing is downloaded: the run's own weights are loaded. A `feature_net: hf-hub:<repo>` in the
     run's config would make timm fetch that repository's config (which picks the architecture)
     from the Hugging Face hub, so it is refused unless `allow_hub`.
     """
-    run_dir = Path(run_dir)
-    if run_dir.is_file() and run_dir.suffix == ".safetensors" and (run_dir.parent / "config.yaml").is_file():
-        run_dir, which = run_dir.parent, run_dir.name
-    elif run_dir.is_file():
-        raise CheckpointError(f"{run_dir}: is a file; pass the run folder written by `wsiats train` (the folder "
-                              "that holds config.yaml and model.safetensors)")
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: model folder not found; pass the --out folder of `wsiats train`")
-    cfg = load_run_config(run_dir)
+    path = Path(run_dir)
+    if path.is_file() and path.suffix == ".safetensors" and (path.parent / CONFIG_FILE).is_file():
+        path, which = path.parent, path.name
+    elif path.is_file():
+        raise CheckpointError(f"{path}: is a file; pass the run folder written by `wsiats train` (the folder "
+                              f"that holds {CONFIG_FILE} and {MODEL_FILE})")
+    run = RunFolder(path)
+    cfg = run.load_config(weights=which)
     if cfg.feature_net.startswith("hf-hub:") and not allow_hub:
         raise CheckpointError(
-            f"{run_dir / 'config.yaml'}: feature_net {cfg.feature_net!r} would be fetched from the Hugging Face hub; "
+            f"{run.config}: feature_net {cfg.feature_net!r} would be fetched from the Hugging Face hub; "
             "pass --allow-hub if you trust this model folder and that repository"
         )
+    run.check("predict", weights=which)
     model = build_model(cfg, load_feature_weights=False)
-    load_weights_into(model, run_dir / which)
+    load_weights_into(model, run.path / which)
     model.eval()
-    return model, cfg
+    return model, cfg.without_runtime()
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:

@@ -68,11 +68,16 @@ def _print_warning(message: str) -> None:
     click.echo(f"Warning: {message}", err=True)
 
 
+def _print_notes(result: Any) -> None:
+    """The warnings about a result's slide (a prediction, a heatmap), one `Warning: ...` line each."""
+    for text in result.notes:
+        _print_warning(text)
+
+
 def _warned(results: Iterable[R]) -> Iterator[R]:
     """Each result (a prediction, a heatmap) as it comes, after printing the warnings about its slide."""
     for result in results:
-        for text in result.notes:
-            _print_warning(text)
+        _print_notes(result)
         yield result
 
 
@@ -382,12 +387,14 @@ def train(slide_dir: Path | None, labels: Path | None, out: Path | None, config_
     import yaml
 
     from wsiats._progress import clock
-    from wsiats.config import RUN_FIELDS, load_run_config, resolve
+    from wsiats.config import RUN_FIELDS, resolve, resume_config
+    from wsiats.run import RunFolder
     from wsiats.train import train as run_training
 
     from wsiats.distributed import read_env
 
-    cfg = resolve(overrides={**click.get_current_context().meta.get("config_flagless", {}), **_config_overrides(kwargs)})
+    given = {**click.get_current_context().meta.get("config_flagless", {}), **_config_overrides(kwargs)}
+    cfg = resolve(overrides=given)  # on --resume: its values are checked again with the run's own
     if print_config:
         doc = {k: v for k, v in cfg.to_dict().items() if k not in RUN_FIELDS}
         paths = {"labels": labels, "out": out}
@@ -395,19 +402,21 @@ def train(slide_dir: Path | None, labels: Path | None, out: Path | None, config_
         doc.update(backend=backend, mpp=mpp, skip_bad=skip_bad, recursive=recursive)
         click.echo(yaml.safe_dump(doc, sort_keys=False), nl=False)
         return
-    for what, given in (("argument 'SLIDE_DIR'", slide_dir), ("option '--labels'", labels), ("option '--out'", out)):
-        if given is None:
+    for what, value in (("argument 'SLIDE_DIR'", slide_dir), ("option '--labels'", labels), ("option '--out'", out)):
+        if value is None:
             raise click.UsageError(f"Missing {what}.")
     assert slide_dir is not None and labels is not None and out is not None
     read_env()  # a broken torchrun environment is reported before any slide is read
-    if (out / "last_state.pt").exists() and not resume:  # a run that finished an epoch; config.yaml alone is not one
+    run = RunFolder(out)
+    if run.holds_run() and not resume:
         raise click.ClickException(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
-    total = cfg.epochs
     if resume:
-        try:
-            total = load_run_config(out).epochs
-        except WsiatsError:
-            pass  # train() says what is wrong with the run folder
+        saved = run.load_config(use="resume")
+        run.check("resume")
+        cfg, taken = resume_config(saved, given)
+        if taken:
+            console.print(f"resuming {out} with {', '.join(taken)}; the rest as saved in {run.config}")
+    total = cfg.epochs
     t0, shown = time.perf_counter(), []
 
     def show(row: dict[str, float]) -> None:
@@ -443,7 +452,7 @@ def train(slide_dir: Path | None, labels: Path | None, out: Path | None, config_
         "n/a" if best_acc != best_acc else f"{best_acc:.3f}",
     )
     console.print(table)
-    console.print(f"model: {out / 'model.safetensors'}")
+    console.print(f"model: {run.model}")
 
 
 model_option = click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
@@ -466,6 +475,8 @@ def _record_path(out: Path) -> Path:
 @click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True, help="Sampling seed.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Threads reading tiles and prefetching views.")
+@click.option("--amp/--no-amp", default=True, show_default=True,
+              help="Mixed precision (bfloat16/float16 autocast) on CUDA; ignored on CPU. Not taken from the training run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @allow_hub_option
 @backend_option
@@ -476,7 +487,8 @@ def _record_path(out: Path) -> Path:
 @option_file
 @_reports_errors
 def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | None, mc: int, topk: bool,
-            n_patches: int | None, seed: int, device: str, workers: int, as_json: bool, allow_hub: bool, backend: str,
+            n_patches: int | None, seed: int, device: str, workers: int, amp: bool, as_json: bool, allow_hub: bool,
+            backend: str,
             mpp: float | None, recursive: bool, quiet: bool, config_file: Path | None) -> None:
     """Classify SLIDES (files, folders or glob patterns) with a trained model.
 
@@ -487,42 +499,29 @@ def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | 
     Example:
         wsiats predict cohort/slides --model runs/exp1 --out predictions.csv
     """
-    from wsiats._progress import track
     from wsiats._io import check_writable
     from wsiats.data import check_unique_ids, find_slides, read_labels
-    from wsiats.predict import Predictor, write_predictions
+    from wsiats.predict import predict_slides, write_predictions
 
     if out.suffix.lower() not in (".csv", ".json"):
         raise ConfigError(f"{out}: --out must end in .csv or .json")
-    from wsiats import distributed
-
     truth = None if labels is None else {r["slide_id"]: r["label"] for r in read_labels(labels)}  # before any slide
     paths = find_slides(slides, recursive=recursive)
     check_unique_ids(paths)  # two rows with one slide_id could not be told apart
     check_writable(out, _record_path(out))  # fail now, not after predicting every slide
-    ctx, dev = distributed.setup(device)
-    try:
-        predictor = Predictor(model_dir, device=dev, mc=mc, topk=topk, seed=seed, workers=workers,
-                              backend=backend, mpp=mpp, n_patches=n_patches, allow_hub=allow_hub)
-        if truth is not None:
-            _check_labels(truth, labels, paths, predictor.classes)
-        mine = distributed.shard(ctx, len(paths))  # under torchrun each rank takes every world_size-th slide
-        done = list(zip(mine, _warned(track(predictor.predict([paths[i] for i in mine]), total=len(mine),
-                                            description="predicting", disable=quiet or not ctx.is_main, unit="slide",
-                                            label=lambda p: p.slide_id + ("" if p.ok else " (failed)")))))
-        preds = [p for _, p in sorted((pair for part in distributed.gather(ctx, done) for pair in part),
-                                      key=lambda pair: pair[0])]
-        if not ctx.is_main:
-            return
-        write_predictions(out, preds, predictor.classes,
-                          extra={"model": str(model_dir), "mc": predictor.mc, "topk": topk})
-        _write_resolved(_record_path(out), click.get_current_context())
-    finally:
-        distributed.teardown(ctx)
+    done = predict_slides(model_dir, paths, device=device, truth=truth, labels_file=labels, progress=not quiet,
+                          on_prediction=_print_notes, mc=mc, topk=topk,
+                          seed=seed, workers=workers, amp=amp, backend=backend, mpp=mpp, n_patches=n_patches,
+                          allow_hub=allow_hub)
+    if done.rank != 0:
+        return
+    preds = done.predictions
+    write_predictions(out, preds, done.classes, extra={"model": str(model_dir), "mc": done.mc, "topk": topk})
+    _write_resolved(_record_path(out), click.get_current_context())
     failed = [p for p in preds if not p.ok]
     summary: dict[str, Any] = {"slides": len(preds), "failed": len(failed), "out": str(out)}
-    if truth is not None:
-        summary["metrics"] = _label_metrics(preds, truth, predictor.classes)
+    if done.metrics is not None:
+        summary["metrics"] = done.metrics
     if as_json:
         from wsiats._io import json_safe
 
@@ -530,40 +529,11 @@ def predict(slides: tuple[str, ...], model_dir: Path, out: Path, labels: Path | 
     else:
         console.print(f"wrote {out}: {len(preds) - len(failed)} slide(s) predicted, {len(failed)} failed")
         if "metrics" in summary:
-            _print_metrics(summary["metrics"], predictor.classes)
+            _print_metrics(summary["metrics"], done.classes)
     if failed:
         for p in failed:
             click.echo(f"failed: {p.error}", err=True)
         sys.exit(1)
-
-
-def _check_labels(truth: dict[str, str], labels: Path | None, paths: list[Path], classes: list[str]) -> None:
-    """Before any slide is read: some of the slides have a label, and every such label is a class of the model."""
-    from wsiats.data import slide_id
-    from wsiats.errors import LabelsError
-
-    found = [truth[slide_id(p)] for p in paths if slide_id(p) in truth]
-    if not found:
-        raise LabelsError(f"{labels}: none of the slides to predict has a label (slide_id is the file name "
-                          "without its extension)")
-    unknown = sorted(set(found) - set(classes))
-    if unknown:
-        raise LabelsError(f"{labels}: label(s) {', '.join(unknown)} are not classes of the model ({', '.join(classes)})")
-
-
-def _label_metrics(preds: list[Any], truth: dict[str, str], classes: list[str]) -> dict[str, Any]:
-    import numpy as np
-
-    from wsiats.metrics import classification_metrics
-
-    ok = [p for p in preds if p.ok and p.slide_id in truth]
-    if not ok:  # every labelled slide failed
-        return {"n": 0, "classes": list(classes)}
-    y = np.array([classes.index(truth[p.slide_id]) for p in ok])
-    m = classification_metrics(y, np.array([p.probs for p in ok]), n_classes=len(classes))
-    m["n"] = len(ok)
-    m["classes"] = list(classes)  # the order of the confusion matrix's rows (truth) and columns (prediction)
-    return m
 
 
 def _print_metrics(m: dict[str, Any], classes: list[str]) -> None:
@@ -706,70 +676,9 @@ def demo(out: Path, seed: int, n: int, size: int, epochs: int | None, overwrite:
     Example:
         wsiats demo --out wsiats-demo
     """
-    import time
-
-    import numpy as np
-
-    from wsiats.config import resolve
-    from wsiats.data import build_cohort, split_items
-    from wsiats.heatmap import heatmap_slides
-    from wsiats.metrics import classification_metrics
-    from wsiats.predict import Predictor, write_predictions
+    from wsiats.demo import run_demo
     from wsiats.synth import make_cohort
-    from wsiats.train import train as run_training
 
-    from wsiats._io import claim_folder
-
-    t0 = time.perf_counter()
-    claim_folder(out, command="demo", overwrite=overwrite)  # never writes into a folder of the user's
-    cohort = out / "cohort"
-    console.print(f"[1/4] synthesising {n} slides of {size} x {size} px in {cohort}")
-    labels = _make_cohort(cohort, n=n, size=size, seed=seed, test_fraction=0.25, quiet=quiet, make=make_cohort,
-                          overwrite=overwrite)
-    run = out / "run"
-    cfg = resolve(overrides={**DEMO_CONFIG, "seed": seed, **({"epochs": epochs} if epochs else {})})
-    console.print(f"[2/4] training for {cfg.epochs} epochs into {run}")
-
-    def show(row: dict[str, float]) -> None:
-        console.print(f"  epoch {int(row['epoch'])}/{cfg.epochs}: train loss {row['train_loss']:.3f} acc "
-                      f"{row['train_acc']:.3f}  val acc {row['val_acc']:.3f}  entropy {row['attention_entropy']:.2f}")
-
-    run_training(cohort / "slides", labels, run, cfg, on_epoch=show, progress=not quiet, on_note=_print_warning)
-    items, classes = build_cohort(cohort / "slides", labels)
-    _, _, test = split_items(items, val_fraction=0, seed=seed)
-    console.print(f"[3/4] predicting {len(test)} held-out slides")
-    predictor = Predictor(run, mc=1, seed=seed)
-    preds = list(_warned(predictor.predict([it.path for it in test])))
-    pred_file = out / "predictions.json"
-    write_predictions(pred_file, preds, predictor.classes, extra={"model": str(run)})
-    failed = [p for p in preds if not p.ok]
-    if failed:
-        raise click.ClickException(f"{len(failed)} slide(s) failed: {failed[0].error}")
-    y = np.array([it.label for it in test])
-    m = classification_metrics(y, np.array([p.probs for p in preds]), n_classes=len(classes))
-    heat_dir = out / "heatmaps"
-    console.print(f"[4/4] drawing heatmaps of the held-out slides into {heat_dir}")
-    list(_warned(heatmap_slides([it.path for it in test], run, heat_dir, top=20)))
-    minutes = (time.perf_counter() - t0) / 60
-    auc = "n/a" if m["auc"] != m["auc"] else f"{m['auc']:.3f}"
-    console.print(
-        f"demo done in {minutes:.1f} min: test accuracy {m['accuracy']:.3f} on {len(test)} held-out slides (AUC {auc}).\n"
-        f"  model {run / 'model.safetensors'}\n  predictions {pred_file}\n  heatmaps {heat_dir}/"
-    )
-
-
-#: The demo's training settings, tuned so that it learns in a few CPU minutes (see README).
-DEMO_CONFIG: dict[str, Any] = {
-    "epochs": 10,
-    "batch_size": 4,
-    "n_patches": 10,
-    "patch_size": 64,
-    "view_downsample": 32.0,
-    "lr": 3e-3,
-    "head_lr_scale": 1.0,
-    # the demo's regions cover ~5% of a 4k slide's tissue: 64 candidates find them and keep the demo short
-    "candidates": 64,
-    "train_patches": 16,
-    "val_fraction": 0.15,
-    "workers": 0,
-}
+    run_demo(out, seed=seed, n=n, size=size, epochs=epochs, overwrite=overwrite, progress=not quiet,
+             say=console.print, on_note=_print_warning,
+             synthesise=functools.partial(_make_cohort, quiet=quiet, make=make_cohort))

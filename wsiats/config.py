@@ -37,10 +37,9 @@ SEED_MAX = 2**63 - 1
 
 
 @dataclass
-class Config:
-    """Everything that defines a run. Field docstrings are the CLI help texts."""
+class ViewConfig:
+    """The low-resolution view the attention network sees, and the patches read at full resolution."""
 
-    # --- the low-resolution view and the patches
     view_downsample: float = 32.0
     """Level-0 pixels per pixel of the low-resolution view the attention network sees."""
     view_mpp: float | None = None
@@ -51,14 +50,32 @@ class Config:
     """Level-0 pixels per patch pixel (1 = read at level 0)."""
     patch_mpp: float | None = None
     """Microns per pixel of the patches (overrides patch_downsample; needs slide mpp)."""
+    tissue_mask: bool = True
+    """Sample only inside the tissue mask of the view."""
+
+
+@dataclass
+class SamplingConfig:
+    """Which patches are read: how many, and how training chooses among candidates."""
+
     n_patches: int = 32
     """Patches read per slide at inference (N)."""
     replace: bool = False
     """Sample with replacement (default: without, Gumbel top-k)."""
-    tissue_mask: bool = True
-    """Sample only inside the tissue mask of the view."""
+    candidates: int | None = None
+    """Training with --pooling gated: candidate patches per slide, drawn from the attention mixed with uniform, embedded without gradient; the N with the highest instance scores get the gradient pass (0: the N patches sampled from the attention; default 256 with gated pooling, 0 with ats)."""
+    zoom: float = 0.625
+    """With --pooling gated: share of the N patches drawn around the most telling patch of the others (0: all N from the attention)."""
+    train_patches: int = 64
+    """Training with candidates: how many of them get the gradient pass, highest instance scores first."""
+    explore: float = 0.5
+    """Training with candidates: share of the candidate distribution that explores (equal mass per colour group of the view) instead of following the attention."""
 
-    # --- the networks
+
+@dataclass
+class ModelConfig:
+    """The networks: attention, feature network, pooling."""
+
     attention: str = "learned"
     """'learned' (attention network) or 'uniform' (the paper's U-N baseline)."""
     feature_net: str = "small-cnn"
@@ -75,22 +92,14 @@ class Config:
     """With --freeze-features, memory for embeddings of patches already seen (MB, per process); 0: off."""
     attention_eps: float = 1e-4
     """Attention smoothing: a = (1-eps) softmax + eps/K (official SampleSoftmax, speed-limits value)."""
-    entropy_weight: float = 1e-4
-    """Weight of the attention-entropy bonus in the loss (official scripts: 1e-4)."""
     pooling: str = "gated"
     """'gated' (gated attention MIL over the N patches: one telling patch can decide) or 'ats' (the paper's estimator of sum_i a_i f_i)."""
-    candidates: int | None = None
-    """Training with --pooling gated: candidate patches per slide, drawn from the attention mixed with uniform, embedded without gradient; the N with the highest instance scores get the gradient pass (0: the N patches sampled from the attention; default 256 with gated pooling, 0 with ats)."""
-    zoom: float = 0.625
-    """With --pooling gated: share of the N patches drawn around the most telling patch of the others (0: all N from the attention)."""
-    train_patches: int = 64
-    """Training with candidates: how many of them get the gradient pass, highest instance scores first."""
-    explore: float = 0.5
-    """Training with candidates: share of the candidate distribution that explores (equal mass per colour group of the view) instead of following the attention."""
-    distill_weight: float = 1.0
-    """Training: weight of the view-attention target taken from the candidates' instance scores."""
 
-    # --- optimisation
+
+@dataclass
+class TrainingConfig:
+    """Optimisation, the loss, the data split."""
+
     epochs: int = 30
     """Training epochs."""
     batch_size: int = 4
@@ -105,6 +114,10 @@ class Config:
     """Gradient clipping norm (official clipnorm 1)."""
     warmup_epochs: int = 1
     """Linear learning-rate warm-up before the cosine decay."""
+    entropy_weight: float = 1e-4
+    """Weight of the attention-entropy bonus in the loss (official scripts: 1e-4)."""
+    distill_weight: float = 1.0
+    """Training: weight of the view-attention target taken from the candidates' instance scores."""
     val_fraction: float = 0.2
     """Fraction of training slides held out for validation when the labels have no split column."""
     class_weighting: bool = True
@@ -113,6 +126,14 @@ class Config:
     """Flips, brightness and contrast on views and patches."""
     seed: int = 0
     """Random seed for splits, sampling and augmentation."""
+
+
+@dataclass
+class Runtime:
+    """Machine settings: how this machine runs a job, not a property of the model. A run's config.yaml records
+    those it was trained with (`train --resume` keeps them unless given others); a trained model never passes
+    them on: `load_model` gives its config with these defaults, and predict/heatmap take their own."""
+
     device: str = "auto"
     """'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'."""
     amp: bool = True
@@ -123,6 +144,16 @@ class Config:
     """Memory for prepared views kept between epochs, per loader process (MB); least recently used out."""
     view_cache: str | None = None
     """Folder where prepared views are also stored as files (re-read instead of decoding the slide)."""
+
+
+#: The parts of a Config, in the order of its fields (and of the CLI options).
+PARTS: tuple[type, ...] = (ViewConfig, SamplingConfig, ModelConfig, TrainingConfig, Runtime)
+
+
+@dataclass
+class Config(Runtime, TrainingConfig, ModelConfig, SamplingConfig, ViewConfig):
+    """Everything that defines a run, flat (`cfg.n_patches`), made of the typed parts in PARTS (dataclass
+    fields come base class last first, hence the reversed list). Field docstrings are the CLI help texts."""
 
     # --- bookkeeping, filled by `train`
     classes: list[str] = field(default_factory=list)
@@ -209,24 +240,57 @@ class Config:
         with atomic_open(path, "w", encoding="utf-8") as fh:
             yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
 
+    def without_runtime(self) -> Config:
+        """This config with the Runtime part at its defaults: what a trained model passes on."""
+        return dataclasses.replace(self, **dataclasses.asdict(Runtime()))
+
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 #: Fields `train` fills in and records in RUN/config.yaml: facts about the run, not options.
 RUN_FIELDS = ("classes", "train_mpp", "version")
 
 
+#: Options that `train --resume` takes from the command line (or --config): how the run goes on (the training
+#: part but the split: seed and val_fraction) and on which machine (Runtime, and the memory of the feature cache).
+#: Every other option defines the model or what it is shown, and stays as saved.
+RESUME_MAY_CHANGE = (*(f.name for f in dataclasses.fields(TrainingConfig) if f.name not in ("seed", "val_fraction")),
+                     *(f.name for f in dataclasses.fields(Runtime)), "feature_cache_mb")
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of a Config field (`n_patches` -> `--n-patches`)."""
+    return "--" + name.replace("_", "-")
+
+
+def resume_config(saved: Config, given: dict[str, Any]) -> tuple[Config, list[str]]:
+    """The configuration a resumed run goes on with, and what it took from `given` ("--epochs 40 (was 30)").
+
+    `saved` is the run's own (RUN/config.yaml); `given` maps option names to the values the user passed (None:
+    not passed). Options of RESUME_MAY_CHANGE are taken; any other one that differs from the run's value is a
+    ConfigError naming them all, since it would change the model the saved weights and optimizer belong to.
+    """
+    changed = {k: v for k, v in given.items()
+               if v is not None and k not in RUN_FIELDS and k in _FIELDS and getattr(saved, k) != v}
+    fixed = [k for k in changed if k not in RESUME_MAY_CHANGE]
+    if fixed:
+        listing = ", ".join(f"{flag_of(k)} {changed[k]!r} (the run has {getattr(saved, k)!r})" for k in fixed)
+        raise ConfigError(f"{listing}: would change the model of the run being resumed; resume without "
+                          f"{'it' if len(fixed) == 1 else 'them'}, or train a new run into another --out")
+    cfg = dataclasses.replace(saved, **changed)
+    return cfg, [f"{flag_of(k)} {v} (was {getattr(saved, k)})" for k, v in changed.items()]
+
+
 def field_help(name: str) -> str:
-    """The docstring of a Config field (used as CLI help)."""
+    """The docstring of a Config field (used as CLI help), from the part that declares it."""
     import ast
     import inspect
 
-    source = inspect.getsource(Config)
-    tree = ast.parse(source)
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name:
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                return str(nxt.value.value)
+    for part in (Config, *PARTS):
+        body = ast.parse(inspect.getsource(part)).body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name:
+                if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                    return str(nxt.value.value)
     return ""
 
 
@@ -318,43 +382,17 @@ def resolve(*, config_file: str | Path | None = None, overrides: dict[str, Any] 
 _BEFORE_POOLING = {"pooling": "ats", "candidates": 0, "zoom": 0.0}
 
 
-def load_run_config(run_dir: str | Path) -> Config:
-    """Read `RUN/config.yaml` written by `train`, refusing other versions."""
-    from wsiats.errors import CheckpointError
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        runs = sorted(p.parent for p in Path(run_dir).glob("*/config.yaml")) if Path(run_dir).is_dir() else []
-        hint = (f"did you mean {' or '.join(map(str, runs[:3]))}?" if runs
-                else "pass the --out folder of `wsiats train`")
-        raise CheckpointError(f"{run_dir}: not a wsiats run folder (no config.yaml); {hint}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read the config ({exc.strerror or exc})") from None
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{path}: config is not UTF-8 text") from None
-    except yaml.YAMLError:
-        raise CheckpointError(f"{path}: config is not valid YAML") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: config is not a mapping")
+def config_from_mapping(raw: dict[Any, Any], source: str) -> Config:
+    """The Config of a run's saved mapping (`RUN/config.yaml`), refusing other versions and unknown keys;
+    ConfigError names `source`."""
     version = raw.get("version")
     if version != CONFIG_VERSION:
-        raise CheckpointError(
-            f"{path}: config version {version!r} is not supported by this wsiats (expects {CONFIG_VERSION}); "
+        raise ConfigError(
+            f"{source}: config version {version!r} is not supported by this wsiats (expects {CONFIG_VERSION}); "
             "retrain, or use the wsiats release that wrote it"
         )
     unknown = _unknown_keys(raw)
     if unknown:
-        raise CheckpointError(f"{path}: unknown key(s) {unknown}")
-    for key, value in _BEFORE_POOLING.items():  # runs written before pooling existed used the ats estimator
-        raw.setdefault(key, value)
-    try:
-        values = {k: _coerce(k, v, str(path)) for k, v in raw.items()}
-        cfg = Config(**values)
-    except ConfigError as exc:
-        text = str(exc)
-        raise CheckpointError(text if text.startswith(str(path)) else f"{path}: {text}") from None
-    if len(cfg.classes) < 2:
-        raise CheckpointError(f"{path}: no class names recorded; the run did not finish setting up")
-    return cfg
+        raise ConfigError(f"{source}: unknown key(s) {unknown}")
+    raw = {**_BEFORE_POOLING, **raw}  # runs written before pooling existed used the ats estimator
+    return Config(**{k: _coerce(k, v, source) for k, v in raw.items()})

@@ -378,12 +378,12 @@ class ViewDataset(Dataset):
             except WsiatsError as exc:
                 return str(exc)
             if fresh:
-                view.notes = notes
+                view.notes = notes  # type: ignore[attr-defined]
             if file is not None:
                 self._identities[file] = identity
         fresh = with_exploration(view, self.cfg) or fresh  # type: ignore[arg-type]
         if file is not None and fresh:
-            _write_view_file(file, view, identity)
+            _write_view_file(file, view, identity)  # type: ignore[arg-type]
         return view
 
     def check_all(self, *, workers: int = 0, progress: bool = False) -> list[tuple[Item, str]]:
@@ -486,7 +486,7 @@ def _write_view_file(file: Path, view: PreparedView, identity: dict[str, np.ndar
             np.savez(fh, image=view.image, mask=view.mask, downsample=np.asarray(view.downsample, dtype=np.float64),
                      fell_back=np.asarray(view.fell_back), mpp=np.asarray(np.nan if view.mpp is None else view.mpp),
                      mpp_source=np.asarray(view.mpp_source or ""), notes=np.array(view.notes, dtype=np.str_).reshape(-1),
-                     **extra, **identity)
+                     **extra, **identity)  # type: ignore[arg-type]
     except OSError as exc:
         log.warning("%s: cannot write the view cache file (%s); going on without it", file, exc)
 

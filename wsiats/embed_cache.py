@@ -142,7 +142,7 @@ def embed_patches(model: torch.nn.Module, patches: Tensor, keys: Sequence[PatchK
     frozen = bool(getattr(model, "freeze_features", False))
     cache: EmbeddingCache | None = getattr(model, "embed_cache", None) if frozen else None
     if cache is None or keys is None or cache.max_bytes == 0:
-        return _run(model.feature_net, patches, device, autocast, frozen)
+        return _run(model.feature_net, patches, device, autocast, frozen)  # type: ignore[arg-type]  # an nn.Module's attribute
     if len(keys) != len(patches):
         raise ValueError(f"{len(keys)} keys for {len(patches)} patches")
     t0 = time.perf_counter()
@@ -152,7 +152,7 @@ def embed_patches(model: torch.nn.Module, patches: Tensor, keys: Sequence[PatchK
     new = None
     if miss:
         t1 = time.perf_counter()
-        new = _run(model.feature_net, patches[miss], device, autocast, frozen).cpu()  # .cpu() waits for the GPU
+        new = _run(model.feature_net, patches[miss], device, autocast, frozen).cpu()  # type: ignore[arg-type]  # .cpu() waits for the GPU
         embed_s = time.perf_counter() - t1
         cache.store([keys[i] for i in miss], new)
     dim = new.shape[1] if new is not None else found[0].shape[0]  # type: ignore[union-attr]

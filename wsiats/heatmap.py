@@ -1,7 +1,8 @@
 """Attention outputs: a PNG figure with a colour bar, a float32 TIFF map, and QuPath GeoJSON patches.
 
-Pure output side of ``wsiats heatmap``: numpy arrays in, images / files / dicts out. No model,
-no slide reading. Colour maps, the colour bar and the figure come from matplotlib (its object API
+``heatmap_slides`` (what ``wsiats heatmap`` runs) loads a run's model, reads each slide's view, computes
+the attention over it and writes the three files; the functions above it are the output side alone
+(numpy arrays in, images / files / dicts out, no model and no slide). Colour maps, the colour bar and the figure come from matplotlib (its object API
 and the Agg canvas: no pyplot state, so rendering is safe from any thread). Every file is written
 atomically (``wsiats._io``): a failure never leaves a partial output.
 """
@@ -156,7 +157,7 @@ def _figure(thumb: np.ndarray, overlay: np.ndarray, colormap: Any, norm: Any, *,
     if title:
         fig.text(_MARGIN / width, 1 - 8 * k / height, title, fontsize=16 * k, va="top", ha="left", weight="bold")
     fig.canvas.draw()
-    rgba = np.asarray(fig.canvas.buffer_rgba())
+    rgba = np.asarray(fig.canvas.buffer_rgba())  # type: ignore[attr-defined]  # the Agg canvas
     return Image.fromarray(np.ascontiguousarray(rgba[..., :3]))
 
 
@@ -233,7 +234,7 @@ def read_attention_tiff(path: Path) -> tuple[np.ndarray, tuple[float, float]]:
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
-            description = page.description
+            description = page.description  # type: ignore[union-attr]  # page 0 is a TiffPage
             arr = page.asarray()
     except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error ... on broken files
         raise WsiatsError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from exc

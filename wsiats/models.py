@@ -98,7 +98,7 @@ class AttentionNet(nn.Module):
             if out is None:
                 out = band.new_empty((*band.shape[:-2], h, band.shape[-1]))
             out[..., top: top + rows, :] = band
-        return (torch.cat(bands, dim=-2) if train else out).flatten(1)
+        return (torch.cat(bands, dim=-2) if train else out).flatten(1)  # type: ignore[union-attr]
 
     def _band(self, view: Tensor, start: int, rows: int) -> Tensor:
         """Logits of `rows` rows from `start` of a band of the view (the band includes its halo)."""
@@ -160,7 +160,7 @@ class L2Normalized(nn.Module):
         if self.input_size is not None and tuple(x.shape[-2:]) != tuple(self.input_size):
             x = F.interpolate(x, size=self.input_size, mode=self.interpolation, align_corners=False, antialias=True)
             x = x.clamp(0.0, 1.0)  # bicubic overshoots
-        x = (x - self.mean) / self.std
+        x = (x - self.mean) / self.std  # type: ignore[operator]  # buffers
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -271,7 +271,7 @@ def load_weights(module: nn.Module, path: str | Path, *, prefix: str = "") -> No
         ) from None
     for wrapper in ("state_dict", "model"):  # {"state_dict": ...} (Lightning) or {"model": ...} (DINO, iBOT)
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
+            state = state[wrapper]  # type: ignore[assignment]
             break
     if not isinstance(state, dict):
         raise ModelError(f"{path}: expected a state dict of tensors")

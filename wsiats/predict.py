@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from wsiats import distributed
 from wsiats._io import atomic_open, json_safe
+from wsiats._progress import track
 from wsiats.checkpoint import load_model
 from wsiats.config import SEED_MAX, Config
 from wsiats.data import seeded_generator, slide_id
-from wsiats.errors import ConfigError, WsiatsError
+from wsiats.errors import ConfigError, LabelsError, WsiatsError
+from wsiats.metrics import classification_metrics
 from wsiats.models import ATSModel
 from wsiats.pipeline import OpenedSlide, PreparedView, SlideBatchItem, SlidePool, forward_batch, prepare_view
 from wsiats.runtime import autocast_factory, select_device
@@ -60,7 +63,8 @@ class Prediction:
 
 
 class Predictor:
-    """A trained model ready to classify slides."""
+    """A trained model ready to classify slides: `device`, `workers` and `amp` (mixed precision on CUDA) are how
+    this machine runs it, whatever the training run used."""
 
     def __init__(
         self,
@@ -71,6 +75,7 @@ class Predictor:
         topk: bool = False,
         seed: int = 0,
         workers: int = 2,
+        amp: bool = True,
         backend: str = "auto",
         mpp: float | None = None,
         n_patches: int | None = None,
@@ -89,7 +94,8 @@ class Predictor:
         self.classes = list(cfg.classes)
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.model: ATSModel = model.to(self.device)
-        self.autocast = autocast_factory(self.device, cfg.amp)
+        self.amp = amp  # this machine's choice: never the training run's (see config.Runtime)
+        self.autocast = autocast_factory(self.device, amp)
         self.mc, self.topk, self.seed, self.workers = (1 if topk else mc), topk, seed, workers
         self.backend, self.mpp = backend, mpp
 
@@ -183,6 +189,81 @@ class Predictor:
             for fut in futures.values():  # views read ahead for slides never predicted: close their slides
                 if not fut.cancelled() and fut.exception() is None:
                     fut.result()[0].close()
+
+
+@dataclass
+class PredictionRun:
+    """What `predict_slides` returns on every process: all predictions, in the order of the paths."""
+
+    predictions: list[Prediction]
+    classes: list[str]
+    mc: int
+    rank: int = 0  # under torchrun, only rank 0 writes and reports
+    metrics: dict[str, Any] | None = None  # with `truth`: accuracy, AUC, confusion of the labelled slides
+
+
+def predict_slides(
+    run_dir: str | Path,
+    paths: Sequence[Path],
+    *,
+    device: str = "auto",
+    truth: dict[str, str] | None = None,
+    labels_file: str | Path | None = None,
+    progress: bool = False,
+    on_prediction: Callable[[Prediction], None] | None = None,
+    **options: Any,
+) -> PredictionRun:
+    """Predict `paths` with the model of `run_dir` (`options`: those of Predictor), across processes under
+    torchrun (each rank takes every world_size-th slide; all get every prediction back, in order).
+
+    With `truth` (slide_id -> label, read from `labels_file`), the labels are checked against the model's
+    classes before any slide is read, and the result carries their metrics. `on_prediction` sees each of
+    this process's predictions as it comes (to report its notes).
+    """
+    ctx, dev = distributed.setup(device)
+    try:
+        predictor = Predictor(run_dir, device=dev, **options)
+        if truth is not None:
+            check_labels(truth, paths, predictor.classes, source=labels_file)
+        mine = distributed.shard(ctx, len(paths))
+        done = []
+        for i, pred in zip(mine, track(predictor.predict([paths[i] for i in mine]), total=len(mine),
+                                       description="predicting", disable=not progress or not ctx.is_main,
+                                       unit="slide", label=lambda p: p.slide_id + ("" if p.ok else " (failed)"))):
+            if on_prediction is not None:
+                on_prediction(pred)
+            done.append((i, pred))
+        preds = [p for _, p in sorted((pair for part in distributed.gather(ctx, done) for pair in part),
+                                      key=lambda pair: pair[0])]
+    finally:
+        distributed.teardown(ctx)
+    metrics = None if truth is None else label_metrics(preds, truth, predictor.classes)
+    return PredictionRun(preds, predictor.classes, predictor.mc, ctx.rank, metrics)
+
+
+def check_labels(truth: dict[str, str], paths: Sequence[Path], classes: Sequence[str], *,
+                 source: str | Path | None = None) -> None:
+    """Before any slide is read: some of the slides have a label, and every such label is a class of the model."""
+    found = [truth[slide_id(p)] for p in paths if slide_id(p) in truth]
+    if not found:
+        raise LabelsError(f"{source}: none of the slides to predict has a label (slide_id is the file name "
+                          "without its extension)")
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise LabelsError(f"{source}: label(s) {', '.join(unknown)} are not classes of the model ({', '.join(classes)})")
+
+
+def label_metrics(preds: Sequence[Prediction], truth: dict[str, str], classes: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, AUC and confusion of the predicted slides that have a label (`n` of them;
+    `classes`: the order of the confusion matrix's rows, the truth, and columns, the prediction)."""
+    ok = [p for p in preds if p.ok and p.slide_id in truth]
+    if not ok:  # every labelled slide failed
+        return {"n": 0, "classes": list(classes)}
+    y = np.array([list(classes).index(truth[p.slide_id]) for p in ok])
+    m = classification_metrics(y, np.array([p.probs for p in ok]), n_classes=len(classes))
+    m["n"] = len(ok)
+    m["classes"] = list(classes)
+    return m
 
 
 def prediction_label(pred: Prediction, classes: Sequence[str]) -> str:

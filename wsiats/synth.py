@@ -440,7 +440,7 @@ def _fix_ome_uuid(path: Path, value: uuid.UUID) -> None:
     """Replace the time-based UUID tifffile writes into the OME-XML, so that the bytes depend on the seed only."""
     key = b'UUID="urn:uuid:'
     with tifffile.TiffFile(path) as tf:
-        tag = tf.pages[0].tags["ImageDescription"]
+        tag = tf.pages[0].tags["ImageDescription"]  # type: ignore[union-attr]  # page 0 is a TiffPage
         offset, count = tag.valueoffset, tag.count
     with open(path, "r+b") as fh:
         fh.seek(offset)

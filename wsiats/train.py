@@ -7,7 +7,7 @@ uninterrupted run would have (on the CPU, where kernels are deterministic).
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import logging
 import math
 import os
@@ -25,25 +25,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 from wsiats import distributed
 from wsiats.distributed import DistContext
 
-from wsiats._io import atomic_open
 from wsiats._progress import track
-from wsiats.checkpoint import (
-    LAST_FILE,
-    MODEL_FILE,
-    STATE_FILE,
-    build_model,
-    load_state,
-    load_weights_into,
-    save_state,
-    save_weights,
-)
-from wsiats.config import Config, load_run_config
+from wsiats.checkpoint import build_model, load_state, load_weights_into, save_state, save_weights
+from wsiats.config import Config, resume_config
 from wsiats.data import Item, ViewDataset, collate_views, match_cohort, seeded_generator, short_list, split_items
 from wsiats.errors import CheckpointError, ConfigError, Interrupted, SlideError, WsiatsError
 from wsiats.metrics import classification_metrics
 from wsiats.models import ATSModel
 from wsiats.pipeline import (
     ATSForward,
+    ForwardResult,
     Augment,
     PreparedView,
     SlideBatchItem,
@@ -52,15 +43,11 @@ from wsiats.pipeline import (
     forward_batch,
     loss_fn,
 )
+from wsiats.run import METRIC_COLUMNS, RunFolder
 from wsiats.runtime import autocast_factory, grad_scaler
 from wsiats.slide import collect_notes, open_slide
 
 log = logging.getLogger(__name__)
-
-METRIC_COLUMNS = (
-    "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc",
-    "attention_entropy", "seconds_per_slide", "lr", "feature_cache_hit_rate", "feature_cache_speedup",
-)
 
 
 @dataclass
@@ -189,6 +176,16 @@ def _lr_factor(epoch: int, cfg: Config) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def _retune(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, model: ATSModel,
+            cfg: Config) -> None:
+    """After loading a saved optimizer and scheduler: the learning rates and weight decay of `cfg`, which a
+    resumed run may have changed (the same numbers, bit for bit, when it has not)."""
+    scheduler.base_lrs = [float(group["lr"]) for group in param_groups(model, cfg)]  # type: ignore[arg-type]
+    factor = _lr_factor(scheduler.last_epoch, cfg)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group.update(initial_lr=base, lr=base * factor, weight_decay=cfg.weight_decay)
+
+
 def _loader(ds: ViewDataset, cfg: Config, sampler: DistributedSampler,
             on_notes: Callable[[list[str]], None] = lambda notes: None) -> DataLoader:
     return _NotingLoader(
@@ -247,7 +244,8 @@ def evaluate(
     targets = np.asarray([items[i].label for i, *_ in merged])
     p = np.asarray([r[2] for r in merged])
     m = classification_metrics(targets, p, n_classes=len(cfg.classes))
-    return {"loss": float(np.mean([r[1] for r in merged])), "acc": float(m["accuracy"]), "auc": float(m["auc"]),
+    return {"loss": float(np.mean([r[1] for r in merged])), "acc": float(m["accuracy"]),  # type: ignore[arg-type]
+            "auc": float(m["auc"]),  # type: ignore[arg-type]
             "entropy": float(np.mean([r[3] for r in merged]))}
 
 
@@ -255,7 +253,7 @@ def train(
     slide_dir: str | Path,
     labels_csv: str | Path,
     out_dir: str | Path,
-    cfg: Config,
+    cfg: Config | None,
     *,
     resume: bool = False,
     skip_bad: bool = False,
@@ -267,6 +265,10 @@ def train(
     on_note: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train an ATS model on the labelled slides of `slide_dir`; write the run to `out_dir`.
+
+    With `resume`, the run in `out_dir` goes on from its last completed epoch: `cfg` is None (go on as saved) or
+    the run's config (`RunFolder(out_dir).load_config()`) with options of `config.RESUME_MAY_CHANGE` changed,
+    e.g. more epochs; a change to any other option is a ConfigError.
 
     `skip_bad` trains on the labelled slides that have a readable file; `recursive` also looks for slide files
     in the sub-folders of `slide_dir`. What there is to say about the cohort and about each slide (labels
@@ -283,11 +285,15 @@ def train(
                 (on_note or _warn)(text)
 
     out_dir = Path(out_dir)
+    run = RunFolder(out_dir)
     if resume:
-        saved = load_run_config(out_dir)
-        cfg = saved
-        if not (out_dir / STATE_FILE).is_file():
-            raise CheckpointError(f"{out_dir}: nothing to resume (no {STATE_FILE}); start without --resume")
+        saved = run.load_config(use="resume")
+        run.check("resume")
+        cfg, taken = resume_config(saved, {} if cfg is None else dataclasses.asdict(cfg))
+        if taken:
+            log.info("resuming %s with %s; the rest as saved in %s", out_dir, ", ".join(taken), run.config)
+    elif cfg is None:
+        raise ConfigError("train() needs a Config unless it resumes a run")
     cohort = match_cohort(slide_dir, labels_csv, classes=cfg.classes or None, recursive=recursive,
                           allow_missing=skip_bad)
     items, classes = cohort.items, cohort.classes
@@ -337,14 +343,15 @@ def train(
     start_epoch, best_epoch, best_key = 0, -1, (-math.inf, -math.inf)
     out_dir.mkdir(parents=True, exist_ok=True)
     if resume:
-        state = load_state(out_dir / STATE_FILE)
+        state = load_state(run.state)
         try:  # a weights-only file can still hold anything: every way it can be wrong is one error
             if "model" in state:  # the weights of the state's epoch: last.safetensors may be one epoch ahead
                 model.load_state_dict(state["model"])
             else:
-                load_weights_into(model, out_dir / LAST_FILE)
+                load_weights_into(model, run.last)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            _retune(optimizer, scheduler, model, cfg)
             scaler.load_state_dict(state["scaler"])
             start_epoch = int(state["epoch"]) + 1
             best_epoch = int(state["best_epoch"])
@@ -354,14 +361,14 @@ def train(
                 raise ValueError(f"epoch {start_epoch - 1}, best epoch {best_epoch} and {len(history)} history rows")
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
             detail = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise CheckpointError(f"{out_dir / STATE_FILE}: not a training state of this run ({type(exc).__name__}: "
+            raise CheckpointError(f"{run.state}: not a training state of this run ({type(exc).__name__}: "
                                   f"{detail}); train again into a new --out") from None
-    elif ctx.is_main:
-        cfg.save(out_dir / "config.yaml")
+    if ctx.is_main:
+        run.save_config(cfg)  # on --resume too: what it took from the command line is the run's own now
 
     # One loader for the whole run: its persistent workers keep their view caches between epochs.
     # The sampler shuffles with seed + epoch and shards across ranks (padding so all get as many).
-    sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
+    sampler: DistributedSampler[int] = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
     train_loader = _loader(train_ds, cfg, sampler, on_notes=report)
     pool = SlidePool(backend=backend, mpp=mpp)
     tile_errors: dict[str, int] = {}
@@ -398,9 +405,9 @@ def train(
                 distributed.barrier(ctx)
                 continue
             if improved:
-                save_weights(model, out_dir / MODEL_FILE, metadata={"epoch": str(epoch)})
-            save_weights(model, out_dir / LAST_FILE, metadata={"epoch": str(epoch)})
-            save_state(out_dir / STATE_FILE, {
+                save_weights(model, run.model, metadata={"epoch": str(epoch)})
+            save_weights(model, run.last, metadata={"epoch": str(epoch)})
+            save_state(run.state, {
                 "epoch": epoch,
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},  # one file, renamed at once
                 "optimizer": optimizer.state_dict(),
@@ -411,17 +418,17 @@ def train(
                 "best_neg_loss": best_key[1],
                 "history": torch.tensor([[r.get(c, math.nan) for c in METRIC_COLUMNS] for r in history], dtype=torch.float64),
             })
-            _write_metrics(out_dir / "metrics.csv", history)
+            run.write_metrics(history)
             distributed.barrier(ctx)
             if on_epoch is not None and ctx.is_main:
                 on_epoch(row)
     except KeyboardInterrupt:
         done = epoch - 1
-        saved = (f"epoch {done + 1} of {cfg.epochs} was saved in {out_dir / LAST_FILE}; continue with --resume"
-                 if done >= 0 else "no epoch was completed, so nothing to resume; run the same command again")
-        raise Interrupted(f"training interrupted during epoch {epoch + 1}; {saved}") from None
+        what = (f"epoch {done + 1} of {cfg.epochs} was saved in {run.last}; continue with --resume"
+                if done >= 0 else "no epoch was completed, so nothing to resume; run the same command again")
+        raise Interrupted(f"training interrupted during epoch {epoch + 1}; {what}") from None
     except _Diverged as exc:  # nothing of this epoch was saved: the files on disk are the last finite ones
-        kept = f"epoch {epoch} in {out_dir / LAST_FILE} is the last one saved" if epoch > 0 else "no epoch was saved"
+        kept = f"epoch {epoch} in {run.last} is the last one saved" if epoch > 0 else "no epoch was saved"
         raise WsiatsError(f"training stopped in epoch {epoch + 1}: {exc} (the run diverged); {kept}; "
                           "try a lower --lr") from None
     finally:
@@ -489,7 +496,8 @@ def _train_epoch(
         seen += len(items)
         entropy_sum += float(out.entropy.detach().sum())
     seconds = time.perf_counter() - t0
-    total_loss, correct, seen, entropy_sum = distributed.all_sum(ctx, [total_loss, correct, seen, entropy_sum])
+    total_loss, correct, seen, entropy_sum = distributed.all_sum(  # type: ignore[assignment]  # counts as floats
+        ctx, [total_loss, correct, seen, entropy_sum])
     if not seen:
         raise WsiatsError(f"epoch {epoch + 1}: no training slide could be read, so nothing was trained or saved")
     return {
@@ -503,7 +511,8 @@ def _train_epoch(
 
 
 def _forward_skipping(net: torch.nn.Module, items: list[SlideBatchItem], y: torch.Tensor, *, skip_bad: bool,
-                      errors: dict[str, int] | None, **kwargs: object) -> tuple[list[SlideBatchItem], torch.Tensor, object]:
+                      errors: dict[str, int] | None, **kwargs: object
+                      ) -> tuple[list[SlideBatchItem], torch.Tensor, ForwardResult | None]:
     """The forward pass; with `skip_bad`, a slide whose tiles cannot be read leaves the step (counted in
     `errors`, warned about once) and the rest go on. Returns the items and targets used, and the output
     (None when no slide of the step was left)."""
@@ -539,19 +548,3 @@ def _cache_report(model: ATSModel, epoch: int) -> dict[str, float]:
     log.info("epoch %d: feature cache hit rate %.3f (%d of %d patches), feature passes %.2fx faster (estimated), "
              "%d embeddings in %.1f MB", epoch + 1, s.hit_rate, s.hits, s.hits + s.misses, s.speedup, s.entries, s.mb)
     return {"feature_cache_hit_rate": s.hit_rate, "feature_cache_speedup": s.speedup}
-
-
-def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
-    with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(METRIC_COLUMNS)
-        for row in history:
-            writer.writerow([_fmt(row.get(c, math.nan)) for c in METRIC_COLUMNS])
-
-
-def _fmt(value: float) -> str:
-    if isinstance(value, float) and math.isnan(value):
-        return ""
-    if float(value).is_integer():
-        return str(int(value))
-    return f"{value:.6g}"
