@@ -211,3 +211,153 @@ def test_allocate(n: int, caps: list[int], want: list[int]) -> None:
 def test_allocate_refuses_fewer_patches_than_regions() -> None:
     with pytest.raises(ValueError, match="at least one patch per picked region"):
         nested.allocate(1, [3, 3])
+
+
+# ---------------------------------------------------------------------------------------------
+# The nested forward pass on a generated slide (wsiats.nested_pass)
+# ---------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import _slides  # noqa: E402
+import numpy as np  # noqa: E402
+
+from wsiats.checkpoint import MODEL_FILE, build_model, save_weights  # noqa: E402
+from wsiats.config import Config  # noqa: E402
+from wsiats.errors import ConfigError  # noqa: E402
+from wsiats.nested_pass import HALO, fine_cells, region_centers  # noqa: E402
+from wsiats.pipeline import Augment, OpenedSlide, SlideBatchItem, forward_batch, prepare_view  # noqa: E402
+from wsiats.slide import open_slide  # noqa: E402
+
+#: Fine view at downsample 4 (a level of the slide), coarse view at 32: regions of 8 x 8 fine cells.
+NESTED = dict(classes=["a", "b"], nested=True, pooling="ats", view_downsample=4.0, coarse_downsample=32.0,
+              regions=4, n_patches=8, patch_size=16, feature_dim=8)
+
+
+@pytest.fixture(scope="module")
+def nested_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("nested") / "slide.tif"
+    _slides.write_generic_pyramid(path, _slides.tissue_image(512, 512, seed=1), n_levels=3, tile=64)  # 1x, 2x, 4x
+    return path
+
+
+def test_config_of_nested_sampling() -> None:
+    assert not Config().nested  # one level stays the default
+    with pytest.raises(ConfigError, match="--pooling ats --candidates 0"):
+        Config(nested=True)
+    with pytest.raises(ConfigError, match="integer multiple"):
+        Config(**{**NESTED, "coarse_downsample": 30.0})
+    with pytest.raises(ConfigError, match="at most n_patches"):
+        Config(**{**NESTED, "regions": 9})
+
+
+def test_region_crops_are_the_fine_view_and_give_its_logits(nested_slide: Path) -> None:
+    """A region's crop read lazily equals the same square of the whole fine view held in memory, and the
+    attention network on the crop (with its halo) gives the whole view's logits at the region's cells."""
+    cfg = Config(**NESTED)
+    model = build_model(cfg)
+    with open_slide(nested_slide) as slide:
+        fine = slide.read_view(downsample=4.0).image  # 128 x 128: the one-level view
+        coarse = prepare_view(slide, cfg)
+        assert coarse.image.shape[:2] == (16, 16)
+        regions = np.array([5 * 16 + 7, 9 * 16 + 3])
+        side = 8 + 2 * HALO
+        crops = slide.read_patches(region_centers(regions, 16, cfg), side, downsample=4.0)
+    with torch.no_grad():
+        full = model.attention_net(torch.from_numpy(fine).permute(2, 0, 1)[None]).reshape(128, 128)
+        local = model.attention_net(torch.from_numpy(crops).permute(0, 3, 1, 2)).reshape(2, side, side)
+    for crop, loc, reg in zip(crops, local, regions):
+        row, col = divmod(int(reg), 16)
+        box = np.s_[row * 8 - HALO: row * 8 + 8 + HALO, col * 8 - HALO: col * 8 + 8 + HALO]
+        np.testing.assert_array_equal(crop, fine[box])
+        torch.testing.assert_close(loc[HALO:-HALO, HALO:-HALO], full[row * 8: row * 8 + 8, col * 8: col * 8 + 8])
+    flat, centers = fine_cells(regions[:1], np.array([0, 9]), 16, cfg)  # cells (0, 0) and (1, 1) of region (5, 7)
+    assert flat.tolist() == [40 * 128 + 56, 41 * 128 + 57]
+    np.testing.assert_allclose(centers, [[(56 + 0.5) * 4, (40 + 0.5) * 4], [(57 + 0.5) * 4, (41 + 0.5) * 4]])
+
+
+class CountingSlide:
+    """A slide handle that records every read (what nested predict may touch)."""
+
+    def __init__(self, slide: object) -> None:
+        self.slide, self.reads = slide, []  # type: ignore[var-annotated]
+
+    def read_patches(self, centers: np.ndarray, size: int, **kw: object) -> np.ndarray:
+        self.reads.append((len(centers), size, kw.get("downsample")))
+        return self.slide.read_patches(centers, size, **kw)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("mode, augment", [("sample", Augment()), ("sample", Augment(True, True, 0.05, 1.1)),
+                                           ("topk", Augment())])
+def test_forward_reads_m_regions_and_n_patches_inside_them(nested_slide: Path, mode: str, augment: Augment) -> None:
+    cfg = Config(**NESTED)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with open_slide(nested_slide) as slide:
+        view = prepare_view(slide, cfg)
+        counting = CountingSlide(slide)
+        out = forward_batch(model, [SlideBatchItem(nested_slide, view, augment)], cfg=cfg,
+                            pool=OpenedSlide(counting), mode=mode,  # type: ignore[arg-type]
+                            generator=torch.Generator().manual_seed(1))
+    assert counting.reads == [(4, 8 + 2 * HALO, 4.0), (8, 16, 1.0)]  # the M crops, then the N patches: nothing else
+    picks = out.nested[0]  # type: ignore[index]
+    assert len(set(picks.regions.tolist())) == 4 and bool(view.mask.reshape(-1)[picks.regions].all())
+    assert np.bincount(picks.patch_region).tolist() == [2, 2, 2, 2]
+    centers = out.boxes[0][:, :2] + 8  # the patches' level-0 centres lie in their regions' boxes
+    rb = picks.region_boxes[picks.patch_region]
+    assert bool(((centers >= rb[:, :2]) & (centers < rb[:, :2] + rb[:, 2:])).all())
+    torch.testing.assert_close(out.sampled_attention[0].detach(),
+                               picks.region_attention[picks.patch_region] * picks.cell_attention)
+    assert float(out.weights[0].sum()) == pytest.approx(1.0)
+    assert out.attention[0].shape == (256,)
+    if mode == "sample":
+        (out.logits.sum() - out.entropy.sum()).backward()
+        for net in (model.coarse_net, model.attention_net, model.feature_net):
+            assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in net.parameters())  # type: ignore[union-attr]
+
+
+def test_predict_json_shows_both_levels(nested_slide: Path, tmp_path: Path) -> None:
+    from wsiats.predict import Predictor, write_predictions
+
+    cfg = Config(**NESTED)
+    cfg.save(tmp_path / "config.yaml")
+    save_weights(build_model(cfg), tmp_path / MODEL_FILE)
+    predictor = Predictor(tmp_path, device="cpu", workers=1, mc=2)
+    (pred,) = predictor.predict([nested_slide])
+    assert pred.ok, pred.error
+    write_predictions(tmp_path / "p.json", [pred], cfg.classes)
+    rec = json.loads((tmp_path / "p.json").read_text())["slides"][0]
+    assert len(rec["regions"]) == 8 and len(rec["patches"]) == 16  # 2 passes of 4 regions and 8 patches
+    for patch in rec["patches"]:
+        region = rec["regions"][patch["region"]]
+        assert region["pass"] == patch["pass"]
+        assert region["x"] <= patch["x"] + 8 < region["x"] + region["width"]
+        assert patch["attention"] == pytest.approx(region["attention"] * patch["cell_attention"])
+    assert [r["patches"] for r in rec["regions"]] == [2] * 8
+
+
+def test_train_and_predict_nested_through_the_cli(tmp_path: Path) -> None:
+    """A tiny end-to-end run with the paper's estimator at both levels: synth -> train -> predict."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from wsiats.cli import cli
+
+    def invoke(*args: object) -> str:
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    invoke("synth", tmp_path, "--n", "4", "--size", "1024", "--seed", "3", "-q")
+    run = tmp_path / "run"
+    invoke("train", tmp_path / "slides", "--labels", tmp_path / "labels.csv", "--out", run, "--epochs", "1",
+           "--nested", "--pooling", "ats", "--candidates", "0", "--zoom", "0", "--view-downsample", "16",
+           "--coarse-downsample", "128", "--regions", "2", "--n-patches", "4", "--patch-size", "32",
+           "--batch-size", "2", "--workers", "0", "-q")
+    assert any(k.startswith("coarse_net.") for k in load_file(str(run / MODEL_FILE)))
+    out = tmp_path / "pred.json"
+    invoke("predict", tmp_path / "slides", "--model", run, "--out", out, "-q")
+    slides = json.loads(out.read_text())["slides"]
+    assert len(slides) == 4 and all(s["error"] == "" and len(s["regions"]) == 2 and len(s["patches"]) == 4
+                                    for s in slides)
