@@ -211,3 +211,20 @@ def test_backbones_smoke_report(tmp_path: Path) -> None:
     assert r["peer"] == {"skipped": "smoke mode"}
     assert all(isinstance(t["met"], bool) for t in r["targets"].values())
     assert len(r["machine"]["load_average_start"]) == 3 and r["machine"]["loadavg_end"]
+
+
+def test_nested_smoke_report(tmp_path: Path) -> None:
+    import bench_nested
+
+    r = _run(bench_nested.main, tmp_path)
+    assert r["smoke"] is True and r["fresh_process_per_measurement"] is False
+    assert list(r["slides"]) == ["small", "large"]
+    for row in r["slides"].values():
+        assert row["decode_once"]["file_tiles"] > 0 and row["decode_once"]["seconds"] > 0
+        assert row["one_level"]["n_patches"] == row["nested"]["n_patches"] == 32
+        assert (row["one_level"]["regions"], row["nested"]["regions"]) == (0, 8)
+        for method in ("one_level", "nested"):
+            assert row[f"{method}_over_decode_once"] == pytest.approx(row[method]["predict_s"] / row["decode_once"]["seconds"])
+    assert set(r["targets"]) == {"nested_over_decode_once_2gpx", "nested_time_growth", "nested_rss_growth"}
+    assert all(isinstance(t["met"], bool) for t in r["targets"].values())
+    assert len(r["machine"]["load_average_start"]) == 3 and r["machine"]["loadavg_end"]

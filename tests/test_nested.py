@@ -287,6 +287,10 @@ class CountingSlide:
         self.reads.append((len(centers), size, kw.get("downsample")))
         return self.slide.read_patches(centers, size, **kw)  # type: ignore[attr-defined]
 
+    def read_patch_groups(self, centers: np.ndarray, groups: np.ndarray, size: int, **kw: object) -> np.ndarray:
+        self.reads.append((len(centers), size, kw.get("downsample")))
+        return self.slide.read_patch_groups(centers, groups, size, **kw)  # type: ignore[attr-defined]
+
 
 @pytest.mark.parametrize("mode, augment", [("sample", Augment()), ("sample", Augment(True, True, 0.05, 1.1)),
                                            ("topk", Augment())])
@@ -315,6 +319,18 @@ def test_forward_reads_m_regions_and_n_patches_inside_them(nested_slide: Path, m
         (out.logits.sum() - out.entropy.sum()).backward()
         for net in (model.coarse_net, model.attention_net, model.feature_net):
             assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in net.parameters())  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("downsample", [1.0, 2.0, 3.0])
+def test_read_patch_groups_gives_the_pixels_of_read_patches(nested_slide: Path, downsample: float) -> None:
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 6, size=40)
+    centers = rng.uniform(-20, 530, size=(6, 2))[groups] + rng.uniform(-30, 30, size=(40, 2))  # clustered: one read
+    centers[groups == 5] = rng.uniform(-20, 530, size=(int((groups == 5).sum()), 2))  # spread: patch by patch
+    with open_slide(nested_slide) as slide:
+        want = slide.read_patches(centers, 24, downsample=downsample)
+        got = slide.read_patch_groups(centers, groups, 24, downsample=downsample, workers=2)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_predict_json_shows_both_levels(nested_slide: Path, tmp_path: Path) -> None:
@@ -361,3 +377,21 @@ def test_train_and_predict_nested_through_the_cli(tmp_path: Path) -> None:
     slides = json.loads(out.read_text())["slides"]
     assert len(slides) == 4 and all(s["error"] == "" and len(s["regions"]) == 2 and len(s["patches"]) == 4
                                     for s in slides)
+
+
+def test_heatmap_of_a_nested_model_shows_regions_and_patches(nested_slide: Path, tmp_path: Path) -> None:
+    from wsiats.heatmap import heatmap_slides
+
+    cfg = Config(**NESTED)
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg.save(run / "config.yaml")
+    save_weights(build_model(cfg), run / MODEL_FILE)
+    (result,) = heatmap_slides([nested_slide], run, tmp_path / "maps", top=3, device="cpu")
+    assert not result.error, result.error
+    doc = json.loads((tmp_path / "maps" / "slide.geojson").read_text())
+    names = [f["properties"]["name"].split()[0] for f in doc["features"]]
+    assert names[:3] == ["region"] * 3 and set(names[3:]) == {"patch"} and len(names) > 3
+    for f in doc["features"][3:]:
+        m = f["properties"]["measurements"]
+        assert m["attention"] == pytest.approx(m["cell_attention"] * m["region_attention"])

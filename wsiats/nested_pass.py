@@ -151,7 +151,7 @@ def forward_nested(
         owner = np.repeat(np.arange(m), counts)
         flat, centers = fine_cells(regions[owner], local, w1, cfg)
         size, pds = cfg.patch_size, patch_downsample(slide, cfg)
-        pixels = slide.read_patches(centers, size, downsample=pds, workers=workers)
+        pixels = slide.read_patch_groups(centers, owner, size, downsample=pds, workers=workers)  # a read a region
         tiles = aug.images(torch.from_numpy(pixels).permute(0, 3, 1, 2))
         keys = patch_keys(item.slide_path, flat, (d2, d2), size, pds, aug)
         feats = embed_patches(model, tiles, keys, device=device, autocast=autocast)
