@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the sparse slide writer of the test f
 
 from bench_backbones import decode_once  # noqa: E402
 from bench_predict import (  # noqa: E402
+    _child_rss,
     _median,
     code_version,
     json_safe,
@@ -42,7 +43,6 @@ from bench_predict import (  # noqa: E402
     machine_info,
     run_child,
     set_omp_policy,
-    status_mb,
 )
 
 #: Targets of issue 16: nested predict against the decode-once read on the 2 Gpx slide; growth of nested
@@ -100,18 +100,6 @@ def _child_time(spec: dict[str, Any]) -> dict[str, Any]:
         list(predictor.predict([Path(spec["slide"])]))
         seconds.append(time.perf_counter() - t0)
     return {"predict_s": seconds, "n_patches": pred.n_patches, "regions": len(pred.regions)}
-
-
-def _child_rss(spec: dict[str, Any]) -> dict[str, Any]:
-    """Peak RSS of a fresh process that loads the model and predicts one slide."""
-    from wsiats.predict import Predictor
-
-    predictor = Predictor(spec["run"], device="cpu", workers=spec["workers"], seed=spec["seed"])
-    loaded = status_mb("VmRSS")
-    pred = list(predictor.predict([Path(spec["slide"])]))[0]
-    if not pred.ok:
-        raise RuntimeError(pred.error)
-    return {"peak_rss_mb": status_mb("VmHWM"), "rss_after_model_load_mb": loaded}
 
 
 def measure(spec: dict[str, Any], *, fresh: bool) -> dict[str, Any]:
