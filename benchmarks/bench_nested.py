@@ -13,7 +13,13 @@ untrained (random) weights, which is enough for speed:
   tissue (a tissue cell of the one-level view inside it) decoded exactly once
   (`bench_backbones.decode_once`).
 
+With `--accuracy` (merged into the same JSON): test error of ATS-10 with the paper's estimator
+(`--pooling ats --candidates 0 --zoom 0`), one-level against nested (coarse downsample 128, 5
+regions), trained and tested as bench_learning.py's ATS-N rows (its cohort of 48 slides of 4096 px,
+demo settings, 20 epochs, the same seeds), one sampling pass per test slide.
+
     python benchmarks/bench_nested.py                  # writes benchmarks/results/nested.json
+    python benchmarks/bench_nested.py --accuracy       # adds the accuracy comparison to it
     python benchmarks/bench_nested.py --smoke --out /tmp/nested.json   # tiny slides, one process
 """
 
@@ -37,7 +43,9 @@ from bench_backbones import decode_once  # noqa: E402
 from bench_predict import (  # noqa: E402
     _child_rss,
     _median,
+    code_hash,
     code_version,
+    ensure_cohort,
     json_safe,
     load_average,
     machine_info,
@@ -55,6 +63,31 @@ SMOKE_SIDES = {"small": 2048, "large": 4096}
 ONE_LEVEL = dict(classes=["negative", "positive"], pooling="ats", candidates=0, zoom=0.0, view_downsample=32.0,
                  n_patches=32, patch_size=64)
 NESTED = dict(nested=True, coarse_downsample=256.0, regions=8)
+#: The accuracy comparison: the paper's estimator, one-level and nested (a 4096-px slide: 32 x 32 regions).
+PAPER_ESTIMATOR = dict(pooling="ats", candidates=0, zoom=0.0)
+LEARNING_NESTED = dict(nested=True, coarse_downsample=128.0, regions=5)
+#: Issue 16: nested test error at most this above one-level's.
+ERROR_MARGIN = 0.02
+
+
+def accuracy(cache: Path, *, n_slides: int, size: int, seeds: list[int], epochs: int, n: int) -> dict[str, Any]:
+    """ATS-n test error, one-level against nested, with bench_learning.py's training and test protocol."""
+    import bench_learning
+
+    cohort, _ = ensure_cohort(cache, n=n_slides, size=size, seed=0)
+    runs = cache / f"nested_learning_runs_{n_slides}x{size}_{code_hash()}"
+    rows: dict[str, Any] = {}
+    for name, extra in (("one_level", {}), ("nested", LEARNING_NESTED)):
+        per_seed = [{"seed": seed, **bench_learning.run_ats(cohort, runs, attention="learned", n=n, seed=seed,
+                                                             epochs=epochs, overrides={**PAPER_ESTIMATOR, **extra},
+                                                             name=f"ats_{n}_{name}")} for seed in seeds]
+        mean, sem = bench_learning._mean_sem([r["test_error"] for r in per_seed])
+        rows[name] = {"test_error": mean, "test_error_sem": sem, "per_seed": per_seed}
+    diff = rows["nested"]["test_error"] - rows["one_level"]["test_error"]
+    return {"method": f"ATS-{n}", "settings": {"estimator": PAPER_ESTIMATOR, "nested": LEARNING_NESTED,
+                                                "epochs": epochs, "seeds": seeds, "cohort": [n_slides, size, 0]},
+            **rows, "nested_minus_one_level": diff,
+            "target": {"max_nested_minus_one_level": ERROR_MARGIN, "met": diff <= ERROR_MARGIN}}
 
 
 def ensure_slide(cache: Path, side: int, *, block: int, tissue: float, texture: int, seed: int) -> Path:
@@ -124,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--texture", type=int, default=40, help="noise amplitude of the tissue tiles (JPEG decode cost)")
     parser.add_argument("--omp-wait-policy", choices=("passive", "active", "inherit"), default="passive")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accuracy", action="store_true",
+                        help="only the accuracy comparison, merged into --out (with --smoke: also run)")
+    parser.add_argument("--epochs", type=int, default=20, help="training epochs of the accuracy comparison")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (accuracy)")
     parser.add_argument("--smoke", action="store_true", help="tiny slides, one process: checks the script runs")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -132,6 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"time": _child_time, "rss": _child_rss}[spec["kind"]](spec)))
         return 0
     set_omp_policy(args.omp_wait_policy)
+    if args.accuracy and not args.smoke:
+        load = load_average()
+        acc = accuracy(args.cache, n_slides=48, size=4096, seeds=args.seeds, epochs=args.epochs, n=10)
+        report = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "nested"}
+        report["accuracy"] = {**acc, "load_average_start": load, "load_average_end": load_average(),
+                              "code": code_version()}
+        write(args.out, report)
+        return 0
     sides, block = (SMOKE_SIDES, 512) if args.smoke else (SIDES, 4096)
     repeat = 1 if args.smoke else args.repeat
     started = time.perf_counter()
@@ -189,12 +234,20 @@ def main(argv: list[str] | None = None) -> int:
         "generate_s": generate_s,
         "total_s": time.perf_counter() - started,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.smoke:  # the accuracy code path, on a tiny cohort for one epoch
+        report["accuracy"] = accuracy(args.cache, n_slides=8, size=512, seeds=[0], epochs=1, n=10)
+    elif args.out.exists() and "accuracy" in (old := json.loads(args.out.read_text())):
+        report["accuracy"] = old["accuracy"]  # measured by an earlier --accuracy run: kept
+    write(args.out, report)
+    return 0
+
+
+def write(path: Path, report: dict[str, Any]) -> None:
     from wsiats._io import atomic_open
 
-    with atomic_open(args.out, "w", encoding="utf-8") as fh:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "w", encoding="utf-8") as fh:
         json.dump(json_safe(report), fh, indent=1, allow_nan=False)
-    return 0
 
 
 if __name__ == "__main__":

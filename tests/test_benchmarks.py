@@ -228,3 +228,6 @@ def test_nested_smoke_report(tmp_path: Path) -> None:
     assert set(r["targets"]) == {"nested_over_decode_once_2gpx", "nested_time_growth", "nested_rss_growth"}
     assert all(isinstance(t["met"], bool) for t in r["targets"].values())
     assert len(r["machine"]["load_average_start"]) == 3 and r["machine"]["loadavg_end"]
+    acc = r["accuracy"]
+    assert acc["nested_minus_one_level"] == pytest.approx(acc["nested"]["test_error"] - acc["one_level"]["test_error"])
+    assert isinstance(acc["target"]["met"], bool) and [s["seed"] for s in acc["nested"]["per_seed"]] == [0]
