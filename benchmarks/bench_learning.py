@@ -105,18 +105,20 @@ def splits(cohort: Path, seed: int) -> tuple[list[str], list[Any], list[Any], li
 # --- ATS-N and U-N: the product --------------------------------------------------------------------------------
 
 
-def run_ats(cohort: Path, runs: Path, *, attention: str, n: int, seed: int, epochs: int) -> dict[str, Any]:
-    """Train with `wsiats.train.train` (demo settings) and test with `Predictor`; cached per code version."""
+def run_ats(cohort: Path, runs: Path, *, attention: str, n: int, seed: int, epochs: int,
+            overrides: dict[str, Any] | None = None, name: str | None = None) -> dict[str, Any]:
+    """Train with `wsiats.train.train` (demo settings, then `overrides`, cached as `name`) and test with
+    `Predictor`; cached per code version."""
     from wsiats.predict import Predictor
     from wsiats.train import train
 
-    run = runs / f"{method_name('ats' if attention == 'learned' else 'uniform', n)}_s{seed}_e{epochs}" \
-        f"{'_paper' if attention == 'uniform' else ''}"
+    run = runs / f"{name or method_name('ats' if attention == 'learned' else 'uniform', n)}_s{seed}_e{epochs}" \
+        f"{'_paper' if attention == 'uniform' and not name else ''}"
     info_path = run / "bench_info.json"
     if info_path.exists():
         return json.loads(info_path.read_text())
     shutil.rmtree(run, ignore_errors=True)
-    cfg = _row_cfg(attention, seed=seed, epochs=epochs, n_patches=n)
+    cfg = _row_cfg(attention, seed=seed, epochs=epochs, n_patches=n, **(overrides or {}))
     t0 = time.perf_counter()
     result = train(cohort / "slides", cohort / "labels.csv", run, cfg, progress=False)
     train_s = time.perf_counter() - t0

@@ -220,20 +220,28 @@ class SparseSlide:
 
 
 def write_sparse_huge(path: Path, *, size: int = 100_000, tile: int = 256, block: int = 4096,
-                      color: tuple[int, int, int] = _PURPLE, seed: int = 0) -> SparseSlide:
+                      color: tuple[int, int, int] = _PURPLE, seed: int = 0, tissue_fraction: float | None = None,
+                      texture: int = 0) -> SparseSlide:
     """A `size` x `size` pyramid (factor 2 down to < 1024 px) where only a few blocks hold pixels.
 
     Tiles that fall entirely on glass are written as empty tiles (byte count 0), which tifffile
     supports by yielding None from the tile iterator; readers render them as background. Every
     tissue tile is one flat colour, so each level equals the area-downsampled level 0 exactly
     (up to JPEG rounding) and the file stays a few megabytes.
+
+    `tissue_fraction` (benchmarks): that share of the blocks, drawn without replacement, holds tissue;
+    `texture` > 0 adds seeded uniform noise of that amplitude to the tissue tile, so that it costs to
+    decode about what a real tissue tile does (`truth` then gives the noiseless colour).
     """
     rng = np.random.default_rng(seed)
     nb = -(-size // block)
     blocks = np.zeros((nb, nb), bool)
     # a few tissue blocks: about 1% of the area, enough for a tissue mask and tissue-hitting patches
-    for by, bx in rng.integers(0, nb, size=(max(2, nb * nb // 100), 2)):
-        blocks[by, bx] = True
+    if tissue_fraction is None:
+        for by, bx in rng.integers(0, nb, size=(max(2, nb * nb // 100), 2)):
+            blocks[by, bx] = True
+    else:
+        blocks.flat[rng.choice(nb * nb, size=max(1, round(nb * nb * tissue_fraction)), replace=False)] = True
     dims: list[tuple[int, int]] = []
     s = size
     while True:
@@ -243,6 +251,9 @@ def write_sparse_huge(path: Path, *, size: int = 100_000, tile: int = 256, block
         s //= 2
     flat = np.empty((tile, tile, 3), np.uint8)
     flat[:] = color
+    if texture:
+        noise = rng.integers(-texture, texture + 1, size=flat.shape)
+        flat = np.clip(flat.astype(np.int16) + noise, 0, 255).astype(np.uint8)
     white = np.full((tile, tile, 3), 255, np.uint8)
 
     def tiles(level: int, w: int, h: int):  # type: ignore[no-untyped-def]

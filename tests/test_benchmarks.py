@@ -227,3 +227,23 @@ def test_bench_cohort_smoke_writes_every_row(tmp_path: Path, monkeypatch: pytest
     for m in r["methods"].values():
         assert 0.0 <= m["patch_hit_fraction"] <= 1.0 and 0.0 <= m["test_accuracy"] <= 1.0
         assert m["train_s"] > 0
+
+
+def test_nested_smoke_report(tmp_path: Path) -> None:
+    import bench_nested
+
+    r = _run(bench_nested.main, tmp_path)
+    assert r["smoke"] is True and r["fresh_process_per_measurement"] is False
+    assert list(r["slides"]) == ["small", "large"]
+    for row in r["slides"].values():
+        assert row["decode_once"]["file_tiles"] > 0 and row["decode_once"]["seconds"] > 0
+        assert row["one_level"]["n_patches"] == row["nested"]["n_patches"] == 32
+        assert (row["one_level"]["regions"], row["nested"]["regions"]) == (0, 8)
+        for method in ("one_level", "nested"):
+            assert row[f"{method}_over_decode_once"] == pytest.approx(row[method]["predict_s"] / row["decode_once"]["seconds"])
+    assert set(r["targets"]) == {"nested_over_decode_once_2gpx", "nested_time_growth", "nested_rss_growth"}
+    assert all(isinstance(t["met"], bool) for t in r["targets"].values())
+    assert len(r["machine"]["load_average_start"]) == 3 and r["machine"]["loadavg_end"]
+    acc = r["accuracy"]
+    assert acc["nested_minus_one_level"] == pytest.approx(acc["nested"]["test_error"] - acc["one_level"]["test_error"])
+    assert isinstance(acc["target"]["met"], bool) and [s["seed"] for s in acc["nested"]["per_seed"]] == [0]

@@ -33,6 +33,7 @@ def build_model(cfg: Config, *, load_feature_weights: bool = True) -> ATSModel:
         feature_net_args=cfg.feature_net_args,
         pretrained=load_feature_weights,  # hub weights only when training starts; a run's file holds them after
         feature_cache_mb=cfg.feature_cache_mb,
+        nested=cfg.nested,
     )
 
 

@@ -70,6 +70,12 @@ class SamplingConfig:
     """Training with candidates: how many of them get the gradient pass, highest instance scores first."""
     explore: float = 0.5
     """Training with candidates: share of the candidate distribution that explores (equal mass per colour group of the view) instead of following the attention."""
+    nested: bool = False
+    """Nested attention sampling (--pooling ats): a coarse attention over a --coarse-downsample view picks --regions regions, the attention network over the --view-downsample view inside them picks the N patches; only the picked regions' fine pixels are read."""
+    coarse_downsample: float = 256.0
+    """With --nested: level-0 pixels per pixel of the coarse view; each pixel is a region of (coarse_downsample / view_downsample)^2 fine cells."""
+    regions: int = 8
+    """With --nested: regions picked per slide (M); the N patches are split over them."""
 
 
 @dataclass
@@ -219,6 +225,7 @@ class Config(Runtime, TrainingConfig, ModelConfig, SamplingConfig, ViewConfig):
              "train_patches", "must be an integer in 1..4096")
         need(isinstance(self.explore, (int, float)) and 0 <= self.explore <= 1, "explore", "must be in [0, 1]")
         need(isinstance(self.distill_weight, (int, float)) and self.distill_weight >= 0, "distill_weight", "must be >= 0")
+        self._check_nested(need)
         from wsiats.models import list_feature_nets
 
         valid = list_feature_nets()
@@ -232,6 +239,22 @@ class Config(Runtime, TrainingConfig, ModelConfig, SamplingConfig, ViewConfig):
             "device",
             "must be auto, cpu, cuda or cuda:N",
         )
+
+    def _check_nested(self, need: Any) -> None:
+        """The options of nested attention sampling (`wsiats.nested`)."""
+        need(isinstance(self.regions, int) and not isinstance(self.regions, bool) and 1 <= self.regions <= 4096,
+             "regions", "must be an integer in 1..4096")
+        need(isinstance(self.coarse_downsample, (int, float)) and math.isfinite(self.coarse_downsample)
+             and self.coarse_downsample > 0, "coarse_downsample", "must be a positive number")
+        if not self.nested:
+            return
+        need(self.pooling == "ats" and self.candidates == 0, "nested",
+             "needs --pooling ats --candidates 0 (the nested estimator of wsiats.nested)")
+        need(self.view_mpp is None, "view_mpp", "cannot be used with --nested; set --view-downsample")
+        ratio = self.coarse_downsample / self.view_downsample
+        need(ratio >= 2 and abs(ratio - round(ratio)) < 1e-9, "coarse_downsample",
+             f"must be an integer multiple (>= 2) of view_downsample ({self.view_downsample:g}) with --nested")
+        need(self.regions <= self.n_patches, "regions", f"must be at most n_patches ({self.n_patches}): one patch a region at least")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -438,6 +438,8 @@ class ViewDataset(Dataset):
             "path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
             "view_mpp": getattr(cfg, "view_mpp", None), "view_downsample": getattr(cfg, "view_downsample", None),
             "tissue_mask": getattr(cfg, "tissue_mask", None), "backend": self.backend, "mpp": self.mpp,
+            # nested sampling caches the coarse view (the key of a one-level view is unchanged)
+            **({"coarse_downsample": cfg.coarse_downsample} if getattr(cfg, "nested", False) else {}),
         }, sort_keys=True)
         return self.folder / f"{slide_id(path)}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 

@@ -264,6 +264,31 @@ CLASSIFICATION = "wsiats attention"
 _CLASS_COLOR = [252, 254, 164]  # inferno's top colour
 
 
+def nested_geojson(out: Any, regions: np.ndarray, attention: np.ndarray, coarse_w: int, cfg: Any, *, slide_id: str,
+                   cmap: str = "inferno") -> dict[str, Any]:
+    """Nested sampling's GeoJSON: features "region <rank>" (the top regions by coarse attention a1, level-0
+    squares of `coarse_downsample`), then "patch <rank>" (the patches of one sampled pass, their attention
+    a1 a2 and, in measurements, "cell_attention" a2(i | region) and "region_attention" a1)."""
+    from wsiats.nested_pass import region_boxes
+
+    doc = patches_geojson(region_boxes(regions, coarse_w, cfg), attention, slide_id=slide_id, cmap=cmap)
+    for feat in doc["features"]:
+        feat["properties"]["name"] = feat["properties"]["name"].replace("patch", "region", 1)
+        feat["properties"]["classification"]["name"] = "wsiats region attention"
+    picks = out.nested[0]
+    a1 = picks.region_attention.cpu().numpy()[picks.patch_region]
+    a2 = picks.cell_attention.cpu().numpy()
+    patches = patches_geojson(out.boxes[0], a1 * a2, slide_id=slide_id, cmap=cmap)
+    by_box = {tuple(int(v) for v in box): (float(c), float(r)) for box, c, r in zip(out.boxes[0], a2, a1)}
+    for feat in patches["features"]:
+        ring = feat["geometry"]["coordinates"][0]
+        key = (ring[0][0], ring[0][1], ring[1][0] - ring[0][0], ring[2][1] - ring[0][1])
+        cell, region = by_box.get(key, (None, None))  # type: ignore[arg-type]
+        feat["properties"]["measurements"].update(cell_attention=cell, region_attention=region)
+    doc["features"] += patches["features"]
+    return doc
+
+
 def patches_geojson(boxes: np.ndarray, attention: np.ndarray, *, slide_id: str, top: int | None = None,
                     cmap: str = "inferno") -> dict[str, Any]:
     """A GeoJSON FeatureCollection of the sampled patches, highest attention first, for QuPath import.
@@ -441,7 +466,10 @@ def heatmap_slides(
             written.append(png)
             write_attention_tiff(tif, att.astype(np.float32), downsample=view.downsample, mpp=slide_mpp)
             written.append(tif)
-            write_geojson(geo, patches_geojson(boxes, flat[order], slide_id=sid, cmap=cmap))
+            doc = patches_geojson(boxes, flat[order], slide_id=sid, cmap=cmap)
+            if cfg.nested:  # both levels: the top regions by coarse attention, then the patches sampled inside them
+                doc = nested_geojson(out, order, flat[order], att.shape[1], cfg, slide_id=sid, cmap=cmap)
+            write_geojson(geo, doc)
             result.files = [png, tif, geo]
         except WsiatsError as exc:
             result.error = str(exc)

@@ -306,7 +306,8 @@ class ATSModel(nn.Module):
 
     pooling 'gated' adds `mil`, a `GatedAttentionPool` over the patches' features; 'ats' combines
     them with the attention-sampling estimator alone (the paper's model, no extra parameters).
-    With `freeze_features` the feature network stays in eval mode and runs without gradient, and
+    With `nested`, `coarse_net` is the attention over the regions of a coarse view and `attention_net`
+    the attention inside each picked region (`wsiats.nested`). With `freeze_features` the feature network stays in eval mode and runs without gradient, and
     `embed_cache` (`feature_cache_mb` > 0) keeps the embeddings of patches already seen.
     """
 
@@ -322,11 +323,14 @@ class ATSModel(nn.Module):
         feature_net_args: dict[str, object] | None = None,
         pretrained: bool = True,
         feature_cache_mb: float = 0,
+        nested: bool = False,
     ) -> None:
         super().__init__()
         if pooling not in ("gated", "ats"):
             raise ModelError(f"pooling must be 'gated' or 'ats', got {pooling!r}")
         self.attention_net = AttentionNet()
+        # nested sampling (`wsiats.nested`): a second attention network over the coarse view picks the regions
+        self.coarse_net = AttentionNet() if nested else None
         self.feature_net = create_feature_net(feature_net, width=feature_dim, weights=feature_weights,
                                               pretrained=pretrained, timm_kwargs=feature_net_args)
         self.pooling = pooling

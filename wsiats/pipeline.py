@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +52,10 @@ def _level0_per_pixel(slide: Slide, mpp: float | None, downsample: float, what: 
 
 
 def view_downsample(slide: Slide, cfg: Config) -> float:
-    """The view's downsample from `view_mpp` or `view_downsample`."""
+    """The downsample of the view `prepare_view` reads: `view_mpp` or `view_downsample`, or with `nested` the
+    coarse view's `coarse_downsample` (the fine view is then read only inside the picked regions)."""
+    if getattr(cfg, "nested", False):
+        return float(cfg.coarse_downsample)
     return _level0_per_pixel(slide, cfg.view_mpp, cfg.view_downsample, "view")
 
 
@@ -61,7 +65,7 @@ def patch_downsample(slide: Slide, cfg: Config) -> float:
 
 
 def prepare_view(slide: Slide, cfg: Config) -> PreparedView:
-    """Read the view at the configured resolution and compute its tissue mask."""
+    """Read the view at the configured resolution (with `cfg.nested`, the coarse view) and compute its tissue mask."""
     view = slide.read_view(downsample=view_downsample(slide, cfg))
     h, w = view.image.shape[:2]
     if cfg.tissue_mask:
@@ -171,6 +175,7 @@ class ForwardResult:
     boxes: list[np.ndarray]  # per slide, [n, 4] level-0 x, y, w, h
     entropy: Tensor  # [B]
     distill: Tensor | None = None  # [B] view-attention distillation losses (gated pooling, training), or None
+    nested: list[Any] | None = None  # per slide, `wsiats.nested_pass.NestedPicks` (both levels), with cfg.nested
 
 
 class SlidePool:
@@ -243,6 +248,11 @@ def forward_batch(
     """
     if mode not in ("sample", "topk", "explore"):
         raise ValueError(f"mode must be 'sample', 'topk' or 'explore', got {mode!r}")
+    if cfg.nested:
+        from wsiats.nested_pass import forward_nested
+
+        return forward_nested(model, items, cfg=cfg, pool=pool, mode=mode, generator=generator, device=device,
+                              workers=workers, autocast=autocast)
     gated = model.mil is not None
     if mode == "explore" and not gated:
         raise ValueError("mode 'explore' needs a model with gated pooling")
@@ -436,7 +446,9 @@ def _null_context() -> object:
 
 
 def attention_map(model: ATSModel, view: PreparedView, cfg: Config, *, device: torch.device | None = None) -> np.ndarray:
-    """The full attention distribution over the view, shape (h, w), zero outside the mask."""
+    """The full attention distribution over the view, shape (h, w), zero outside the mask.
+
+    With `cfg.nested` the view is the coarse view and this is the coarse attention a1 over its regions."""
     device = device or next(model.parameters()).device
     h, w = view.image.shape[:2]
     mask = torch.from_numpy(view.mask).reshape(1, -1).to(device)
@@ -445,7 +457,8 @@ def attention_map(model: ATSModel, view: PreparedView, cfg: Config, *, device: t
     else:
         image = torch.from_numpy(view.image).permute(2, 0, 1)[None].to(device)
         with torch.no_grad():
-            att = sampling.smooth_attention(model.attention_net(image).float(), mask=mask, eps=cfg.attention_eps)
+            net = model.coarse_net if cfg.nested and model.coarse_net is not None else model.attention_net
+            att = sampling.smooth_attention(net(image).float(), mask=mask, eps=cfg.attention_eps)
     return att.reshape(h, w).cpu().numpy()
 
 

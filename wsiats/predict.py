@@ -52,6 +52,7 @@ class Prediction:
     seconds: float = 0.0
     error: str = ""
     patches: list[dict[str, Any]] = field(default_factory=list)
+    regions: list[dict[str, Any]] = field(default_factory=list)  # nested sampling: the picked regions of each pass
     fell_back: bool = False
     mpp: float | None = None  # the slide's level-0 microns per pixel (x), None when unknown
     mpp_source: str | None = None
@@ -132,6 +133,8 @@ class Predictor:
                     x, y, bw, bh = (int(v) for v in box)
                     pred.patches.append({"pass": k, "x": x, "y": y, "width": bw, "height": bh,
                                          "attention": a, "weight": w})
+                if out.nested:
+                    self._add_regions(pred, out.nested[0], k)
                 pred.n_patches += len(out.boxes[0])
                 if k == 0:
                     pred.notes += self.unlike_training(path, view, len(out.boxes[0]))
@@ -142,6 +145,21 @@ class Predictor:
         pred.probs = arr.mean(0).tolist()
         pred.spread = float(arr[:, int(arr.mean(0).argmax())].std()) if len(passes) > 1 else 0.0
         return pred
+
+    @staticmethod
+    def _add_regions(pred: Prediction, picks: Any, k: int) -> None:
+        """Nested sampling: the pass's picked regions (coarse attention a1, weight C_m, patch count) and, on each of
+        its patches, the region it came from and its fine attention a2(i | region) (its `attention` is a1 a2)."""
+        counts = np.bincount(picks.patch_region, minlength=len(picks.regions))
+        first = len(pred.regions)
+        for m, (box, a, w) in enumerate(zip(picks.region_boxes, picks.region_attention.tolist(),
+                                            picks.region_weights.tolist())):
+            x, y, bw, bh = (int(v) for v in box)
+            pred.regions.append({"pass": k, "x": x, "y": y, "width": bw, "height": bh, "attention": a, "weight": w,
+                                 "patches": int(counts[m])})
+        for rec, m, a2 in zip(pred.patches[len(pred.patches) - len(picks.patch_region):], picks.patch_region,
+                              picks.cell_attention.tolist()):
+            rec.update(region=first + int(m), cell_attention=a2)
 
     def unlike_training(self, path: Path, view: PreparedView, sampled: int) -> list[str]:
         """Warnings for a slide the model sees unlike its training slides: another resolution (when the view or
@@ -302,6 +320,8 @@ def write_predictions(path: str | Path, preds: Sequence[Prediction], classes: Se
             rec = _row(pred, classes, missing=None)
             rec["passes"] = pred.passes
             rec["patches"] = pred.patches
+            if pred.regions:
+                rec["regions"] = pred.regions
             rec["warnings"] = pred.notes
             slides.append(rec)
         doc = json_safe({"classes": list(classes), **(extra or {}), "slides": slides})

@@ -1,0 +1,178 @@
+"""The forward pass of nested attention sampling (the estimator is `wsiats.nested`).
+
+coarse view -> coarse attention a1 over its pixels (the regions) -> M regions drawn -> each picked
+region's crop of the fine view read lazily from the slide -> fine attention a2 inside it -> N cells
+drawn over the picked regions -> their patches read -> features -> nested estimator -> logits.
+Per slide this reads the coarse view, M crops of (ratio + 2 halo)^2 fine pixels and N patches:
+nothing else of the slide, whatever its area.
+
+Geometry, in level-0 pixels (d1 = `coarse_downsample`, d2 = `view_downsample`, ratio = d1 / d2):
+region (R, C), pixel (R, C) of the coarse view, is the square [C d1, (C + 1) d1) x [R d1, (R + 1) d1)
+(the coarse view's own downsample, W0 / round(W0 / d1), differs from d1 by under half a region over
+the whole slide); its fine cell (j, k) is centred on ((C ratio + k + 0.5) d2, (R ratio + j + 0.5) d2),
+cell (R ratio + j, C ratio + k) of the fine grid, as the one-level view's cells are (`wsiats.pipeline`).
+The crop carries a halo of `HALO` fine pixels on each side (the attention network's receptive field),
+so the fine logits of a region are those the network gives on the whole fine view, except at the
+slide's border (pixels outside the slide read as white, not replicated). A fine cell whose crop
+pixel has saturation below `wsiats.tissue.MIN_SATURATION` (glass) is not sampled, unless the whole
+region is glass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from wsiats import nested, sampling
+from wsiats.config import Config
+from wsiats.embed_cache import embed_patches, patch_keys
+from wsiats.models import ATSModel, AttentionNet
+from wsiats.pipeline import ForwardResult, SlideBatchItem, SlidePool, patch_boxes, patch_downsample
+from wsiats.tissue import MIN_SATURATION
+
+#: Fine pixels read around each region on every side: half the attention network's receptive field.
+HALO = AttentionNet.receptive_field // 2
+
+
+@dataclass
+class NestedPicks:
+    """Both levels of one slide's nested pass, in the slide's orientation (not the augmented one)."""
+
+    regions: np.ndarray  # [M] picked coarse-view pixels (flat index), in pick order
+    region_boxes: np.ndarray  # [M, 4] level-0 x, y, width, height
+    region_attention: Tensor  # [M] a1 at the picked regions
+    region_weights: Tensor  # [M] C_m: each region's coefficient in the estimate
+    patch_region: np.ndarray  # [N] for each patch, the position m of its region in `regions`
+    cell_attention: Tensor  # [N] a2(i | r) of each patch inside its region
+
+
+def ratio(cfg: Config) -> int:
+    """Fine cells per region side."""
+    return int(round(cfg.coarse_downsample / cfg.view_downsample))
+
+
+def region_boxes(regions: np.ndarray, coarse_w: int, cfg: Config) -> np.ndarray:
+    """Level-0 boxes [M, 4] (x, y, w, h) of flat coarse-view pixels."""
+    rows, cols = np.divmod(np.asarray(regions, dtype=np.int64), coarse_w)
+    d1 = float(cfg.coarse_downsample)
+    side = np.full_like(rows, int(round(d1)))
+    return np.stack([np.round(cols * d1), np.round(rows * d1), side, side], axis=1).astype(np.int64).reshape(-1, 4)
+
+
+def fine_cells(regions: np.ndarray, local: np.ndarray, coarse_w: int, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """(flat fine-grid indices [n], level-0 centres [n, 2]) of local cells (j ratio + k) of regions."""
+    r = ratio(cfg)
+    rows, cols = np.divmod(np.asarray(regions, dtype=np.int64), coarse_w)
+    j, k = np.divmod(np.asarray(local, dtype=np.int64), r)
+    fr, fc = rows * r + j, cols * r + k
+    d2 = float(cfg.view_downsample)
+    centers = np.stack([(fc + 0.5) * d2, (fr + 0.5) * d2], axis=1).reshape(-1, 2)
+    return fr * (coarse_w * r) + fc, centers
+
+
+def region_centers(regions: np.ndarray, coarse_w: int, cfg: Config) -> np.ndarray:
+    rows, cols = np.divmod(np.asarray(regions, dtype=np.int64), coarse_w)
+    d1 = float(cfg.coarse_downsample)
+    return np.stack([(cols + 0.5) * d1, (rows + 0.5) * d1], axis=1).reshape(-1, 2)
+
+
+def glass(crops: Tensor) -> Tensor:
+    """[M, 3, s, s] uint8 crops -> [M, ratio^2] bool interior cells that are glass (HSV saturation < the floor)."""
+    x = crops[..., HALO: crops.shape[-2] - HALO, HALO: crops.shape[-1] - HALO].int()
+    hi, lo = x.amax(dim=1), x.amin(dim=1)
+    sat = torch.where(hi > 0, (hi - lo) * 255 // hi.clamp_min(1), 0)
+    return (sat <= MIN_SATURATION).flatten(1)
+
+
+def forward_nested(
+    model: ATSModel,
+    items: Sequence[SlideBatchItem],
+    *,
+    cfg: Config,
+    pool: SlidePool,
+    mode: str = "sample",
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+    workers: int | None = None,
+    autocast: Callable[[], object] | None = None,
+) -> ForwardResult:
+    """`wsiats.pipeline.forward_batch` for `cfg.nested`: each item's view is its COARSE view.
+
+    mode 'sample': regions and cells drawn (`cfg.replace` at both levels), the unbiased nested
+    estimator; 'topk': the highest at both levels, deterministic. `ForwardResult.attention` holds a1
+    over the coarse view, `sampled_attention` a(i) = a1 a2 of each patch, `nested` both levels.
+    """
+    if mode not in ("sample", "topk"):
+        raise ValueError(f"nested sampling has modes 'sample' and 'topk', got {mode!r}")
+    if model.coarse_net is None and cfg.attention != "uniform":
+        raise ValueError("nested sampling needs a model built with nested=True (a coarse attention network)")
+    device = device or next(model.parameters()).device
+    ctx = autocast or (lambda: torch.autocast(device.type, enabled=False))
+    r, d2 = ratio(cfg), float(cfg.view_downsample)
+    side = r + 2 * HALO
+    replace = cfg.replace and mode == "sample"
+    pooled, attentions, indices, sampled, weights, boxes, entropies, picks = [], [], [], [], [], [], [], []
+    for item in items:
+        view, aug = item.view, item.augment
+        h1, w1 = view.image.shape[:2]
+        image = aug.images(torch.from_numpy(view.image).permute(2, 0, 1))
+        mask = torch.from_numpy(view.mask)
+        flips = [d for d, on in ((1, aug.flip_h), (0, aug.flip_v)) if on]
+        mask = (torch.flip(mask, flips) if flips else mask).reshape(1, -1).to(device)
+        if cfg.attention == "uniform":
+            a1 = sampling.uniform_attention(mask, mask.shape).to(device)
+        else:
+            assert model.coarse_net is not None
+            with ctx():  # type: ignore[attr-defined]
+                logits = model.coarse_net(image[None].to(device))
+            a1 = sampling.smooth_attention(logits.float(), mask=mask, eps=cfg.attention_eps)
+        m = min(cfg.regions, int((a1 > 0).sum()))
+        ridx, a1_k = sampling.topk(a1, m) if mode == "topk" else nested.sample_regions(a1, m, replace, generator)
+        regions = aug.unflip(ridx[0].cpu().numpy(), (h1, w1))
+        slide = pool.get(item.slide_path)
+        crops = slide.read_patches(region_centers(regions, w1, cfg), side, downsample=d2, workers=workers)
+        crops_t = aug.images(torch.from_numpy(crops).permute(0, 3, 1, 2))
+        allowed = (~glass(crops_t)).to(device)
+        if cfg.attention == "uniform":
+            a2 = sampling.uniform_attention(allowed, allowed.shape).to(device)
+        else:
+            with ctx():  # type: ignore[attr-defined]
+                fine = model.attention_net(crops_t.to(device)).float().reshape(m, side, side)
+            fine = fine[:, HALO: HALO + r, HALO: HALO + r].reshape(m, r * r)
+            a2 = sampling.smooth_attention(fine, mask=allowed, eps=cfg.attention_eps)
+        caps = [cfg.n_patches] * m if replace else [int(c) for c in (a2 > 0).sum(dim=1)]
+        counts = nested.allocate(cfg.n_patches, caps)
+        cells = nested.topk_cells(a2, counts) if mode == "topk" else nested.sample_cells(a2, counts, replace, generator)
+        local = np.concatenate([aug.unflip(c.cpu().numpy(), (r, r)) for c, _ in cells])
+        owner = np.repeat(np.arange(m), counts)
+        flat, centers = fine_cells(regions[owner], local, w1, cfg)
+        size, pds = cfg.patch_size, patch_downsample(slide, cfg)
+        pixels = slide.read_patch_groups(centers, owner, size, downsample=pds, workers=workers)  # a read a region
+        tiles = aug.images(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+        keys = patch_keys(item.slide_path, flat, (d2, d2), size, pds, aug)
+        feats = embed_patches(model, tiles, keys, device=device, autocast=autocast)
+        a2_k = [a for _, a in cells]
+        f_k = list(torch.split(feats, counts))
+        if mode == "topk":
+            pooled.append(nested.estimate_topk(a1_k[0], a2_k, f_k))
+        else:
+            pooled.append(nested.expectation(a1_k[0], a2_k, f_k, replace_regions=replace, replace_cells=replace))
+        w = nested.weights(a1_k[0], a2_k, replace_regions=replace, replace_cells=replace)
+        big = nested.region_weights(a1_k[0], replace)
+        entropies.append(nested.entropy(a1[0], a2, big))
+        cell_att = torch.cat(a2_k)
+        attentions.append(a1[0])
+        indices.append(flat)
+        sampled.append(a1_k[0][torch.as_tensor(owner, device=a1_k.device)] * cell_att)
+        weights.append(torch.cat(w))
+        boxes.append(patch_boxes(centers, size, pds))
+        picks.append(NestedPicks(regions=regions, region_boxes=region_boxes(regions, w1, cfg),
+                                 region_attention=a1_k[0].detach(), region_weights=big, patch_region=owner,
+                                 cell_attention=cell_att.detach()))
+    logits = model.classifier(torch.stack(pooled))
+    return ForwardResult(logits=logits, attention=attentions, indices=indices, sampled_attention=sampled,
+                         weights=weights, boxes=boxes, entropy=torch.stack(entropies), nested=picks)
