@@ -439,13 +439,13 @@ class ViewDataset(Dataset):
             "view_mpp": getattr(cfg, "view_mpp", None), "view_downsample": getattr(cfg, "view_downsample", None),
             "tissue_mask": getattr(cfg, "tissue_mask", None), "backend": self.backend, "mpp": self.mpp,
             # nested sampling caches the coarse view (the key of a one-level view is unchanged)
-            **({"coarse_downsample": cfg.coarse_downsample} if getattr(cfg, "nested", False) else {}),
+            **({"coarse_downsample": getattr(cfg, "coarse_downsample", None)} if getattr(cfg, "nested", False) else {}),
         }, sort_keys=True)
         return self.folder / f"{slide_id(path)}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
 
 #: Version of the view cache files; a change makes earlier files unused.
-_VIEW_FILE_FORMAT = 3  # 3: with what the file must match of its slide (dimensions, downsample, header hash)
+_VIEW_FILE_FORMAT = 4  # 3: with what the file must match of its slide (dimensions, downsample, header hash); 4: half-resolution tissue mask of large views
 #: Bytes hashed at each end of a slide file to identify its content (a TIFF's header and IFDs lie there).
 _HEADER_BYTES = 1 << 16
 
