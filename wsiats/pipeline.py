@@ -12,7 +12,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from wsiats import mil, sampling
 from wsiats.config import Config
-from wsiats.embed_cache import embed_patches, patch_keys
+from wsiats.embed_cache import PatchKey, embed_patches, patch_keys
 from wsiats.errors import ConfigError, SlideError
 from wsiats.models import ATSModel
 from wsiats.slide import Slide, collect_notes, note, open_slide, patch_box
@@ -258,9 +259,9 @@ def forward_batch(
         raise ValueError("mode 'explore' needs a model with gated pooling")
     device = device or next(model.parameters()).device
     use_cuda = device.type == "cuda"
-    ctx = autocast or _null_context
+    ctx = cast(Callable[[], AbstractContextManager[Any]], autocast or _null_context)
     attentions, indices, sampled, boxes, patches, distill = [], [], [], [], [], []
-    keys: list[object] = []
+    keys: list[PatchKey] = []
     counts: list[int] = []
     for item in items:
         view = item.view
@@ -335,7 +336,7 @@ def forward_batch(
     for a_k, n in zip(sampled, counts):
         f = feats[start : start + n]
         start += n
-        if gated:
+        if model.mil is not None:
             z, alpha = model.mil(f)
             pooled.append(z)
             weights.append(alpha.detach())
@@ -426,23 +427,22 @@ def _explore_distribution(item: SlideBatchItem, device: torch.device) -> Tensor 
     return t.reshape(1, -1).to(device)
 
 
-def _scores_without_grad(model: ATSModel, tiles: Tensor, device: torch.device, ctx: Callable[[], object]) -> Tensor:
+def _scores_without_grad(model: ATSModel, tiles: Tensor, device: torch.device,
+                         ctx: Callable[[], AbstractContextManager[Any]]) -> Tensor:
     """Instance scores [M] of candidate patches, embedded in eval mode without gradient."""
     assert model.mil is not None
     was_training = model.feature_net.training
     model.feature_net.eval()
     try:
-        with torch.no_grad(), ctx():  # type: ignore[attr-defined]
+        with torch.no_grad(), ctx():
             f = model.feature_net(tiles.to(device, non_blocking=device.type == "cuda")).float()
             return model.mil.score(f).float()
     finally:
         model.feature_net.train(was_training)
 
 
-def _null_context() -> object:
-    import contextlib
-
-    return contextlib.nullcontext()
+def _null_context() -> AbstractContextManager[Any]:
+    return nullcontext()
 
 
 def attention_map(model: ATSModel, view: PreparedView, cfg: Config, *, device: torch.device | None = None) -> np.ndarray:
