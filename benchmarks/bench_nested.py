@@ -40,18 +40,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))  # the sparse slide writer of the test fixtures
 
 from bench_backbones import decode_once  # noqa: E402
-from bench_predict import (  # noqa: E402
-    _child_rss,
-    _median,
+from _common import (  # noqa: E402
     code_hash,
     code_version,
     ensure_cohort,
     json_safe,
     load_average,
     machine_info,
+    median,
     run_child,
     set_omp_policy,
 )
+from bench_predict import _child_rss  # noqa: E402
 
 #: Targets of issue 16: nested predict against the decode-once read on the 2 Gpx slide; growth of nested
 #: predict time and peak RSS from the smallest to the largest slide.
@@ -190,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
             "nested": ensure_run(args.cache, "nested", {**ONE_LEVEL, **NESTED}, smoke=args.smoke)}
     load_measure = load_average()
 
-    from wsiats.config import load_run_config
+    from wsiats.run import RunFolder
 
-    one_cfg = load_run_config(runs["one_level"])
+    one_cfg = RunFolder(runs["one_level"]).load_config()
     rows: dict[str, Any] = {}
     for name, path in slides.items():
         side = sides[name]
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             common = {"run": str(run), "slide": str(path), "workers": args.workers, "seed": args.seed}
             timing = measure({**common, "kind": "time", "repeat": repeat}, fresh=not args.smoke)
             rss = measure({**common, "kind": "rss"}, fresh=not args.smoke)
-            row[method] = {"predict_s": _median(timing["predict_s"]), "predict_runs_s": timing["predict_s"],
+            row[method] = {"predict_s": median(timing["predict_s"]), "predict_runs_s": timing["predict_s"],
                            "n_patches": timing["n_patches"], "regions": timing["regions"], **rss}
         row["decode_once"] = decode_once(path, one_cfg, workers=args.workers)
         for method in runs:
