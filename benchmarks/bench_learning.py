@@ -334,6 +334,7 @@ def _step_setup(method: str, spec: dict[str, Any]) -> tuple[Callable[[], Any], C
     import torch
     import torch.nn.functional as F
 
+    from wsiats._tiff import TILE_CACHE
     from wsiats.checkpoint import build_model
     from wsiats.pipeline import Augment, SlideBatchItem, SlidePool, forward_batch, loss_fn
     from wsiats.runtime import autocast_factory
@@ -354,6 +355,9 @@ def _step_setup(method: str, spec: dict[str, Any]) -> tuple[Callable[[], Any], C
         autocast = autocast_factory(torch.device("cpu"), cfg.amp)
 
         def ats_step(view: Any) -> None:  # as wsiats.train._train_epoch does it, for a batch of one slide
+            # each timed step reads its own patches, as a step of an epoch over many slides does: the decoded
+            # tiles of the previous step (the same slide here) must not be found in the tile cache
+            TILE_CACHE.clear()
             item = SlideBatchItem(path, view, Augment.draw(gen) if cfg.augment else Augment())
             out = forward_batch(model, [item], cfg=cfg, pool=pool, mode=training_mode(cfg), generator=gen,
                                 device=torch.device("cpu"), workers=cfg.workers or None, autocast=autocast)

@@ -427,6 +427,9 @@ def test_read_view_decodes_each_tile_once(tmp_path: Path, image: np.ndarray, ds:
             return original(data, index, **kw)
 
         reader._decode = counting
+        from wsiats._tiff import TILE_CACHE
+
+        TILE_CACHE.drop(reader.cache_id)  # the one-shot read's tiles: decode them again, counted
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(wsiats._base, "_VIEW_CHUNK", 200)  # 2 x 2 tiles a chunk
             chunked = s.read_view(downsample=ds)
@@ -696,3 +699,38 @@ def test_describe_is_json(svs: tuple[Generated, dict[str, np.ndarray]]) -> None:
     assert d["level_downsamples"][1] == 4.0 and d["mpp"] == [0.25, 0.25] and d["mpp_source"] == "aperio"
     assert d["objective_power"] == 20.0 and d["associated_images"] == ["label", "macro", "thumbnail"]
     assert d["file_size"] == svs[0].path.stat().st_size and math.isclose(d["gigapixels"], 0.00048)
+
+
+def test_decoded_tiles_are_cached_within_a_bound_and_dropped_on_close(tmp_path: Path) -> None:
+    """Patches that share file tiles decode each tile once; the cache is bounded, read-only, and forgets a
+    closed slide's tiles (a new slide never hits them)."""
+    from wsiats import _tiff
+    from wsiats.slide import open_slide
+
+    image = _slides.tissue_image(512, 512, seed=3)
+    path = tmp_path / "s.tif"
+    _slides.write_generic_pyramid(path, image, n_levels=1, tile=128)
+    slide = open_slide(path, backend="tifffile")
+    level = slide._levels[0]  # type: ignore[attr-defined]
+    calls = []
+    decode = level._decode
+    level._decode = lambda *a, **k: calls.append(a[1]) or decode(*a, **k)
+    centers = np.array([[100.0, 100.0], [110.0, 105.0], [300.0, 300.0]])
+    first = slide.read_patches(centers, 32, workers=1)
+    n_first = len(calls)
+    again = slide.read_patches(centers, 32, workers=1)
+    assert np.array_equal(first, again) and np.array_equal(first[0], image[84:116, 84:116])
+    assert len(calls) == n_first  # every tile came from the cache
+    assert n_first == len(set(calls))  # and within the first read each tile was decoded once
+    tile = _tiff.TILE_CACHE.get((level.cache_id, calls[0]))
+    assert tile is not None and not tile.flags.writeable
+    slide.close()
+    assert _tiff.TILE_CACHE.get((level.cache_id, calls[0])) is None
+
+    small = _tiff._TileCache(max_bytes=8 * 1000)
+    for i in range(20):
+        small.put((0, i), np.zeros(1000, np.uint8))
+    assert small.get((0, 0)) is None and small.get((0, 19)) is not None  # oldest out, at most 8 kB held
+    assert sum(t.nbytes for t in small._tiles.values()) <= 8000
+    small.put((0, 99), np.zeros(2000, np.uint8))  # over max_bytes / 8: not kept
+    assert small.get((0, 99)) is None
