@@ -21,7 +21,9 @@ region is glass.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -31,7 +33,14 @@ from wsiats import nested, sampling
 from wsiats.config import Config
 from wsiats.embed_cache import embed_patches, patch_keys
 from wsiats.models import ATSModel, AttentionNet
-from wsiats.pipeline import ForwardResult, SlideBatchItem, SlidePool, patch_boxes, patch_downsample
+from wsiats.pipeline import (
+    ForwardResult,
+    SlideBatchItem,
+    SlidePool,
+    patch_boxes,
+    patch_downsample,
+    view_attention,
+)
 from wsiats.tissue import MIN_SATURATION
 
 #: Fine pixels read around each region on every side: half the attention network's receptive field.
@@ -111,7 +120,7 @@ def forward_nested(
     if model.coarse_net is None and cfg.attention != "uniform":
         raise ValueError("nested sampling needs a model built with nested=True (a coarse attention network)")
     device = device or next(model.parameters()).device
-    ctx = autocast or (lambda: torch.autocast(device.type, enabled=False))
+    ctx = cast(Callable[[], AbstractContextManager[Any]], autocast or (lambda: torch.autocast(device.type, enabled=False)))
     r, d2 = ratio(cfg), float(cfg.view_downsample)
     side = r + 2 * HALO
     replace = cfg.replace and mode == "sample"
@@ -119,17 +128,7 @@ def forward_nested(
     for item in items:
         view, aug = item.view, item.augment
         h1, w1 = view.image.shape[:2]
-        image = aug.images(torch.from_numpy(view.image).permute(2, 0, 1))
-        mask = torch.from_numpy(view.mask)
-        flips = [d for d, on in ((1, aug.flip_h), (0, aug.flip_v)) if on]
-        mask = (torch.flip(mask, flips) if flips else mask).reshape(1, -1).to(device)
-        if cfg.attention == "uniform":
-            a1 = sampling.uniform_attention(mask, mask.shape).to(device)
-        else:
-            assert model.coarse_net is not None
-            with ctx():  # type: ignore[attr-defined]
-                logits = model.coarse_net(image[None].to(device))
-            a1 = sampling.smooth_attention(logits.float(), mask=mask, eps=cfg.attention_eps)
+        _, a1 = view_attention(model.coarse_net, item, cfg, device=device, autocast=ctx)
         m = min(cfg.regions, int((a1 > 0).sum()))
         ridx, a1_k = sampling.topk(a1, m) if mode == "topk" else nested.sample_regions(a1, m, replace, generator)
         regions = aug.unflip(ridx[0].cpu().numpy(), (h1, w1))
@@ -140,7 +139,7 @@ def forward_nested(
         if cfg.attention == "uniform":
             a2 = sampling.uniform_attention(allowed, allowed.shape).to(device)
         else:
-            with ctx():  # type: ignore[attr-defined]
+            with ctx():
                 fine = model.attention_net(crops_t.to(device)).float().reshape(m, side, side)
             fine = fine[:, HALO: HALO + r, HALO: HALO + r].reshape(m, r * r)
             a2 = sampling.smooth_attention(fine, mask=allowed, eps=cfg.attention_eps)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any, cast
 
 import numpy as np
@@ -131,13 +131,16 @@ class Augment:
     def is_identity(self) -> bool:
         return self == Augment()
 
+    def maps(self, x: Tensor) -> Tensor:
+        """Flip per-cell maps [..., H, W] (a tissue mask, an exploration distribution) as `images` flips the view."""
+        dims = [d for d, on in ((-1, self.flip_h), (-2, self.flip_v)) if on]
+        return torch.flip(x, dims) if dims else x
+
     def images(self, x: Tensor) -> Tensor:
         """Apply to uint8 images [..., 3, H, W]; returns uint8."""
         if self.is_identity():
             return x
-        dims = [d for d, on in ((-1, self.flip_h), (-2, self.flip_v)) if on]
-        if dims:
-            x = torch.flip(x, dims)
+        x = self.maps(x)
         if self.brightness != 0.0 or self.contrast != 1.0:
             y = x.float() / 255.0
             y = (y - 0.5) * self.contrast + 0.5 + self.brightness
@@ -258,7 +261,6 @@ def forward_batch(
     if mode == "explore" and not gated:
         raise ValueError("mode 'explore' needs a model with gated pooling")
     device = device or next(model.parameters()).device
-    use_cuda = device.type == "cuda"
     ctx = cast(Callable[[], AbstractContextManager[Any]], autocast or _null_context)
     attentions, indices, sampled, boxes, patches, distill = [], [], [], [], [], []
     keys: list[PatchKey] = []
@@ -266,20 +268,7 @@ def forward_batch(
     for item in items:
         view = item.view
         h, w = view.image.shape[:2]
-        image = torch.from_numpy(view.image).permute(2, 0, 1)
-        image = item.augment.images(image)
-        mask = torch.from_numpy(view.mask)
-        if item.augment.flip_h:
-            mask = torch.flip(mask, [1])
-        if item.augment.flip_v:
-            mask = torch.flip(mask, [0])
-        mask = mask.reshape(1, -1).to(device)
-        if cfg.attention == "uniform":
-            att = sampling.uniform_attention(mask, mask.shape).to(device)
-        else:
-            with ctx():
-                logits = model.attention_net(image[None].to(device, non_blocking=use_cuda))
-            att = sampling.smooth_attention(logits.float(), mask=mask, eps=cfg.attention_eps)
+        mask, att = view_attention(model.attention_net, item, cfg, device=device, autocast=ctx)
         n = min(cfg.n_patches, int((att > 0).sum()))
         slide = pool.get(item.slide_path)
         size, pds = cfg.patch_size, patch_downsample(slide, cfg)
@@ -416,15 +405,28 @@ def zoom_cells(attention: Tensor, taken: Tensor, best: int, shape: tuple[int, in
     return picked
 
 
+def view_attention(net: torch.nn.Module | None, item: SlideBatchItem, cfg: Config, *, device: torch.device,
+                   autocast: Callable[[], AbstractContextManager[Any]] | None = None) -> tuple[Tensor, Tensor]:
+    """(mask [1, K], attention [1, K]) over an item's augmented view, both on `device`: uniform over the mask
+    with `cfg.attention` 'uniform', otherwise the smoothed softmax of `net`'s logits over the view (zero off
+    the mask). The one place the learned-vs-uniform choice is made (`forward_batch`, the nested pass,
+    `attention_map`)."""
+    mask = item.augment.maps(torch.from_numpy(item.view.mask)).reshape(1, -1).to(device)
+    if cfg.attention == "uniform":
+        return mask, sampling.uniform_attention(mask, mask.shape).to(device)
+    if net is None:
+        raise ValueError("learned attention needs an attention network")
+    image = item.augment.images(torch.from_numpy(item.view.image).permute(2, 0, 1))
+    with (autocast or _null_context)():
+        logits = net(image[None].to(device, non_blocking=device.type == "cuda"))
+    return mask, sampling.smooth_attention(logits.float(), mask=mask, eps=cfg.attention_eps)
+
+
 def _explore_distribution(item: SlideBatchItem, device: torch.device) -> Tensor | None:
     """The exploration distribution [1, K] of an item's (augmented) view, or None (uniform) without one."""
     if item.view.explore is None:
         return None
-    t = torch.from_numpy(item.view.explore)
-    dims = [d for d, on in ((1, item.augment.flip_h), (0, item.augment.flip_v)) if on]
-    if dims:
-        t = torch.flip(t, dims)
-    return t.reshape(1, -1).to(device)
+    return item.augment.maps(torch.from_numpy(item.view.explore)).reshape(1, -1).to(device)
 
 
 def _scores_without_grad(model: ATSModel, tiles: Tensor, device: torch.device,
@@ -451,14 +453,9 @@ def attention_map(model: ATSModel, view: PreparedView, cfg: Config, *, device: t
     With `cfg.nested` the view is the coarse view and this is the coarse attention a1 over its regions."""
     device = device or next(model.parameters()).device
     h, w = view.image.shape[:2]
-    mask = torch.from_numpy(view.mask).reshape(1, -1).to(device)
-    if cfg.attention == "uniform":
-        att = sampling.uniform_attention(mask, mask.shape)
-    else:
-        image = torch.from_numpy(view.image).permute(2, 0, 1)[None].to(device)
-        with torch.no_grad():
-            net = model.coarse_net if cfg.nested and model.coarse_net is not None else model.attention_net
-            att = sampling.smooth_attention(net(image).float(), mask=mask, eps=cfg.attention_eps)
+    net = model.coarse_net if cfg.nested and model.coarse_net is not None else model.attention_net
+    with torch.no_grad():
+        _, att = view_attention(net, SlideBatchItem(Path(), view), cfg, device=device)
     return att.reshape(h, w).cpu().numpy()
 
 
