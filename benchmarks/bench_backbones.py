@@ -102,8 +102,8 @@ def decode_once(path: Path, cfg: Any, *, workers: int) -> dict[str, Any]:
     """Every level-0 file tile holding tissue (a tissue cell of the view inside it), read aligned: decoded once."""
     import tifffile
 
-    from wsiats.pipeline import prepare_view
     from wsiats.slide import open_slide
+    from wsiats.view import prepare_view
 
     with tifffile.TiffFile(path) as tf:
         page = tf.pages[0]
@@ -161,8 +161,8 @@ def time_dense(runs: dict[str, Path], slide_path: Path, *, sample: int, workers:
     import torch
 
     from wsiats.checkpoint import load_model
-    from wsiats.pipeline import patch_downsample, prepare_view
     from wsiats.slide import open_slide
+    from wsiats.view import patch_downsample, prepare_view
 
     _, cfg = load_model(next(iter(runs.values())))
     with warnings.catch_warnings():
@@ -208,9 +208,9 @@ def time_cohort(runs: dict[str, Path], slides: list[Path], dense: dict[str, Any]
                 seed: int) -> dict[str, Any]:
     """ATS predict over the cohort (measured) and dense pipelines (per-tile costs x each slide's tissue tiles)."""
     from wsiats.checkpoint import load_model
-    from wsiats.pipeline import patch_downsample, prepare_view
     from wsiats.predict import Predictor
     from wsiats.slide import open_slide
+    from wsiats.view import patch_downsample, prepare_view
 
     _, cfg = load_model(next(iter(runs.values())))
     tiles = 0

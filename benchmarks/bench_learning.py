@@ -53,8 +53,8 @@ from _common import (  # noqa: E402 - beside this script
     gated_pool,
     json_safe,
     load_average,
-    prune_stale,
     machine_info,
+    prune_stale,
     reset_peak_rss,
     run_child,
     set_omp_policy,
@@ -80,8 +80,8 @@ def _row_cfg(attention: str, **overrides: Any) -> Any:
 
 
 def _demo_cfg(**overrides: Any) -> Any:
-    from wsiats.demo import DEMO_CONFIG
     from wsiats.config import resolve
+    from wsiats.demo import DEMO_CONFIG
 
     return resolve(overrides={**DEMO_CONFIG, **overrides})
 
@@ -185,8 +185,8 @@ def load_tiles(path: Path, cfg: Any, *, workers: int) -> Any:
     """Every tissue tile of a slide (uint8 [n, 3, p, p]): the grid of bench_predict.py at level 0."""
     import torch
 
-    from wsiats.pipeline import prepare_view
     from wsiats.slide import open_slide
+    from wsiats.view import prepare_view
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -199,8 +199,8 @@ def load_tiles(path: Path, cfg: Any, *, workers: int) -> Any:
 
 def load_view(path: Path, cfg: Any) -> Any:
     """The view as training sees it (with its exploration distribution when cfg trains with candidates)."""
-    from wsiats.pipeline import prepare_view, with_exploration
     from wsiats.slide import open_slide
+    from wsiats.view import prepare_view, with_exploration
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -226,7 +226,7 @@ def fit(model: Any, train: Sequence[Any], val: Sequence[Any], test: Sequence[Any
     import torch
     import torch.nn.functional as F
 
-    from wsiats.pipeline import class_weights
+    from wsiats.loss import class_weights
 
     cfg = _demo_cfg(seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
@@ -291,7 +291,7 @@ def run_dense(cohort: Path, tiles: dict[str, Any], *, seed: int, epochs: int, lr
 def run_view_cnn(cohort: Path, views: dict[str, Any], *, seed: int, epochs: int) -> dict[str, Any]:
     import torch
 
-    from wsiats.pipeline import Augment
+    from wsiats.view import Augment
 
     classes, train, val, test = splits(cohort, seed)
     cfg = _demo_cfg(seed=seed)
@@ -336,9 +336,12 @@ def _step_setup(method: str, spec: dict[str, Any]) -> tuple[Callable[[], Any], C
 
     from wsiats._tiff import TILE_CACHE
     from wsiats.checkpoint import build_model
-    from wsiats.pipeline import Augment, SlideBatchItem, SlidePool, forward_batch, loss_fn
+    from wsiats.forward import SlideBatchItem, forward_batch
+    from wsiats.loss import loss_fn
+    from wsiats.reader import SlidePool
     from wsiats.runtime import autocast_factory
     from wsiats.train import training_mode
+    from wsiats.view import Augment
 
     path, label, classes = Path(spec["slide"]), int(spec["label"]), spec["classes"]
     y = torch.tensor([label])
@@ -359,7 +362,7 @@ def _step_setup(method: str, spec: dict[str, Any]) -> tuple[Callable[[], Any], C
             # tiles of the previous step (the same slide here) must not be found in the tile cache
             TILE_CACHE.clear()
             item = SlideBatchItem(path, view, Augment.draw(gen) if cfg.augment else Augment())
-            out = forward_batch(model, [item], cfg=cfg, pool=pool, mode=training_mode(cfg), generator=gen,
+            out = forward_batch(model, [item], cfg=cfg, reader=pool, mode=training_mode(cfg), generator=gen,
                                 device=torch.device("cpu"), workers=cfg.workers or None, autocast=autocast)
             loss, _ = loss_fn(out, y, cfg=cfg, weight=None)
             opt.zero_grad(set_to_none=True)

@@ -176,7 +176,7 @@ def run_view_cnn(cohort: Path, *, seed: int, epochs: int) -> dict[str, Any]:
 
     from wsiats.config import resolve
     from wsiats.data import build_cohort, split_items
-    from wsiats.pipeline import Augment
+    from wsiats.view import Augment
 
     cfg = resolve(overrides={"seed": seed})
     items, classes = build_cohort(cohort / "slides", cohort / "labels.csv")

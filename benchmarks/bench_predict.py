@@ -73,9 +73,9 @@ def floor_pass(path: Path, model: Any, cfg: Any, *, workers: int, seed: int) -> 
 
     from wsiats import sampling
     from wsiats.data import seeded_generator
-    from wsiats.pipeline import cell_centers, patch_downsample, view_downsample
     from wsiats.slide import open_slide
     from wsiats.tissue import tissue_mask
+    from wsiats.view import cell_centers, patch_downsample, view_downsample
 
     stages: dict[str, float] = {}
     t0 = last = time.perf_counter()
@@ -201,8 +201,8 @@ def dense_baselines(path: Path, run: Path, *, workers: int, sample: int, feature
     import torch
 
     from wsiats.checkpoint import load_model
-    from wsiats.pipeline import prepare_view
     from wsiats.slide import open_slide
+    from wsiats.view import prepare_view
 
     model, cfg = load_model(run)
     patch = cfg.patch_size

@@ -219,7 +219,7 @@ def test_view_cache_files_are_reused_and_never_stale(tmp_path: Path, monkeypatch
                                                      caplog: pytest.LogCaptureFixture) -> None:
     import os
 
-    import wsiats.pipeline
+    import wsiats.view
 
     items = _view_items(tmp_path, 2)
     cache = tmp_path / "cache"
@@ -231,7 +231,7 @@ def test_view_cache_files_are_reused_and_never_stale(tmp_path: Path, monkeypatch
     def no_slides(*args: object, **kwargs: object) -> None:
         raise AssertionError("the slide's view was read although it is cached")
 
-    monkeypatch.setattr(wsiats.pipeline, "prepare_view", no_slides)  # opened to check the file against, not read
+    monkeypatch.setattr(wsiats.view, "prepare_view", no_slides)  # opened to check the file against, not read
     cached = ViewDataset(items, cfg)[0][1]
     assert np.array_equal(cached.image, first.image) and np.array_equal(cached.mask, first.mask)
     assert cached.downsample == first.downsample and cached.fell_back == first.fell_back

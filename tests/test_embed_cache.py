@@ -17,7 +17,9 @@ import _slides
 from wsiats.config import Config
 from wsiats.embed_cache import EmbeddingCache, embed_patches, patch_keys
 from wsiats.models import ATSModel
-from wsiats.pipeline import Augment, SlideBatchItem, SlidePool, forward_batch, prepare_view
+from wsiats.forward import SlideBatchItem, forward_batch
+from wsiats.reader import SlidePool
+from wsiats.view import Augment, prepare_view
 
 CPU = torch.device("cpu")
 
@@ -149,7 +151,7 @@ def test_forward_batch_with_the_cache_equals_the_plain_pass(tiny: _slides.Genera
         for name, model in (("cached", cached), ("plain", plain)):
             for k, aug in enumerate((Augment(), Augment(), Augment(flip_h=True))):
                 gen = torch.Generator().manual_seed(1)
-                outs[name, k] = forward_batch(model, [SlideBatchItem(tiny.path, view, aug)], cfg=cfg, pool=pool,
+                outs[name, k] = forward_batch(model, [SlideBatchItem(tiny.path, view, aug)], cfg=cfg, reader=pool,
                                               generator=gen)
     finally:
         pool.close()

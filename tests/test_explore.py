@@ -11,7 +11,10 @@ import _slides
 from wsiats import mil
 from wsiats.config import Config
 from wsiats.models import ATSModel
-from wsiats.pipeline import SlideBatchItem, SlidePool, forward_batch, loss_fn, prepare_view, zoom_cells
+from wsiats.forward import SlideBatchItem, forward_batch, zoom_cells
+from wsiats.loss import loss_fn
+from wsiats.reader import SlidePool
+from wsiats.view import prepare_view
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -44,7 +47,7 @@ def test_explore_embeds_candidates_and_trains_on_the_highest_scores(slide_path) 
     cfg = _cfg()
     model, pool, view = _setup(cfg, slide_path)
     try:
-        out = forward_batch(model, [SlideBatchItem(slide_path, view)] * 2, cfg=cfg, pool=pool, mode="explore",
+        out = forward_batch(model, [SlideBatchItem(slide_path, view)] * 2, cfg=cfg, reader=pool, mode="explore",
                             generator=torch.Generator().manual_seed(1))
         loss, _ = loss_fn(out, torch.tensor([0, 1]), cfg=cfg, weight=None)
         loss.backward()
@@ -73,7 +76,7 @@ def test_explore_keeps_the_candidates_with_the_highest_instance_scores(slide_pat
     monkeypatch.setattr(mil, "select_informative", spy)
     try:
         with torch.no_grad():
-            out = forward_batch(model, [SlideBatchItem(slide_path, view)], cfg=cfg, pool=pool, mode="explore",
+            out = forward_batch(model, [SlideBatchItem(slide_path, view)], cfg=cfg, reader=pool, mode="explore",
                                 generator=torch.Generator().manual_seed(2))
             feats = model.feature_net(torch.from_numpy(pool.get(slide_path).read_patches(
                 np.stack([(out.boxes[0][:, 0] + 8.0), (out.boxes[0][:, 1] + 8.0)], 1), 16)).permute(0, 3, 1, 2))
@@ -89,7 +92,7 @@ def test_explore_needs_gated_pooling(slide_path) -> None:  # type: ignore[no-unt
     model = ATSModel(n_classes=2, feature_dim=8, pooling="ats")
     view = prepare_view(SlidePool().get(slide_path), cfg)
     with pytest.raises(ValueError, match="mode 'explore' needs a model with gated pooling"):
-        forward_batch(model, [SlideBatchItem(slide_path, view)], cfg=cfg, pool=SlidePool(), mode="explore")
+        forward_batch(model, [SlideBatchItem(slide_path, view)], cfg=cfg, reader=SlidePool(), mode="explore")
 
 
 def test_zoom_draws_the_rest_around_the_most_telling_patch(slide_path) -> None:  # type: ignore[no-untyped-def]
@@ -98,7 +101,7 @@ def test_zoom_draws_the_rest_around_the_most_telling_patch(slide_path) -> None: 
     w = view.image.shape[1]
     try:
         with torch.no_grad():
-            out = forward_batch(model, [SlideBatchItem(slide_path, view)], cfg=cfg, pool=pool,
+            out = forward_batch(model, [SlideBatchItem(slide_path, view)], cfg=cfg, reader=pool,
                                 generator=torch.Generator().manual_seed(3))
             first = out.indices[0][:4]
             tiles = torch.from_numpy(pool.get(slide_path).read_patches(
@@ -151,11 +154,11 @@ def test_explore_with_every_cell_a_candidate_is_ips_over_the_whole_view(slide_pa
     cfg = _cfg(candidates=65536, train_patches=7, n_patches=3)
     model, pool, view = _setup(cfg, slide_path)
     h, w = view.image.shape[:2]
-    from wsiats.pipeline import cell_centers
+    from wsiats.view import cell_centers
 
     try:
         with torch.no_grad():
-            outs = [forward_batch(model, [SlideBatchItem(slide_path, view)], cfg=cfg, pool=pool, mode="explore",
+            outs = [forward_batch(model, [SlideBatchItem(slide_path, view)], cfg=cfg, reader=pool, mode="explore",
                                   generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
             every = pool.get(slide_path).read_patches(cell_centers(np.arange(h * w), (h, w), view.downsample), 16)
             f = model.feature_net(torch.from_numpy(every).permute(0, 3, 1, 2))
@@ -172,7 +175,7 @@ def test_explore_with_every_cell_a_candidate_is_ips_over_the_whole_view(slide_pa
 def test_spread_cells_keeps_distinct_places_the_attention_points_to() -> None:
     """Far-apart cells first, but only where the attention is at least uniform; the tail is not taken for
     being far away: the rest come in draw order (here top-k order) from the places already found."""
-    from wsiats.pipeline import spread_cells
+    from wsiats.forward import spread_cells
 
     h, w = 10, 10
     att = torch.full((h, w), 0.1 / 96)  # background: below the uniform level 1/100

@@ -226,9 +226,11 @@ import numpy as np  # noqa: E402
 from wsiats.checkpoint import MODEL_FILE, build_model, save_weights  # noqa: E402
 from wsiats.config import Config  # noqa: E402
 from wsiats.errors import ConfigError  # noqa: E402
+from wsiats.forward import SlideBatchItem, forward_batch  # noqa: E402
 from wsiats.nested_pass import HALO, fine_cells, region_centers  # noqa: E402
-from wsiats.pipeline import Augment, OpenedSlide, SlideBatchItem, forward_batch, prepare_view  # noqa: E402
+from wsiats.reader import OpenedSlide
 from wsiats.slide import open_slide  # noqa: E402
+from wsiats.view import Augment, prepare_view
 
 #: Fine view at downsample 4 (a level of the slide), coarse view at 32: regions of 8 x 8 fine cells.
 NESTED = dict(classes=["a", "b"], nested=True, pooling="ats", view_downsample=4.0, coarse_downsample=32.0,
@@ -302,7 +304,7 @@ def test_forward_reads_m_regions_and_n_patches_inside_them(nested_slide: Path, m
         view = prepare_view(slide, cfg)
         counting = CountingSlide(slide)
         out = forward_batch(model, [SlideBatchItem(nested_slide, view, augment)], cfg=cfg,
-                            pool=OpenedSlide(counting), mode=mode,  # type: ignore[arg-type]
+                            reader=OpenedSlide(counting), mode=mode,  # type: ignore[arg-type]
                             generator=torch.Generator().manual_seed(1))
     assert counting.reads == [(4, 8 + 2 * HALO, 4.0), (8, 16, 1.0)]  # the M crops, then the N patches: nothing else
     picks = out.nested[0]  # type: ignore[index]

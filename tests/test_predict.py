@@ -11,8 +11,8 @@ import _slides
 import numpy as np
 import pytest
 
-import wsiats.pipeline
 import wsiats.predict
+import wsiats.reader
 from wsiats.checkpoint import build_model, save_weights
 from wsiats.config import Config
 from wsiats.predict import Prediction, Predictor, write_predictions
@@ -66,7 +66,7 @@ def test_each_slide_is_opened_once_and_read_from_that_handle(run: Path, tmp_path
         return view
 
     monkeypatch.setattr(wsiats.predict, "open_slide", counting_open)
-    monkeypatch.setattr(wsiats.pipeline, "open_slide", counting_open)
+    monkeypatch.setattr(wsiats.reader, "open_slide", counting_open)
     monkeypatch.setattr(wsiats.predict, "prepare_view", prepare_then_replace)
     (swapped,) = predictor.predict([a])
     assert opened == [a]

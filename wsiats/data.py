@@ -37,7 +37,7 @@ from wsiats.slide import (
 )
 
 if TYPE_CHECKING:
-    from wsiats.pipeline import PreparedView
+    from wsiats.view import PreparedView
 
 SPLITS = ("train", "val", "test")
 #: The ending of the attention maps `wsiats heatmap` writes (TIFFs, but not slides).
@@ -358,7 +358,7 @@ class ViewDataset(Dataset):
         return i, view
 
     def _load(self, i: int) -> object:
-        from wsiats.pipeline import prepare_view, with_exploration
+        from wsiats.view import prepare_view, with_exploration
 
         path = self.items[i].path
         file = self._file(path)
@@ -457,7 +457,7 @@ _IDENTITY_TEXT = {"dimensions": "the slide's size", "requested_downsample": "the
 def _slide_identity(slide: object, cfg: object) -> dict[str, np.ndarray]:
     """What a view cache file must match: the slide's level-0 size, the view's requested downsample,
     and a SHA-256 of the slide file's first and last 64 KiB (of each file, for a DICOM folder)."""
-    from wsiats.pipeline import view_downsample
+    from wsiats.view import view_downsample
 
     path = Path(slide.path)  # type: ignore[attr-defined]
     digest = hashlib.sha256()
@@ -496,7 +496,7 @@ def _write_view_file(file: Path, view: PreparedView, identity: dict[str, np.ndar
 def _read_view_file(file: Path, identity: dict[str, np.ndarray]) -> object | None:
     """A view stored by `_write_view_file` for the slide and settings of `identity`, or None (logged) when
     the file cannot be used: damaged, or stored for another slide, another size or another downsample."""
-    from wsiats.pipeline import PreparedView
+    from wsiats.view import PreparedView
 
     try:
         with np.load(file, allow_pickle=False) as z:

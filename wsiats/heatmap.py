@@ -408,18 +408,11 @@ def heatmap_slides(
     from wsiats.checkpoint import load_model
     from wsiats.data import seeded_generator, slide_id
     from wsiats.errors import WsiatsError
-    from wsiats.pipeline import (
-        OpenedSlide,
-        SlideBatchItem,
-        attention_map,
-        cell_centers,
-        forward_batch,
-        patch_boxes,
-        patch_downsample,
-        prepare_view,
-    )
+    from wsiats.forward import SlideBatchItem, attention_map, forward_batch
+    from wsiats.reader import OpenedSlide
     from wsiats.runtime import select_device
     from wsiats.slide import collect_notes, open_slide
+    from wsiats.view import cell_centers, patch_boxes, patch_downsample, prepare_view
 
     if scale not in SCALES:
         raise ConfigError(f"unknown scale {scale!r}; choose one of: {', '.join(SCALES)}")
@@ -449,7 +442,7 @@ def heatmap_slides(
                 thumb_ds = max(1.0, max(slide.dimensions) / thumbnail_size)  # never finer than level 0
                 thumb = slide.read_view(downsample=thumb_ds).image if thumb_ds < min(view.downsample) else view.image
                 with torch.no_grad():
-                    out = forward_batch(model, [SlideBatchItem(Path(path), view)], cfg=cfg, pool=OpenedSlide(slide),
+                    out = forward_batch(model, [SlideBatchItem(Path(path), view)], cfg=cfg, reader=OpenedSlide(slide),
                                         generator=seeded_generator(0, 0), device=dev)
             probs = torch.softmax(out.logits.float(), -1)[0].cpu().numpy()
             best = int(probs.argmax())

@@ -1,7 +1,7 @@
 """The networks: attention network, feature networks (a registry) and the linear classifier.
 
 `ATSModel` holds the three and the pieces of the forward pass that do not touch a file;
-`wsiats.pipeline` composes them with the slide reader (view -> attention -> sample -> read ->
+`wsiats.forward` composes them with a patch reader (view -> attention -> sample -> read ->
 features -> expectation -> logits).
 """
 

@@ -10,7 +10,7 @@ Geometry, in level-0 pixels (d1 = `coarse_downsample`, d2 = `view_downsample`, r
 region (R, C), pixel (R, C) of the coarse view, is the square [C d1, (C + 1) d1) x [R d1, (R + 1) d1)
 (the coarse view's own downsample, W0 / round(W0 / d1), differs from d1 by under half a region over
 the whole slide); its fine cell (j, k) is centred on ((C ratio + k + 0.5) d2, (R ratio + j + 0.5) d2),
-cell (R ratio + j, C ratio + k) of the fine grid, as the one-level view's cells are (`wsiats.pipeline`).
+cell (R ratio + j, C ratio + k) of the fine grid, as the one-level view's cells are (`wsiats.view`).
 The crop carries a halo of `HALO` fine pixels on each side (the attention network's receptive field),
 so the fine logits of a region are those the network gives on the whole fine view, except at the
 slide's border (pixels outside the slide read as white, not replicated). A fine cell whose crop
@@ -32,16 +32,11 @@ from torch import Tensor
 from wsiats import nested, sampling
 from wsiats.config import Config
 from wsiats.embed_cache import embed_patches, patch_keys
+from wsiats.forward import ForwardResult, SlideBatchItem, view_attention
 from wsiats.models import ATSModel, AttentionNet
-from wsiats.pipeline import (
-    ForwardResult,
-    SlideBatchItem,
-    SlidePool,
-    patch_boxes,
-    patch_downsample,
-    view_attention,
-)
+from wsiats.reader import PatchReader
 from wsiats.tissue import MIN_SATURATION
+from wsiats.view import patch_boxes
 
 #: Fine pixels read around each region on every side: half the attention network's receptive field.
 HALO = AttentionNet.receptive_field // 2
@@ -102,14 +97,14 @@ def forward_nested(
     items: Sequence[SlideBatchItem],
     *,
     cfg: Config,
-    pool: SlidePool,
+    reader: PatchReader,
     mode: str = "sample",
     generator: torch.Generator | None = None,
     device: torch.device | None = None,
     workers: int | None = None,
     autocast: Callable[[], object] | None = None,
 ) -> ForwardResult:
-    """`wsiats.pipeline.forward_batch` for `cfg.nested`: each item's view is its COARSE view.
+    """`wsiats.forward.forward_batch` for `cfg.nested`: each item's view is its COARSE view.
 
     mode 'sample': regions and cells drawn (`cfg.replace` at both levels), the unbiased nested
     estimator; 'topk': the highest at both levels, deterministic. `ForwardResult.attention` holds a1
@@ -132,8 +127,7 @@ def forward_nested(
         m = min(cfg.regions, int((a1 > 0).sum()))
         ridx, a1_k = sampling.topk(a1, m) if mode == "topk" else nested.sample_regions(a1, m, replace, generator)
         regions = aug.unflip(ridx[0].cpu().numpy(), (h1, w1))
-        slide = pool.get(item.slide_path)
-        crops = slide.read_patches(region_centers(regions, w1, cfg), side, downsample=d2, workers=workers)
+        crops = reader.read(item.slide_path, region_centers(regions, w1, cfg), side, downsample=d2, workers=workers)
         crops_t = aug.images(torch.from_numpy(crops).permute(0, 3, 1, 2))
         allowed = (~glass(crops_t)).to(device)
         if cfg.attention == "uniform":
@@ -149,8 +143,8 @@ def forward_nested(
         local = np.concatenate([aug.unflip(c.cpu().numpy(), (r, r)) for c, _ in cells])
         owner = np.repeat(np.arange(m), counts)
         flat, centers = fine_cells(regions[owner], local, w1, cfg)
-        size, pds = cfg.patch_size, patch_downsample(slide, cfg)
-        pixels = slide.read_patch_groups(centers, owner, size, downsample=pds, workers=workers)  # a read a region
+        size, pds = cfg.patch_size, reader.patch_downsample(item.slide_path, cfg)
+        pixels = reader.read_groups(item.slide_path, centers, owner, size, downsample=pds, workers=workers)  # a read a region
         tiles = aug.images(torch.from_numpy(pixels).permute(0, 3, 1, 2))
         keys = patch_keys(item.slide_path, flat, (d2, d2), size, pds, aug)
         feats = embed_patches(model, tiles, keys, device=device, autocast=autocast)

@@ -29,7 +29,9 @@ from wsiats.data import seeded_generator, slide_id
 from wsiats.errors import ConfigError, LabelsError, WsiatsError
 from wsiats.metrics import classification_metrics
 from wsiats.models import ATSModel
-from wsiats.pipeline import OpenedSlide, PreparedView, SlideBatchItem, SlidePool, forward_batch, prepare_view
+from wsiats.forward import SlideBatchItem, forward_batch
+from wsiats.reader import OpenedSlide, PatchReader
+from wsiats.view import PreparedView, prepare_view
 from wsiats.runtime import autocast_factory, select_device
 from wsiats.slide import Slide, collect_notes, open_slide
 
@@ -115,7 +117,7 @@ class Predictor:
         view.notes = notes
         return slide, view
 
-    def predict_view(self, path: Path, view: PreparedView, pool: SlidePool) -> Prediction:
+    def predict_view(self, path: Path, view: PreparedView, reader: PatchReader) -> Prediction:
         """Run the passes on one slide's prepared view."""
         pred = Prediction(slide_id(path), path, fell_back=view.fell_back, mpp=view.mpp, mpp_source=view.mpp_source,
                           notes=list(view.notes))
@@ -123,7 +125,7 @@ class Predictor:
         with torch.no_grad():
             for k in range(self.mc):
                 out = forward_batch(
-                    self.model, [SlideBatchItem(path, view)], cfg=self.cfg, pool=pool,
+                    self.model, [SlideBatchItem(path, view)], cfg=self.cfg, reader=reader,
                     mode="topk" if self.topk else "sample", generator=seeded_generator(self.seed, k),
                     device=self.device, workers=self.workers or None, autocast=self.autocast,
                 )

@@ -28,7 +28,7 @@ Which estimator wsiats uses (`Config.pooling`):
 - `pooling: ats` (the paper's model; `--pooling ats --candidates 0`): training and inference use
   `expectation` above, F = sum_k c_k f_k over N cells sampled from a: unbiased for
   sum_i a_i f_i, with unbiased gradients for the attention and the features (exact enumeration in
-  tests/test_sampling.py and, end to end, tests/test_pipeline.py). `--topk` uses `estimate_topk`
+  tests/test_sampling.py and, end to end, tests/test_forward.py). `--topk` uses `estimate_topk`
   (deterministic, not unbiased).
 - `pooling: gated` (the default, for sparse evidence; `wsiats.mil`): the slide's representation is
   gated attention MIL pooling z = sum_k alpha_k f_k over the patches it is given; it is NOT an
@@ -44,8 +44,8 @@ Which estimator wsiats uses (`Config.pooling`):
     most `train_patches // 4` best-scored that stand out, softmax weight >= 1/M), not from a
     score-function gradient.
   - Inference reads N patches: N - round(zoom N) cells drawn without replacement from a and kept
-    at least `SPREAD_PATCHES` patch widths apart (`wsiats.pipeline.spread_cells`), the rest drawn without replacement from a restricted to the square around the cell
-    whose patch has the highest instance score (`wsiats.pipeline.zoom_cells`), all N pooled.
+    at least `SPREAD_PATCHES` patch widths apart (`wsiats.forward.spread_cells`), the rest drawn without replacement from a restricted to the square around the cell
+    whose patch has the highest instance score (`wsiats.forward.zoom_cells`), all N pooled.
 """
 
 from __future__ import annotations

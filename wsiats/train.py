@@ -32,17 +32,10 @@ from wsiats.data import Item, ViewDataset, collate_views, match_cohort, seeded_g
 from wsiats.errors import CheckpointError, ConfigError, Interrupted, SlideError, WsiatsError
 from wsiats.metrics import classification_metrics
 from wsiats.models import ATSModel
-from wsiats.pipeline import (
-    ATSForward,
-    ForwardResult,
-    Augment,
-    PreparedView,
-    SlideBatchItem,
-    SlidePool,
-    class_weights,
-    forward_batch,
-    loss_fn,
-)
+from wsiats.forward import ATSForward, ForwardResult, SlideBatchItem, forward_batch
+from wsiats.loss import class_weights, loss_fn
+from wsiats.reader import PatchReader, SlidePool
+from wsiats.view import Augment, PreparedView
 from wsiats.run import METRIC_COLUMNS, RunFolder
 from wsiats.runtime import autocast_factory, grad_scaler
 from wsiats.slide import collect_notes, open_slide
@@ -206,7 +199,7 @@ def evaluate(
     views: Callable[[int], PreparedView | str],
     *,
     cfg: Config,
-    pool: SlidePool,
+    reader: PatchReader,
     device: torch.device,
     seed: int,
     autocast: Callable[[], object],
@@ -227,7 +220,7 @@ def evaluate(
             if isinstance(view, str):  # unreadable: reported by the training loop's warning
                 continue
             try:
-                out = forward_batch(model, [SlideBatchItem(items[i].path, view)], cfg=cfg, pool=pool,
+                out = forward_batch(model, [SlideBatchItem(items[i].path, view)], cfg=cfg, reader=reader,
                                     generator=seeded_generator(seed, 10**6, i), device=device, autocast=autocast)
             except SlideError as exc:
                 if errors is None:
@@ -370,20 +363,20 @@ def train(
     # The sampler shuffles with seed + epoch and shards across ranks (padding so all get as many).
     sampler: DistributedSampler[int] = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
     train_loader = _loader(train_ds, cfg, sampler, on_notes=report)
-    pool = SlidePool(backend=backend, mpp=mpp)
+    reader = SlidePool(backend=backend, mpp=mpp)
     tile_errors: dict[str, int] = {}
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, cfg.epochs):
             row = _train_epoch(
                 net, model, train_loader, cfg=cfg, epoch=epoch, optimizer=optimizer, scaler=scaler, autocast=autocast,
-                weight=weight, pool=pool, device=device, progress=progress and ctx.is_main, ctx=ctx,
+                weight=weight, reader=reader, device=device, progress=progress and ctx.is_main, ctx=ctx,
                 skip_bad=skip_bad, tile_errors=tile_errors,
             )
             row["lr"] = optimizer.param_groups[0]["lr"]
             scheduler.step()
             if val_items:
-                v = evaluate(model, val_items, lambda i: _noted(val_ds[i][1], report), cfg=cfg, pool=pool,
+                v = evaluate(model, val_items, lambda i: _noted(val_ds[i][1], report), cfg=cfg, reader=reader,
                              device=device, seed=cfg.seed, autocast=autocast, ctx=ctx,
                              errors=tile_errors if skip_bad else None)
                 row.update(val_loss=v["loss"], val_acc=v["acc"], val_auc=v["auc"])
@@ -432,7 +425,7 @@ def train(
         raise WsiatsError(f"training stopped in epoch {epoch + 1}: {exc} (the run diverged); {kept}; "
                           "try a lower --lr") from None
     finally:
-        pool.close()
+        reader.close()
         distributed.teardown(ctx)
     return TrainResult(out_dir, len(history), best_epoch, history, skipped, tile_errors, len(train_items),
                        len(val_items), len(test_items), ctx.rank)
@@ -449,7 +442,7 @@ def _train_epoch(
     scaler: torch.amp.GradScaler,
     autocast: Callable[[], object],
     weight: torch.Tensor | None,
-    pool: SlidePool,
+    reader: PatchReader,
     device: torch.device,
     progress: bool,
     ctx: DistContext,
@@ -477,7 +470,7 @@ def _train_epoch(
             for i, view in batch
         ]
         y = torch.tensor([items_of[i].label for i, _ in batch], device=device)
-        items, y, out = _forward_skipping(net, items, y, skip_bad=skip_bad, errors=tile_errors, cfg=cfg, pool=pool,
+        items, y, out = _forward_skipping(net, items, y, skip_bad=skip_bad, errors=tile_errors, cfg=cfg, reader=reader,
                                           mode=training_mode(cfg), generator=sample_gen, device=device,
                                           workers=cfg.workers or None, autocast=autocast)
         if out is None:

@@ -1,4 +1,4 @@
-"""The forward pass of `wsiats.pipeline`: geometry, masks, inference modes, and unbiased gradients.
+"""The forward pass of `wsiats.forward`: geometry, masks, inference modes, and unbiased gradients.
 
 The central check is end to end: on a slide small enough that every patch can be embedded,
 the mean over many sampled passes of the parameter gradients matches the gradient of the full
@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import _slides
 import numpy as np
 import pytest
 import torch
@@ -20,22 +21,15 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-import _slides
 from wsiats import sampling
+from wsiats.checkpoint import build_model
 from wsiats.config import Config
+from wsiats.forward import SlideBatchItem, forward_batch
 from wsiats.models import ATSModel
-from wsiats.pipeline import (
-    Augment,
-    PreparedView,
-    SlideBatchItem,
-    SlidePool,
-    cell_centers,
-    forward_batch,
-    patch_boxes,
-    prepare_view,
-)
+from wsiats.reader import PatchReader, SlidePool
 from wsiats.runtime import autocast_factory
-from wsiats.slide import Slide, open_slide
+from wsiats.slide import Slide, open_slide, patch_box
+from wsiats.view import Augment, PreparedView, cell_centers, patch_boxes, prepare_view
 
 #: The tiny slide: 256 x 256 px, view downsample 32 -> 8 x 8 = 64 cells, 32 px patches at level 0.
 TINY_SIZE, TINY_VIEW_DS, TINY_PATCH = 256, 32.0, 32
@@ -59,31 +53,29 @@ def _cfg(**kw: object) -> Config:
     return Config(**base)  # type: ignore[arg-type]
 
 
-# --- a pool whose slide serves every patch from memory ----------------------------------------------------------
+# --- a patch reader that serves every patch from memory ---------------------------------------------------------
 
 
-class _CachedSlide:
-    """Stands in for a Slide in `forward_batch`: patches at the view's cell centres, read once."""
+class _CachedReader:
+    """A `PatchReader` of one slide for `forward_batch`: the patches at the view's cell centres, read once."""
 
     def __init__(self, slide: Slide, centers: np.ndarray, size: int) -> None:
-        self.path, self.mpp, self.size = slide.path, slide.mpp, size
+        self.path, self.size = slide.path, size
         self.patches = slide.read_patches(centers, size)
         self._index = {(float(x), float(y)): i for i, (x, y) in enumerate(centers)}
 
-    def read_patches(self, centers: np.ndarray, size: int, *, downsample: float = 1.0,
-                     workers: int | None = None) -> np.ndarray:
-        assert size == self.size and downsample == 1.0
+    def patch_downsample(self, path: Path, cfg: Config) -> float:
+        assert path == self.path and cfg.patch_mpp is None
+        return cfg.patch_downsample
+
+    def read(self, path: Path, centers: np.ndarray, size: int, *, downsample: float,
+             workers: int | None = None) -> np.ndarray:
+        assert path == self.path and size == self.size and downsample == 1.0
         return self.patches[[self._index[(float(x), float(y))] for x, y in centers]]
 
-
-class _CachedPool(SlidePool):
-    def __init__(self, slide: _CachedSlide) -> None:
-        super().__init__()
-        self.slide = slide
-
-    def get(self, path: Path) -> _CachedSlide:  # type: ignore[override]
-        assert path == self.slide.path
-        return self.slide
+    def read_groups(self, path: Path, centers: np.ndarray, groups: np.ndarray, size: int, *, downsample: float,
+                    workers: int | None = None) -> np.ndarray:
+        return self.read(path, centers, size, downsample=downsample)
 
 
 # --- the full model and the Monte-Carlo estimates of its gradient -------------------------------------------------
@@ -96,7 +88,7 @@ class _Full:
     model: ATSModel
     view: PreparedView
     item: SlideBatchItem
-    pool: _CachedPool
+    reader: _CachedReader
     logits: Tensor  # [C] of the full model
     v: Tensor  # [C] dCE/dlogits at the full model: <v, logits> has the CE gradient there
     grads: dict[str, Tensor]  # per parameter name, the gradient of the full model's CE loss
@@ -124,7 +116,7 @@ def full(tiny: _slides.Generated) -> _Full:
         view = prepare_view(slide, cfg)
         h, w = view.image.shape[:2]
         assert (h, w) == (8, 8) and view.mask.all()
-        cached = _CachedSlide(slide, cell_centers(np.arange(h * w), (h, w), view.downsample), TINY_PATCH)
+        cached = _CachedReader(slide, cell_centers(np.arange(h * w), (h, w), view.downsample), TINY_PATCH)
     with torch.no_grad():
         model.attention_net.net[-1].weight.mul_(3.0)  # attention visibly non-uniform (max/min a ~ 2)
         f = model.feature_net(torch.from_numpy(cached.patches).permute(0, 3, 1, 2))
@@ -146,7 +138,7 @@ def full(tiny: _slides.Generated) -> _Full:
     # every gradient is non-zero but the last attention bias's: softmax ignores a constant shift
     assert all(g.abs().max() > 0 for n, g in grads.items() if n != "attention_net.net.4.bias")
     assert grads["attention_net.net.4.bias"].abs().max() < 1e-6
-    return _Full(model, view, SlideBatchItem(tiny.path, view), _CachedPool(cached), logits.detach(), v.detach(), grads)
+    return _Full(model, view, SlideBatchItem(tiny.path, view), cached, logits.detach(), v.detach(), grads)
 
 
 def _monte_carlo(full: _Full, cfg: Config, *, calls: int, batch: int,
@@ -161,7 +153,7 @@ def _monte_carlo(full: _Full, cfg: Config, *, calls: int, batch: int,
     per_call["logits"] = []
     for _ in range(calls):
         model.zero_grad()
-        out = forward_batch(model, [full.item] * batch, cfg=cfg, pool=full.pool, generator=gen, workers=0)
+        out = forward_batch(model, [full.item] * batch, cfg=cfg, reader=full.reader, generator=gen, workers=0)
         (out.logits @ full.v).sum().div(batch).backward()
         for n, p in model.named_parameters():
             per_call[n].append(p.grad.detach().clone())  # type: ignore[union-attr]
@@ -223,21 +215,78 @@ def test_naive_autograd_without_replacement_is_biased(full: _Full, monkeypatch: 
     assert stats["feature_net"]["bad"] == 0.0 and stats["classifier"]["bad"] == 0.0, stats
 
 
-def test_cached_pool_reads_what_the_file_holds(full: _Full, tiny: _slides.Generated) -> None:
-    """The in-memory pool used above is faithful: the same pass over the real file gives the same numbers."""
+class _ArrayReader:
+    """A `PatchReader` over a level-0 image in memory (no file): crops of it, each read recorded."""
+
+    def __init__(self, path: Path, image: np.ndarray) -> None:
+        self.path, self.image = path, image
+        self.reads: list[tuple[np.ndarray, np.ndarray]] = []  # (centres asked for, pixels served)
+
+    def patch_downsample(self, path: Path, cfg: Config) -> float:
+        return cfg.patch_downsample
+
+    def read(self, path: Path, centers: np.ndarray, size: int, *, downsample: float,
+             workers: int | None = None) -> np.ndarray:
+        assert path == self.path and downsample == 1.0
+        pixels = np.stack([_slides.crop(self.image, *patch_box((float(x), float(y)), size, downsample))
+                           for x, y in centers])
+        self.reads.append((np.array(centers), pixels))
+        return pixels
+
+    def read_groups(self, path: Path, centers: np.ndarray, groups: np.ndarray, size: int, *, downsample: float,
+                    workers: int | None = None) -> np.ndarray:
+        return self.read(path, centers, size, downsample=downsample)
+
+
+@pytest.mark.parametrize("pooling, augment", [("ats", Augment()), ("ats", Augment(True, True, 0.05, 1.1)),
+                                              ("gated", Augment(flip_h=True))])
+def test_forward_batch_embeds_the_crops_its_reader_serves(pooling: str, augment: Augment) -> None:
+    """The pass opens no file: a reader over an array in memory serves it, it asks for the centres of the
+    cells it sampled, and what its feature network embeds is exactly those crops of the image (augmented as
+    the view is). With gated pooling and zoom, the patches come in two reads (spread, then around the best)."""
+    image = _slides.tissue_image(TINY_SIZE, TINY_SIZE, seed=9)
+    d = int(TINY_VIEW_DS)
+    small = np.ascontiguousarray(image[d // 2:: d, d // 2:: d])  # 8 x 8 view, a pixel a cell
+    view = PreparedView(small, np.ones(small.shape[:2], dtype=bool), (TINY_VIEW_DS, TINY_VIEW_DS), fell_back=False)
+    path = Path("nowhere") / "in-memory.tif"  # never opened
+    cfg = _cfg(classes=["a", "b"], n_patches=4, pooling=pooling, candidates=0)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    embedded: list[Tensor] = []
+    model.feature_net.register_forward_pre_hook(lambda net, args: embedded.append(args[0].detach().clone()))
+    reader = _ArrayReader(path, image)
+    typed: PatchReader = reader  # the protocol is all the pass needs
+    with torch.no_grad():
+        out = forward_batch(model, [SlideBatchItem(path, view, augment)], cfg=cfg, reader=typed,
+                            generator=torch.Generator().manual_seed(3))
+    assert len(reader.reads) == (2 if pooling == "gated" else 1)
+    centers = np.concatenate([c for c, _ in reader.reads])
+    pixels = np.concatenate([p for _, p in reader.reads])
+    np.testing.assert_array_equal(centers, cell_centers(out.indices[0], (8, 8), view.downsample))
+    np.testing.assert_array_equal(patch_boxes(centers, TINY_PATCH, 1.0), out.boxes[0])
+    for tile, (x, y, w, h) in zip(pixels, out.boxes[0]):
+        assert (w, h) == (TINY_PATCH, TINY_PATCH)
+        np.testing.assert_array_equal(tile, _slides.crop(image, int(x), int(y), TINY_PATCH, TINY_PATCH))
+    expected = augment.images(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+    torch.testing.assert_close(embedded[-1], expected, rtol=0, atol=0)  # the pooled patches are the crops served
+    assert len(out.boxes[0]) == 4
+
+
+def test_cached_reader_reads_what_the_file_holds(full: _Full, tiny: _slides.Generated) -> None:
+    """The in-memory reader used above is faithful: the same pass over the real file gives the same numbers."""
     cfg = _cfg(n_patches=5)
     pool = SlidePool()
     try:
         with torch.no_grad():
-            a, b = (forward_batch(full.model, [full.item] * 2, cfg=cfg, pool=p,
-                                  generator=torch.Generator().manual_seed(4)) for p in (full.pool, pool))
+            a, b = (forward_batch(full.model, [full.item] * 2, cfg=cfg, reader=p,
+                                  generator=torch.Generator().manual_seed(4)) for p in (full.reader, pool))
     finally:
         pool.close()
     assert [i.tolist() for i in a.indices] == [i.tolist() for i in b.indices]
     torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
     for idx, boxes in zip(b.indices, b.boxes):
         for i, (x0, y0, w0, h0) in zip(idx, boxes):
-            np.testing.assert_array_equal(full.pool.slide.patches[i], _slides.crop(tiny.levels[0], x0, y0, w0, h0))
+            np.testing.assert_array_equal(full.reader.patches[i], _slides.crop(tiny.levels[0], x0, y0, w0, h0))
 
 
 # --- geometry --------------------------------------------------------------------------------------------------
@@ -361,9 +410,9 @@ def test_flipped_view_reads_the_same_patches_flipped(tiny: _slides.Generated, fl
         keys = np.sort(view.image.astype(np.float32).mean(2).ravel())
         assert keys[5] < keys[6]  # no tie at the top 6: the top-k set is well defined
         with torch.no_grad():
-            plain = forward_batch(model, [SlideBatchItem(tiny.path, view)], cfg=cfg, pool=pool, mode="topk")
+            plain = forward_batch(model, [SlideBatchItem(tiny.path, view)], cfg=cfg, reader=pool, mode="topk")
             aug = Augment(flip_h=flip_h, flip_v=flip_v)
-            flipped = forward_batch(model, [SlideBatchItem(tiny.path, view, aug)], cfg=cfg, pool=pool, mode="topk")
+            flipped = forward_batch(model, [SlideBatchItem(tiny.path, view, aug)], cfg=cfg, reader=pool, mode="topk")
     finally:
         pool.close()
     # the same cells of the original view, the same level-0 boxes
@@ -410,7 +459,7 @@ def test_masked_locations_are_never_sampled(half_glass: _slides.Generated, repla
         assert any(i.augment.flip_h for i in items) and any(not i.augment.flip_h for i in items)
         with torch.no_grad():
             for seed in range(12):
-                out = forward_batch(model, items, cfg=cfg, pool=pool, generator=torch.Generator().manual_seed(seed))
+                out = forward_batch(model, items, cfg=cfg, reader=pool, generator=torch.Generator().manual_seed(seed))
                 for item, idx, boxes, att in zip(items, out.indices, out.boxes, out.attention):
                     assert view.mask.ravel()[idx].all(), (item.augment, idx)
                     assert (boxes[:, 0] + boxes[:, 2] / 2 > 15 * 16).all()  # box centres on the tissue side
@@ -433,7 +482,7 @@ def test_fewer_allowed_cells_than_patches(half_glass: _slides.Generated) -> None
         view.mask[:] = False
         view.mask[3, 20:25] = True  # five allowed cells
         with torch.no_grad():
-            out = forward_batch(model, [SlideBatchItem(half_glass.path, view)], cfg=cfg, pool=pool,
+            out = forward_batch(model, [SlideBatchItem(half_glass.path, view)], cfg=cfg, reader=pool,
                                 generator=torch.Generator().manual_seed(0))
     finally:
         pool.close()
@@ -458,9 +507,9 @@ def test_blank_slide_falls_back_to_the_whole_view(tmp_path: Path) -> None:
 def test_topk_is_deterministic_and_takes_the_highest_attention(full: _Full, tiny: _slides.Generated) -> None:
     cfg = _cfg(n_patches=5)
     with torch.no_grad():
-        runs = [forward_batch(full.model, [full.item], cfg=cfg, pool=full.pool, mode="topk",
+        runs = [forward_batch(full.model, [full.item], cfg=cfg, reader=full.reader, mode="topk",
                               generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
-        runs.append(forward_batch(full.model, [full.item], cfg=cfg, pool=full.pool, mode="topk"))
+        runs.append(forward_batch(full.model, [full.item], cfg=cfg, reader=full.reader, mode="topk"))
     att = runs[0].attention[0]
     want = torch.argsort(att, descending=True)[:5].numpy()
     for r in runs:
@@ -475,7 +524,7 @@ def test_topk_is_deterministic_and_takes_the_highest_attention(full: _Full, tiny
 def test_sample_mode_is_reproducible_with_a_seed(full: _Full) -> None:
     def run(seed: int, replace: bool) -> tuple[list[list[int]], Tensor]:
         with torch.no_grad():
-            out = forward_batch(full.model, [full.item] * 3, cfg=_cfg(n_patches=4, replace=replace), pool=full.pool,
+            out = forward_batch(full.model, [full.item] * 3, cfg=_cfg(n_patches=4, replace=replace), reader=full.reader,
                                 generator=torch.Generator().manual_seed(seed))
         return [i.tolist() for i in out.indices], out.logits
 
@@ -487,7 +536,7 @@ def test_sample_mode_is_reproducible_with_a_seed(full: _Full) -> None:
         if not replace:
             assert all(len(set(i)) == 4 for i in ia)
     with pytest.raises(ValueError, match="mode must be 'sample', 'topk' or 'explore', got 'best'"):
-        forward_batch(full.model, [full.item], cfg=_cfg(), pool=full.pool, mode="best")
+        forward_batch(full.model, [full.item], cfg=_cfg(), reader=full.reader, mode="best")
 
 
 # --- CUDA -------------------------------------------------------------------------------------------------------
@@ -509,7 +558,7 @@ class TestCuda:
             view = prepare_view(pool.get(tiny.path), cfg)
             items = [SlideBatchItem(tiny.path, view, Augment(flip_h=True, brightness=0.05)),
                      SlideBatchItem(tiny.path, view)]
-            out = forward_batch(model, items, cfg=cfg, pool=pool, generator=torch.Generator(device).manual_seed(0),
+            out = forward_batch(model, items, cfg=cfg, reader=pool, generator=torch.Generator(device).manual_seed(0),
                                 device=device, autocast=autocast_factory(device, True))
         finally:
             pool.close()
@@ -526,10 +575,10 @@ class TestCuda:
         device = torch.device("cuda")
         cfg = _cfg(n_patches=4)
         with torch.no_grad():
-            cpu = forward_batch(full.model, [full.item], cfg=cfg, pool=full.pool, mode="topk")
+            cpu = forward_batch(full.model, [full.item], cfg=cfg, reader=full.reader, mode="topk")
             full.model.to(device)
             try:
-                gpu = forward_batch(full.model, [full.item], cfg=cfg, pool=full.pool, mode="topk", device=device)
+                gpu = forward_batch(full.model, [full.item], cfg=cfg, reader=full.reader, mode="topk", device=device)
             finally:
                 full.model.to("cpu")
         np.testing.assert_array_equal(gpu.indices[0], cpu.indices[0])
