@@ -11,6 +11,7 @@ import _slides
 import numpy as np
 import pytest
 
+import wsiats._base
 import wsiats.predict
 import wsiats.reader
 from wsiats.checkpoint import build_model, save_weights
@@ -71,6 +72,28 @@ def test_each_slide_is_opened_once_and_read_from_that_handle(run: Path, tmp_path
     (swapped,) = predictor.predict([a])
     assert opened == [a]
     assert swapped.ok and swapped.probs == clean.probs and swapped.patches == clean.patches
+
+
+@pytest.mark.parametrize("mc", [1, 3])
+def test_predict_opens_each_slide_file_once(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            mc: int) -> None:
+    """However many passes: one Slide is made per slide predicted (counted where every backend starts, so no
+    path that opens a file, in any module, goes uncounted)."""
+    paths = [tmp_path / "a.tif", tmp_path / "b.tif"]
+    for k, path in enumerate(paths):
+        _slides.write_generic_pyramid(path, _slides.tissue_image(256, 256, seed=k), n_levels=2, tile=64)
+    predictor = Predictor(run, device="cpu", workers=1, mc=mc)
+    opened: list[Path] = []
+    real_init = wsiats._base.Slide.__init__
+
+    def counting_init(self: wsiats._base.Slide, path: Path) -> None:
+        opened.append(Path(path))
+        real_init(self, path)
+
+    monkeypatch.setattr(wsiats._base.Slide, "__init__", counting_init)
+    preds = list(predictor.predict(paths))
+    assert [p.ok for p in preds] == [True, True] and all(p.n_patches == 6 * mc for p in preds)
+    assert sorted(opened) == paths  # the next slide's view is read ahead in a thread: in either order
 
 
 def test_machine_settings_of_the_training_run_are_not_inherited(tmp_path: Path,
