@@ -21,11 +21,12 @@ TINY = ["--batch-size", "2", "--n-patches", "4", "--patch-size", "32", "--view-d
         "-q"]
 
 
-def invoke(*args: object, env: dict[str, str] | None = None) -> Result:
-    """`wsiats ARGS` through click's CliRunner, in this process."""
+def invoke(*args: object, env: dict[str, str] | None = None, obj: object = None) -> Result:
+    """`wsiats ARGS` through click's CliRunner, in this process; `obj` is click's context object (`train` runs
+    the `wsiats.train.TrainHooks` it is given there)."""
     from wsiats.cli import cli
 
-    return CliRunner().invoke(cli, [str(a) for a in args], env=env)
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env, obj=obj)
 
 
 @pytest.fixture(scope="session")

@@ -17,41 +17,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from conftest import invoke
 from safetensors.torch import load_file
 
-import wsiats.train
-from wsiats.cli import cli
+from wsiats.train import TrainHooks
 
 ARGS = ["--epochs", "3", "--batch-size", "2", "--n-patches", "4", "--patch-size", "32", "--view-downsample", "16",
         "--workers", "0", "--seed", "1", "-q"]
 
-#: Runs `python -m wsiats train ...` with two spies on the training loop: once one optimiser step of the second
-#: epoch is done (and nothing of that epoch saved), it writes the marker file named by argv[1] and sleeps, so the
-#: test can SIGKILL it mid-epoch. The spies only count calls: the run's numbers are untouched.
+#: Runs `wsiats train ...` with a hook on the training loop: once one optimiser step of the second epoch is done
+#: (and nothing of that epoch saved), it writes the marker file named by argv[1] and sleeps, so the test can
+#: SIGKILL it mid-epoch. The hook only watches: the run's numbers are untouched.
 _SLEEPER = """
-import runpy, sys, time, pathlib
-import wsiats.train as T
+import sys, time, pathlib
+from wsiats.cli import cli
+from wsiats.train import TrainHooks
 marker = pathlib.Path(sys.argv.pop(1))
-real_epoch, real_loss = T._train_epoch, T.loss_fn
-seen = {"epoch": 0, "steps": 0}
-def epoch(*args, **kwargs):
-    seen["epoch"], seen["steps"] = kwargs["epoch"], 0
-    return real_epoch(*args, **kwargs)
-def loss(*args, **kwargs):
-    seen["steps"] += 1
-    if seen["epoch"] == 1 and seen["steps"] == 2:
-        marker.write_text("one step of epoch 2 done")
-        time.sleep(120)
-    return real_loss(*args, **kwargs)
-T._train_epoch, T.loss_fn = epoch, loss
-sys.argv[0] = "wsiats"
-runpy.run_module("wsiats", run_name="__main__")
+class SleepInEpoch2(TrainHooks):
+    def on_step(self, epoch, step, model):
+        if (epoch, step) == (1, 2):
+            marker.write_text("one step of epoch 2 done")
+            time.sleep(120)
+cli(sys.argv[1:], prog_name="wsiats", obj=SleepInEpoch2())
 """
-
-
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def train_args(cohort: Path, run: Path) -> list[str]:
@@ -131,37 +119,38 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(cohort: Path, base
     assert_same_metrics(run, baseline)
 
 
-def _interrupt_at(monkeypatch: pytest.MonkeyPatch, *, epoch: int, step: int) -> None:
-    """Make step `step` (1-based) of 0-based `epoch` raise KeyboardInterrupt, as Ctrl-C would."""
-    real_epoch, real_loss = wsiats.train._train_epoch, wsiats.train.loss_fn
-    seen = {"epoch": 0, "steps": 0}
+class _InterruptAt(TrainHooks):
+    """Step `step` (1-based) of 0-based `epoch` raises KeyboardInterrupt, as Ctrl-C would."""
 
-    def spy_epoch(*args: object, **kwargs: object) -> object:
-        seen["epoch"], seen["steps"] = int(kwargs["epoch"]), 0  # type: ignore[call-overload]
-        return real_epoch(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *, epoch: int, step: int) -> None:
+        self.at = (epoch, step)
 
-    def spy_loss(*args: object, **kwargs: object) -> object:
-        seen["steps"] += 1
-        if (seen["epoch"], seen["steps"]) == (epoch, step):
+    def on_step(self, epoch: int, step: int, model: object) -> None:
+        if (epoch, step) == self.at:
             raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(wsiats.train, "_train_epoch", spy_epoch)
-    monkeypatch.setattr(wsiats.train, "loss_fn", spy_loss)
 
 
-def test_ctrl_c_mid_epoch_says_what_was_saved_and_resume_matches(cohort: Path, baseline: Path, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+class _InterruptBetweenWeightsAndState(TrainHooks):
+    """Ctrl-C once 0-based `epoch`'s weights are in place and before its training state is."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_weights_saved(self, epoch: int) -> None:
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_mid_epoch_says_what_was_saved_and_resume_matches(cohort: Path, baseline: Path,
+                                                                 tmp_path: Path) -> None:
     run = tmp_path / "run"
-    _interrupt_at(monkeypatch, epoch=1, step=2)
-    result = invoke(*train_args(cohort, run), *ARGS)
+    result = invoke(*train_args(cohort, run), *ARGS, obj=_InterruptAt(epoch=1, step=2))
     assert result.exit_code == 130 and "Traceback" not in result.output
     first, last = result.output.splitlines()  # -q hides progress bars, not the epoch lines
     assert first.startswith("epoch 1/3: train loss ")
     assert last == (f"Interrupted: training interrupted during epoch 2; epoch 1 of 3 was saved in "
                     f"{run / 'last.safetensors'}; continue with --resume")
     assert epochs_of(run) == ["1"]
-    monkeypatch.undo()
     result = invoke(*train_args(cohort, run), *ARGS)
     assert result.exit_code == 1
     assert result.output == f"Error: {run}: already holds a run; pass --resume to continue it or choose another --out\n"
@@ -170,16 +159,13 @@ def test_ctrl_c_mid_epoch_says_what_was_saved_and_resume_matches(cohort: Path, b
     assert_same_weights(run, baseline)  # also: a run in this process equals one in a fresh process
 
 
-def test_ctrl_c_in_the_first_epoch_lets_the_same_command_start_over(cohort: Path, tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ctrl_c_in_the_first_epoch_lets_the_same_command_start_over(cohort: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = [*train_args(cohort, run), *ARGS, "--epochs", "1"]
-    _interrupt_at(monkeypatch, epoch=0, step=1)
-    result = invoke(*args)
+    result = invoke(*args, obj=_InterruptAt(epoch=0, step=1))
     assert result.exit_code == 130
     assert result.output == ("Interrupted: training interrupted during epoch 1; no epoch was completed, so nothing "
                              "to resume; run the same command again\n")
-    monkeypatch.undo()
     result = invoke(*train_args(cohort, run), "--resume")
     assert result.exit_code == 1
     assert result.output == f"Error: {run}: nothing to resume (no last_state.pt); start without --resume\n"
@@ -189,21 +175,11 @@ def test_ctrl_c_in_the_first_epoch_lets_the_same_command_start_over(cohort: Path
 
 
 def test_interrupted_between_saving_weights_and_state_still_resumes_exactly(
-        cohort: Path, baseline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        cohort: Path, baseline: Path, tmp_path: Path) -> None:
     """Ctrl-C (or a kill) after epoch 2's weights were renamed into place but before its optimizer state was."""
     run = tmp_path / "run"
-    real_save, calls = wsiats.train.save_state, []
-
-    def save_then_interrupt(*args: object, **kwargs: object) -> None:
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        real_save(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(wsiats.train, "save_state", save_then_interrupt)
-    result = invoke(*train_args(cohort, run), *ARGS)
+    result = invoke(*train_args(cohort, run), *ARGS, obj=_InterruptBetweenWeightsAndState(1))
     assert result.exit_code == 130 and "epoch 1 of 3 was saved" in result.output
-    monkeypatch.undo()
     result = invoke(*train_args(cohort, run), "--resume", "-q")
     assert result.exit_code == 0, result.output
     assert epochs_of(run) == ["1", "2", "3"]

@@ -389,6 +389,7 @@ def train(slide_dir: Path | None, labels: Path | None, out: Path | None, config_
     from wsiats._progress import clock
     from wsiats.config import RUN_FIELDS, resolve, resume_config
     from wsiats.run import RunFolder
+    from wsiats.train import TrainHooks
     from wsiats.train import train as run_training
 
     from wsiats.distributed import read_env
@@ -433,8 +434,11 @@ def train(slide_dir: Path | None, labels: Path | None, out: Path | None, config_
             f"  entropy {row['attention_entropy']:.2f}  {row['seconds_per_slide']:.3f} s/slide{cache}, ETA {clock(eta)}"
         )
 
+    # A program that runs this command (a test, a notebook) can pass `TrainHooks` as click's context object.
+    hooks = click.get_current_context().find_object(TrainHooks)
     result = run_training(slide_dir, labels, out, cfg, resume=resume, skip_bad=skip_bad, backend=backend,
-                          mpp=mpp, on_epoch=show, progress=not quiet, recursive=recursive, on_note=_print_warning)
+                          mpp=mpp, on_epoch=show, progress=not quiet, recursive=recursive, on_note=_print_warning,
+                          hooks=hooks)
     if result.rank != 0:
         return
     if result.skipped:

@@ -242,6 +242,78 @@ def evaluate(
             "entropy": float(np.mean([r[3] for r in merged]))}
 
 
+class TrainHooks:
+    """What a caller of `train` can watch or stop, as Lightning's callbacks: subclass and override the events you
+    need (each is a no-op here), pass an instance as `train(..., hooks=...)`. An exception raised in a hook stops
+    training as one raised by training itself would (KeyboardInterrupt: as Ctrl-C, with the same message).
+    Epochs are 0-based; under torchrun every process runs its hooks, except where a method says otherwise."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Before the first training step of `epoch`."""
+
+    def on_step(self, epoch: int, step: int, model: ATSModel) -> None:
+        """Before training step `step` (1-based, a batch of the loader) of `epoch` reads a patch."""
+
+    def on_weights_saved(self, epoch: int) -> None:
+        """First process only: `epoch`'s weights are in place, its training state (last_state.pt) is not yet
+        (a stop here leaves last.safetensors one epoch ahead of the state; `--resume` goes on from the state)."""
+
+    def on_epoch_end(self, row: dict[str, float]) -> None:
+        """First process only: `epoch` is saved; `row` is its line of metrics.csv (what `on_epoch` is given)."""
+
+
+class _Notes:
+    """Hands each message about the cohort or a slide to `on_note` once (default: a UserWarning); under torchrun
+    the cohort's messages come from the first process only."""
+
+    def __init__(self, on_note: Callable[[str], None] | None) -> None:
+        self.on_note = on_note or _warn
+        self.said: set[str] = set()
+        self.first_rank = os.environ.get("RANK", "0") == "0"  # under torchrun every rank checks the whole cohort
+
+    def __call__(self, notes: Sequence[str], *, every_rank: bool = True) -> None:
+        for text in notes:
+            if text not in self.said and (every_rank or self.first_rank):
+                self.said.add(text)
+                self.on_note(text)
+
+
+@dataclass
+class TrainData:
+    """The cohort `train` trains on, after every check: readable training and validation views, test items."""
+
+    train: ViewDataset
+    val: ViewDataset
+    test_items: list[Item]
+    skipped: list[str]  # the slides left out as unreadable (--skip-bad)
+
+
+@dataclass
+class _Session:
+    """What one training run holds in memory: the model, its (DDP-wrapped) pass and the optimiser's state."""
+
+    ctx: DistContext
+    device: torch.device
+    model: ATSModel
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    autocast: Callable[[], object]
+    weight: torch.Tensor | None  # class weights of the loss, or None
+
+
+@dataclass
+class _Progress:
+    """Where the run stands: the epochs done (their metric rows) and the best of them so far."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    start_epoch: int = 0
+    best_epoch: int = -1
+    best_key: tuple[float, float] = (-math.inf, -math.inf)
+    tile_errors: dict[str, int] = field(default_factory=dict)  # slide -> training steps left without it (--skip-bad)
+
+
 def train(
     slide_dir: str | Path,
     labels_csv: str | Path,
@@ -256,6 +328,7 @@ def train(
     progress: bool = True,
     recursive: bool = False,
     on_note: Callable[[str], None] | None = None,
+    hooks: TrainHooks | None = None,
 ) -> TrainResult:
     """Train an ATS model on the labelled slides of `slide_dir`; write the run to `out_dir`.
 
@@ -266,27 +339,54 @@ def train(
     `skip_bad` trains on the labelled slides that have a readable file; `recursive` also looks for slide files
     in the sub-folders of `slide_dir`. What there is to say about the cohort and about each slide (labels
     without a slide, slides without a label, a doubtful resolution, no tissue) goes to `on_note`, once per
-    message (default: a UserWarning).
+    message (default: a UserWarning). `on_epoch` gets each saved epoch's metrics row; `hooks` (`TrainHooks`)
+    sees the steps, epochs and saves as they happen.
+
+    The steps: `run_config` (a new run's config, or the resumed run's), `prepare_data` (cohort, checks,
+    splits, views), a session (model, optimiser; restored on resume), then `_fit`: the epochs, each
+    trained, validated and saved.
     """
-    said: set[str] = set()
-    first_rank = os.environ.get("RANK", "0") == "0"  # under torchrun every rank checks the whole cohort
-
-    def report(notes: Sequence[str], *, every_rank: bool = True) -> None:
-        for text in notes:
-            if text not in said and (every_rank or first_rank):
-                said.add(text)
-                (on_note or _warn)(text)
-
+    report = _Notes(on_note)
     out_dir = Path(out_dir)
     run = RunFolder(out_dir)
+    cfg = run_config(run, cfg, resume=resume)
+    data = prepare_data(slide_dir, labels_csv, cfg, resume=resume, skip_bad=skip_bad, backend=backend, mpp=mpp,
+                        recursive=recursive, progress=progress, report=report)
+    session = _start_session(cfg, data)
+    state = _Progress()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        state = _restore(run, session, cfg)
+    if session.ctx.is_main:
+        run.save_config(cfg)  # on --resume too: what it took from the command line is the run's own now
+    hooks = hooks or TrainHooks()
+    _fit(run, session, state, data, cfg, hooks=hooks, on_epoch=on_epoch, backend=backend, mpp=mpp,
+         skip_bad=skip_bad, progress=progress, report=report)
+    return TrainResult(out_dir, len(state.history), state.best_epoch, state.history, data.skipped, state.tile_errors,
+                       len(data.train.items), len(data.val.items), len(data.test_items), session.ctx.rank)
+
+
+def run_config(run: RunFolder, cfg: Config | None, *, resume: bool) -> Config:
+    """The config of the run: `cfg` for a new one; on resume, the saved one with the changes `cfg` may make."""
     if resume:
         saved = run.load_config(use="resume")
         run.check("resume")
         cfg, taken = resume_config(saved, {} if cfg is None else dataclasses.asdict(cfg))
         if taken:
-            log.info("resuming %s with %s; the rest as saved in %s", out_dir, ", ".join(taken), run.config)
+            log.info("resuming %s with %s; the rest as saved in %s", run.path, ", ".join(taken), run.config)
     elif cfg is None:
         raise ConfigError("train() needs a Config unless it resumes a run")
+    return cfg
+
+
+def prepare_data(slide_dir: str | Path, labels_csv: str | Path, cfg: Config, *, resume: bool = False,
+                 skip_bad: bool = False, backend: str = "auto", mpp: float | None = None, recursive: bool = False,
+                 progress: bool = False, report: Callable[..., None] | None = None) -> TrainData:
+    """The cohort of `train`: slides matched to labels, every slide opened (`check_slides`), the splits, and
+    every training and validation view prepared once (`preflight`). Sets `cfg.classes` and, for a new run,
+    `cfg.train_mpp` (the training slides' median resolution, which predict compares slides with); `report`
+    (a `_Notes`) gets what there is to say about the cohort."""
+    report = report or _Notes(None)
     cohort = match_cohort(slide_dir, labels_csv, classes=cfg.classes or None, recursive=recursive,
                           allow_missing=skip_bad)
     items, classes = cohort.items, cohort.classes
@@ -313,10 +413,13 @@ def train(
             raise ConfigError(f"{cfg.view_cache}: cannot create the --view-cache folder ({exc.strerror or exc})") from None
     train_ds, val_ds, skipped = preflight(train_items, val_items, cfg, unopened=bad, skip_bad=skip_bad,
                                           backend=backend, mpp=mpp, progress=progress)
-    train_items, val_items = train_ds.items, val_ds.items
-    if len({it.label for it in train_items}) < 2:
+    if len({it.label for it in train_ds.items}) < 2:
         raise ConfigError(f"{labels_csv}: the training slides that can be read hold fewer than two classes")
+    return TrainData(train_ds, val_ds, test_items, skipped)
 
+
+def _start_session(cfg: Config, data: TrainData) -> _Session:
+    """Processes (torchrun), the seeded model, its pass (DDP-wrapped across processes), optimiser and scaler."""
     ctx, device = distributed.setup(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device)
@@ -328,92 +431,80 @@ def train(
                                       find_unused_parameters=unused)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: _lr_factor(e, cfg))
-    scaler = grad_scaler(device, cfg.amp)
-    autocast = autocast_factory(device, cfg.amp)
-    weight = class_weights([it.label for it in train_items], len(classes)).to(device) if cfg.class_weighting else None
+    labels = [it.label for it in data.train.items]
+    weight = class_weights(labels, len(cfg.classes)).to(device) if cfg.class_weighting else None
+    return _Session(ctx, device, model, net, optimizer, scheduler, grad_scaler(device, cfg.amp),
+                    autocast_factory(device, cfg.amp), weight)
 
-    history: list[dict[str, float]] = []
-    start_epoch, best_epoch, best_key = 0, -1, (-math.inf, -math.inf)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        state = load_state(run.state)
-        try:  # a weights-only file can still hold anything: every way it can be wrong is one error
-            if "model" in state:  # the weights of the state's epoch: last.safetensors may be one epoch ahead
-                model.load_state_dict(state["model"])
-            else:
-                load_weights_into(model, run.last)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            _retune(optimizer, scheduler, model, cfg)
-            scaler.load_state_dict(state["scaler"])
-            start_epoch = int(state["epoch"]) + 1
-            best_epoch = int(state["best_epoch"])
-            best_key = (float(state["best_acc"]), float(state["best_neg_loss"]))
-            history = [dict(zip(METRIC_COLUMNS, row.tolist(), strict=True)) for row in state["history"]]
-            if not 0 <= best_epoch < start_epoch or len(history) != start_epoch:
-                raise ValueError(f"epoch {start_epoch - 1}, best epoch {best_epoch} and {len(history)} history rows")
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
-            detail = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise CheckpointError(f"{run.state}: not a training state of this run ({type(exc).__name__}: "
-                                  f"{detail}); train again into a new --out") from None
-    if ctx.is_main:
-        run.save_config(cfg)  # on --resume too: what it took from the command line is the run's own now
 
+def _restore(run: RunFolder, session: _Session, cfg: Config) -> _Progress:
+    """The model, optimiser, scheduler and scaler of the run's last saved epoch, and where the run stood."""
+    state = load_state(run.state)
+    model = session.model
+    try:  # a weights-only file can still hold anything: every way it can be wrong is one error
+        if "model" in state:  # the weights of the state's epoch: last.safetensors may be one epoch ahead
+            model.load_state_dict(state["model"])
+        else:
+            load_weights_into(model, run.last)
+        session.optimizer.load_state_dict(state["optimizer"])
+        session.scheduler.load_state_dict(state["scheduler"])
+        _retune(session.optimizer, session.scheduler, model, cfg)
+        session.scaler.load_state_dict(state["scaler"])
+        start_epoch = int(state["epoch"]) + 1
+        best_epoch = int(state["best_epoch"])
+        best_key = (float(state["best_acc"]), float(state["best_neg_loss"]))
+        history = [dict(zip(METRIC_COLUMNS, row.tolist(), strict=True)) for row in state["history"]]
+        if not 0 <= best_epoch < start_epoch or len(history) != start_epoch:
+            raise ValueError(f"epoch {start_epoch - 1}, best epoch {best_epoch} and {len(history)} history rows")
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{run.state}: not a training state of this run ({type(exc).__name__}: "
+                              f"{detail}); train again into a new --out") from None
+    return _Progress(history, start_epoch, best_epoch, best_key)
+
+
+def _fit(run: RunFolder, session: _Session, state: _Progress, data: TrainData, cfg: Config, *, hooks: TrainHooks,
+         on_epoch: Callable[[dict[str, float]], None] | None, backend: str, mpp: float | None, skip_bad: bool,
+         progress: bool, report: _Notes) -> None:
+    """The epochs from `state.start_epoch` on: each trained, validated and saved (`_save_epoch`); Ctrl-C and a
+    diverged run end with an error that says what was saved."""
+    ctx = session.ctx
     # One loader for the whole run: its persistent workers keep their view caches between epochs.
     # The sampler shuffles with seed + epoch and shards across ranks (padding so all get as many).
-    sampler: DistributedSampler[int] = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
-    train_loader = _loader(train_ds, cfg, sampler, on_notes=report)
+    sampler: DistributedSampler[int] = DistributedSampler(data.train, num_replicas=ctx.world_size, rank=ctx.rank,
+                                                          shuffle=True, seed=cfg.seed)
+    train_loader = _loader(data.train, cfg, sampler, on_notes=report)
     reader = SlidePool(backend=backend, mpp=mpp)
-    tile_errors: dict[str, int] = {}
-    epoch = start_epoch
+    epoch = state.start_epoch
     try:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(state.start_epoch, cfg.epochs):
+            hooks.on_epoch_start(epoch)
             row = _train_epoch(
-                net, model, train_loader, cfg=cfg, epoch=epoch, optimizer=optimizer, scaler=scaler, autocast=autocast,
-                weight=weight, reader=reader, device=device, progress=progress and ctx.is_main, ctx=ctx,
-                skip_bad=skip_bad, tile_errors=tile_errors,
+                session.net, session.model, train_loader, cfg=cfg, epoch=epoch, optimizer=session.optimizer,
+                scaler=session.scaler, autocast=session.autocast, weight=session.weight, reader=reader,
+                device=session.device, progress=progress and ctx.is_main, ctx=ctx, skip_bad=skip_bad,
+                tile_errors=state.tile_errors, hooks=hooks,
             )
-            row["lr"] = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            if val_items:
-                v = evaluate(model, val_items, lambda i: _noted(val_ds[i][1], report), cfg=cfg, reader=reader,
-                             device=device, seed=cfg.seed, autocast=autocast, ctx=ctx,
-                             errors=tile_errors if skip_bad else None)
-                row.update(val_loss=v["loss"], val_acc=v["acc"], val_auc=v["auc"])
-                # no validation slide could be read this epoch (--skip-bad): the latest such epoch ranks lowest
-                key = (v["acc"], -v["loss"]) if v["acc"] == v["acc"] else (-math.inf, float(epoch))
-            else:
-                row.update(val_loss=math.nan, val_acc=math.nan, val_auc=math.nan)
-                key = (float(epoch), 0.0)  # no validation: the latest epoch is the best
-            row.update(_cache_report(model, epoch))
-            history.append(row)
-            if len(history) == PLATEAU_EPOCHS and start_epoch == 0 and _stalled(history):
-                warnings.warn(stall_message(history, cfg), stacklevel=1)
+            row["lr"] = session.optimizer.param_groups[0]["lr"]
+            session.scheduler.step()
+            key = _validate(row, session, data, cfg, epoch=epoch, reader=reader, skip_bad=skip_bad,
+                            tile_errors=state.tile_errors, report=report)
+            row.update(_cache_report(session.model, epoch))
+            state.history.append(row)
+            if len(state.history) == PLATEAU_EPOCHS and state.start_epoch == 0 and _stalled(state.history):
+                warnings.warn(stall_message(state.history, cfg), stacklevel=1)
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
-            improved = key > best_key
+            improved = key > state.best_key
             if improved:
-                best_key, best_epoch = key, epoch
-            _check_finite_weights(model)  # on every rank: DDP keeps their weights equal
+                state.best_key, state.best_epoch = key, epoch
+            _check_finite_weights(session.model)  # on every rank: DDP keeps their weights equal
             if not ctx.is_main:
                 distributed.barrier(ctx)
                 continue
-            if improved:
-                save_weights(model, run.model, metadata={"epoch": str(epoch)})
-            save_weights(model, run.last, metadata={"epoch": str(epoch)})
-            save_state(run.state, {
-                "epoch": epoch,
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},  # one file, renamed at once
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "best_epoch": best_epoch,
-                "best_acc": best_key[0],
-                "best_neg_loss": best_key[1],
-                "history": torch.tensor([[r.get(c, math.nan) for c in METRIC_COLUMNS] for r in history], dtype=torch.float64),
-            })
-            run.write_metrics(history)
+            _save_epoch(run, session, state, epoch, improved=improved, hooks=hooks)
             distributed.barrier(ctx)
-            if on_epoch is not None and ctx.is_main:
+            hooks.on_epoch_end(row)
+            if on_epoch is not None:
                 on_epoch(row)
     except KeyboardInterrupt:
         done = epoch - 1
@@ -427,8 +518,46 @@ def train(
     finally:
         reader.close()
         distributed.teardown(ctx)
-    return TrainResult(out_dir, len(history), best_epoch, history, skipped, tile_errors, len(train_items),
-                       len(val_items), len(test_items), ctx.rank)
+
+
+def _validate(row: dict[str, float], session: _Session, data: TrainData, cfg: Config, *, epoch: int,
+              reader: PatchReader, skip_bad: bool, tile_errors: dict[str, int], report: _Notes
+              ) -> tuple[float, float]:
+    """Add the epoch's validation metrics to `row` (NaN without validation slides); returns the epoch's rank
+    for "best": (accuracy, -loss), or without validation the epoch itself (the latest is the best)."""
+    if not data.val.items:
+        row.update(val_loss=math.nan, val_acc=math.nan, val_auc=math.nan)
+        return (float(epoch), 0.0)
+    v = evaluate(session.model, data.val.items, lambda i: _noted(data.val[i][1], report), cfg=cfg, reader=reader,
+                 device=session.device, seed=cfg.seed, autocast=session.autocast, ctx=session.ctx,
+                 errors=tile_errors if skip_bad else None)
+    row.update(val_loss=v["loss"], val_acc=v["acc"], val_auc=v["auc"])
+    # no validation slide could be read this epoch (--skip-bad): the latest such epoch ranks lowest
+    return (v["acc"], -v["loss"]) if v["acc"] == v["acc"] else (-math.inf, float(epoch))
+
+
+def _save_epoch(run: RunFolder, session: _Session, state: _Progress, epoch: int, *, improved: bool,
+                hooks: TrainHooks) -> None:
+    """The epoch's files: the best weights (when it improved), the last weights, then the training state
+    (one file, renamed at once) and metrics.csv."""
+    model = session.model
+    if improved:
+        save_weights(model, run.model, metadata={"epoch": str(epoch)})
+    save_weights(model, run.last, metadata={"epoch": str(epoch)})
+    hooks.on_weights_saved(epoch)
+    save_state(run.state, {
+        "epoch": epoch,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},  # one file, renamed at once
+        "optimizer": session.optimizer.state_dict(),
+        "scheduler": session.scheduler.state_dict(),
+        "scaler": session.scaler.state_dict(),
+        "best_epoch": state.best_epoch,
+        "best_acc": state.best_key[0],
+        "best_neg_loss": state.best_key[1],
+        "history": torch.tensor([[r.get(c, math.nan) for c in METRIC_COLUMNS] for r in state.history],
+                                dtype=torch.float64),
+    })
+    run.write_metrics(state.history)
 
 
 def _train_epoch(
@@ -448,7 +577,9 @@ def _train_epoch(
     ctx: DistContext,
     skip_bad: bool = False,
     tile_errors: dict[str, int] | None = None,
+    hooks: TrainHooks | None = None,
 ) -> dict[str, float]:
+    hooks = hooks or TrainHooks()
     model.train()
     items_of = loader.dataset.items  # type: ignore[attr-defined]
     sampler = loader.sampler
@@ -459,7 +590,9 @@ def _train_epoch(
     t0 = time.perf_counter()
     total_loss, correct, seen, entropy_sum = 0.0, 0, 0, 0.0
     n_steps = math.ceil(len(sampler) / cfg.batch_size)
-    for batch in track(loader, total=n_steps, description=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress):
+    steps = track(loader, total=n_steps, description=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
+    for step, batch in enumerate(steps, 1):
+        hooks.on_step(epoch, step, model)
         for _, error in (pair for pair in batch if isinstance(pair[1], str)):
             warnings.warn(f"skipped in this step: {error}", stacklevel=1)
         batch = [pair for pair in batch if not isinstance(pair[1], str)]
