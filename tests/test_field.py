@@ -19,6 +19,7 @@ from click.testing import CliRunner, Result
 sys.path.insert(0, str(Path(__file__).parent))
 
 import _slides  # noqa: E402
+from conftest import invoke as _invoke
 
 from wsiats.checkpoint import build_model, save_weights  # noqa: E402
 from wsiats.cli import cli  # noqa: E402
@@ -30,7 +31,8 @@ TRAIN = ["--epochs", "1", "--batch-size", "2", "--n-patches", "4", "--patch-size
 
 
 def invoke(*args: object) -> Result:
-    result = CliRunner().invoke(cli, [str(a) for a in args])
+    """conftest's `invoke`, and no traceback, no exception but an exit."""
+    result = _invoke(*args)
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     return result
