@@ -59,6 +59,24 @@ def test_explore_embeds_candidates_and_trains_on_the_highest_scores(slide_path) 
         assert any(p.grad is not None and float(p.grad.abs().max()) > 0 for p in part.parameters())
 
 
+def test_loss_adds_the_instance_loss_of_each_slide_through_the_classifier(slide_path) -> None:  # type: ignore[no-untyped-def]
+    cfg = _cfg()
+    model, pool, view = _setup(cfg, slide_path)
+    try:
+        out = forward_batch(model, [SlideBatchItem(slide_path, view)] * 2, cfg=cfg, pool=pool, mode="explore",
+                            generator=torch.Generator().manual_seed(1))
+    finally:
+        pool.close()
+    y = torch.tensor([0, 1])
+    assert out.features is not None and [tuple(f.shape) for f in out.features] == [(6, 8), (6, 8)]
+    without, ce = loss_fn(out, y, cfg=cfg, weight=None)
+    with_inst, ce2 = loss_fn(out, y, cfg=cfg, weight=None, classifier=model.classifier)
+    expected = sum(mil.instance_loss(model.classifier(f), t) for f, t in zip(out.features, (0, 1))) / 2
+    assert torch.isclose(with_inst - without, cfg.instance_weight * expected) and torch.equal(ce, ce2)
+    off = _cfg(instance_weight=0.0)
+    assert torch.isclose(loss_fn(out, y, cfg=off, weight=None, classifier=model.classifier)[0], without)
+
+
 def test_explore_keeps_the_candidates_with_the_highest_instance_scores(slide_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The gradient pass gets exactly the top train_patches candidates by instance score."""
     cfg = _cfg(candidates=30, train_patches=5)

@@ -124,6 +124,8 @@ class TrainingConfig:
     """Weight of the attention-entropy bonus in the loss (official scripts: 1e-4)."""
     distill_weight: float = 1.0
     """Training: weight of the view-attention target taken from the candidates' instance scores."""
+    instance_weight: float = 1.0
+    """Training with gated pooling: weight of the instance loss, the slide's label on the INSTANCE_TOP patches of each slide that the classifier finds most telling of it (top-k MIL)."""
     val_fraction: float = 0.2
     """Fraction of training slides held out for validation when the labels have no split column."""
     class_weighting: bool = True
@@ -225,6 +227,8 @@ class Config(Runtime, TrainingConfig, ModelConfig, SamplingConfig, ViewConfig):
              "train_patches", "must be an integer in 1..4096")
         need(isinstance(self.explore, (int, float)) and 0 <= self.explore <= 1, "explore", "must be in [0, 1]")
         need(isinstance(self.distill_weight, (int, float)) and self.distill_weight >= 0, "distill_weight", "must be >= 0")
+        need(isinstance(self.instance_weight, (int, float)) and not isinstance(self.instance_weight, bool)
+             and self.instance_weight >= 0, "instance_weight", "must be >= 0")
         self._check_nested(need)
         from wsiats.models import list_feature_nets
 

@@ -20,6 +20,9 @@ mode 'explore'):
   depend on what the attention has learnt.
 - `select_informative`: the N candidates with the highest instance scores (IPS, Bergner et al.,
   ICLR 2023, over ATS's candidates instead of every patch of the slide).
+- `instance_loss`: top-k MIL (Campanella et al., Nat. Med. 2019, here over the patches a slide was
+  given): the slide's label on the patches the classifier finds most telling of it, so that one
+  digit or tumour patch is taught its class directly instead of through a pooled mean.
 - `distillation_loss`: the view attention's target: the candidates with the highest instance
   scores, so the attention network learns where to look from what the feature network found.
 """
@@ -38,6 +41,7 @@ __all__ = [
     "appearance_strata",
     "distillation_loss",
     "exploration_mixture",
+    "instance_loss",
     "select_informative",
     "exploration_prior",
     "stratified_uniform",
@@ -174,6 +178,33 @@ def distillation_loss(candidate_attention: Tensor, scores: Tensor, *, top: int) 
     best = best[stands_out]
     log_a = torch.log(candidate_attention.float().clamp_min(torch.finfo(torch.float32).tiny))
     return -F.log_softmax(log_a, dim=0)[best].mean() * score_contrast(scores)
+
+
+#: Patches per slide that `instance_loss` labels.
+INSTANCE_TOP = 2
+
+
+def instance_loss(instance_logits: Tensor, target: int, *, top: int = INSTANCE_TOP,
+                  weight: Tensor | None = None) -> Tensor:
+    """Cross-entropy of the slide's label on its `top` patches most telling of it: instance_logits [n, C]
+    (the slide classifier applied to each patch's features, with gradient) -> a scalar.
+
+    The patches are those with the highest log p(target | patch) (chosen without gradient). Before the
+    features discriminate the choice is arbitrary and its labels are noise that averages out over the
+    classes; as soon as the patches of a class score a little higher for it they are chosen and taught
+    it, undiluted. Pooling alone teaches a lone patch through the mean of the slide's representation:
+    on bags of 64 patches with 5 of the label's digits and 4 of others, gated pooling stayed at chance
+    for 500 steps of 8 bags; with this loss beside it the bag accuracy left chance. `weight` [C]: class
+    weights, as for the slide loss.
+    """
+    if instance_logits.ndim != 2 or instance_logits.shape[0] < 1:
+        raise ValueError(f"instance_logits must have shape [n >= 1, C], got {tuple(instance_logits.shape)}")
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top}")
+    logp = F.log_softmax(instance_logits.float(), dim=-1)
+    chosen = torch.topk(logp[:, target].detach(), min(top, logp.shape[0])).indices
+    nll = -logp[chosen, target].mean()
+    return nll if weight is None else nll * weight[target]
 
 
 def score_contrast(scores: Tensor) -> Tensor:

@@ -180,6 +180,7 @@ class ForwardResult:
     entropy: Tensor  # [B]
     distill: Tensor | None = None  # [B] view-attention distillation losses (gated pooling, training), or None
     nested: list[Any] | None = None  # per slide, `wsiats.nested_pass.NestedPicks` (both levels), with cfg.nested
+    features: list[Tensor] | None = None  # per slide, [n, D] features of the pooled patches (gated pooling), with gradient
 
 
 class SlidePool:
@@ -319,13 +320,14 @@ def forward_batch(
         boxes.append(patch_boxes(centers, size, pds))
         counts.append(n)
     feats = embed_patches(model, torch.cat(patches), keys, device=device, autocast=ctx)
-    pooled, weights = [], []
+    pooled, weights, per_slide = [], [], []
     start = 0
     replace = cfg.replace and mode == "sample"
     for a_k, n in zip(sampled, counts):
         f = feats[start : start + n]
         start += n
         if model.mil is not None:
+            per_slide.append(f)
             z, alpha = model.mil(f)
             pooled.append(z)
             weights.append(alpha.detach())
@@ -340,7 +342,8 @@ def forward_batch(
     logits = model.classifier(torch.stack(pooled))
     entropy = torch.stack([sampling.entropy(a[None])[0] for a in attentions])
     aux = torch.stack(distill) if distill else None
-    return ForwardResult(logits, attentions, indices, sampled, weights, boxes, entropy, aux)
+    return ForwardResult(logits, attentions, indices, sampled, weights, boxes, entropy, aux,
+                         features=per_slide if model.mil is not None else None)
 
 
 #: Least distance between the first-stage cells of zoomed inference, in patch widths (`spread_cells`).
@@ -468,12 +471,19 @@ def class_weights(labels: Sequence[int], n_classes: int) -> Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def loss_fn(result: ForwardResult, targets: Tensor, *, cfg: Config, weight: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Cross-entropy - entropy_weight * attention entropy (+ distill_weight * distillation). Returns (loss, ce)."""
+def loss_fn(result: ForwardResult, targets: Tensor, *, cfg: Config, weight: Tensor | None,
+            classifier: torch.nn.Module | None = None) -> tuple[Tensor, Tensor]:
+    """Cross-entropy - entropy_weight * attention entropy (+ distill_weight * distillation, + instance_weight *
+    `mil.instance_loss` of each slide's patches through `classifier` when the pass returned their features).
+    Returns (loss, ce)."""
     ce = F.cross_entropy(result.logits, targets, weight=weight)
     loss = ce - cfg.entropy_weight * result.entropy.mean()
     if result.distill is not None:
         loss = loss + cfg.distill_weight * result.distill.mean()
+    if classifier is not None and result.features and cfg.instance_weight > 0:
+        inst = torch.stack([mil.instance_loss(classifier(f), int(t), weight=weight)
+                            for f, t in zip(result.features, targets.tolist())])
+        loss = loss + cfg.instance_weight * inst.mean()
     return loss, ce
 
 
