@@ -42,7 +42,9 @@ Which estimator wsiats uses (`Config.pooling`):
     and equal to it when M >= K (tested in tests/test_explore.py). The attention network learns
     from `wsiats.mil.distillation_loss` (cross-entropy of a over the candidates against the at
     most `train_patches // 4` best-scored that stand out, softmax weight >= 1/M), not from a
-    score-function gradient.
+    score-function gradient. A training-only term, `wsiats.mil.instance_loss` (the slide's label
+    on the 2 pooled patches the classifier rates most telling of it), adds to the loss; it changes
+    no estimate and no inference.
   - Inference reads N patches: N - round(zoom N) cells drawn without replacement from a and kept
     at least `SPREAD_PATCHES` patch widths apart (`wsiats.pipeline.spread_cells`), the rest drawn without replacement from a restricted to the square around the cell
     whose patch has the highest instance score (`wsiats.pipeline.zoom_cells`), all N pooled.
