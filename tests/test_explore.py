@@ -78,8 +78,8 @@ def test_loss_adds_the_instance_loss_of_each_slide_through_the_classifier(slide_
 
 
 def test_explore_keeps_the_candidates_with_the_highest_instance_scores(slide_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The gradient pass gets exactly the top train_patches candidates by instance score."""
-    cfg = _cfg(candidates=30, train_patches=5)
+    """With select_random 0 the gradient pass gets exactly the top train_patches candidates by instance score."""
+    cfg = _cfg(candidates=30, train_patches=5, select_random=0.0)
     model, pool, view = _setup(cfg, slide_path)
     seen: dict[str, torch.Tensor] = {}
     real = mil.select_informative
@@ -166,7 +166,7 @@ def test_explore_with_every_cell_a_candidate_is_ips_over_the_whole_view(slide_pa
     """The consistency claim of the training estimator: with M >= K candidates (every cell), the
     pooled representation is exactly gated attention pooling over the top-T patches of the whole
     view by instance score (the IPS objective), whatever the draw."""
-    cfg = _cfg(candidates=65536, train_patches=7, n_patches=3)
+    cfg = _cfg(candidates=65536, train_patches=7, n_patches=3, select_random=0.0)
     model, pool, view = _setup(cfg, slide_path)
     h, w = view.image.shape[:2]
     from wsiats.pipeline import cell_centers

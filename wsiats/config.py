@@ -70,6 +70,8 @@ class SamplingConfig:
     """Training with candidates: how many of them get the gradient pass, highest instance scores first."""
     explore: float = 0.5
     """Training with candidates: share of the candidate distribution that explores (equal mass per colour group of the view) instead of following the attention."""
+    select_random: float = 0.5
+    """Training with candidates: share of the gradient pass's patches drawn at random from the other candidates instead of by instance score (0: the top train_patches, IPS)."""
     nested: bool = False
     """Nested attention sampling (--pooling ats): a coarse attention over a --coarse-downsample view picks --regions regions, the attention network over the --view-downsample view inside them picks the N patches; only the picked regions' fine pixels are read."""
     coarse_downsample: float = 256.0
@@ -226,6 +228,8 @@ class Config(Runtime, TrainingConfig, ModelConfig, SamplingConfig, ViewConfig):
         need(isinstance(self.train_patches, int) and not isinstance(self.train_patches, bool) and 1 <= self.train_patches <= 4096,
              "train_patches", "must be an integer in 1..4096")
         need(isinstance(self.explore, (int, float)) and 0 <= self.explore <= 1, "explore", "must be in [0, 1]")
+        need(isinstance(self.select_random, (int, float)) and not isinstance(self.select_random, bool)
+             and 0 <= self.select_random <= 1, "select_random", "must be in [0, 1]")
         need(isinstance(self.distill_weight, (int, float)) and self.distill_weight >= 0, "distill_weight", "must be >= 0")
         need(isinstance(self.instance_weight, (int, float)) and not isinstance(self.instance_weight, bool)
              and self.instance_weight >= 0, "instance_weight", "must be >= 0")

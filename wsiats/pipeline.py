@@ -245,8 +245,9 @@ def forward_batch(
       slide, but a lone informative region gets about half of them;
     - 'explore' (training, `cfg.candidates` > 0, gated pooling): `cfg.candidates` cells drawn
       without replacement from q = (1 - explore) a + explore u (u: `PreparedView.explore`, equal mass
-      per colour group, or uniform), their patches embedded without gradient, and the
-      max(N, `cfg.train_patches`) with the highest instance scores embedded again with gradient and pooled.
+      per colour group, or uniform), their patches embedded without gradient, and T = max(N,
+      `cfg.train_patches`) embedded again with gradient and pooled: the T - round(`cfg.select_random` T)
+      with the highest instance scores and the rest drawn at random from the other candidates.
     With gated pooling the attention network learns from `ForwardResult.distill`, the cross-entropy
     of the attention over the embedded patches against the `train_patches // 4` with the highest
     instance scores (N/2 of the N when training without candidates).
@@ -289,7 +290,8 @@ def forward_batch(
             scores = _scores_without_grad(model, tiles, device, ctx)
             if cfg.attention != "uniform":
                 distill.append(mil.distillation_loss(att[0, cand[0]], scores, top=max(1, cfg.train_patches // 4)))
-            keep = mil.select_informative(scores, max(n, cfg.train_patches)).cpu()
+            keep = mil.select_for_gradient(scores, max(n, cfg.train_patches), cfg.select_random,
+                                           generator=generator).cpu()
             idx, orig, centers, tiles = cand[:, keep.to(cand.device)], orig[keep.numpy()], centers[keep.numpy()], tiles[keep]
             a_k = att.gather(1, idx)
             n = len(keep)
