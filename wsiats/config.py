@@ -70,7 +70,7 @@ class SamplingConfig:
     """Training with candidates: how many of them get the gradient pass, highest instance scores first."""
     explore: float = 0.5
     """Training with candidates: share of the candidate distribution that explores (equal mass per colour group of the view) instead of following the attention."""
-    select_random: float = 0.5
+    select_random: float = 0.0
     """Training with candidates: share of the gradient pass's patches drawn at random from the other candidates instead of by instance score (0: the top train_patches, IPS)."""
     nested: bool = False
     """Nested attention sampling (--pooling ats): a coarse attention over a --coarse-downsample view picks --regions regions, the attention network over the --view-downsample view inside them picks the N patches; only the picked regions' fine pixels are read."""
@@ -126,7 +126,7 @@ class TrainingConfig:
     """Weight of the attention-entropy bonus in the loss (official scripts: 1e-4)."""
     distill_weight: float = 1.0
     """Training: weight of the view-attention target taken from the candidates' instance scores."""
-    instance_weight: float = 1.0
+    instance_weight: float = 0.0
     """Training with gated pooling: weight of the instance loss, the slide's label on the INSTANCE_TOP patches of each slide that the classifier finds most telling of it (top-k MIL)."""
     val_fraction: float = 0.2
     """Fraction of training slides held out for validation when the labels have no split column."""
