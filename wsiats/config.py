@@ -71,7 +71,7 @@ class SamplingConfig:
     explore: float = 0.5
     """Training with candidates: share of the candidate distribution that explores (equal mass per colour group of the view) instead of following the attention."""
     select_random: float = 0.0
-    """Training with candidates: share of the gradient pass's patches drawn at random from the other candidates instead of by instance score (0: the top train_patches, IPS)."""
+    """Training with candidates: share of the gradient pass's patches drawn at random from the other candidates instead of by instance score (0, the default: the top train_patches, IPS)."""
     nested: bool = False
     """Nested attention sampling (--pooling ats): a coarse attention over a --coarse-downsample view picks --regions regions, the attention network over the --view-downsample view inside them picks the N patches; only the picked regions' fine pixels are read."""
     coarse_downsample: float = 256.0
@@ -127,7 +127,7 @@ class TrainingConfig:
     distill_weight: float = 1.0
     """Training: weight of the view-attention target taken from the candidates' instance scores."""
     instance_weight: float = 0.0
-    """Training with gated pooling: weight of the instance loss, the slide's label on the INSTANCE_TOP patches of each slide that the classifier finds most telling of it (top-k MIL)."""
+    """Training with gated pooling: weight of the instance loss, the slide's label on the 2 patches of each slide that the classifier finds most telling of it (top-k MIL; 0, the default: off)."""
     val_fraction: float = 0.2
     """Fraction of training slides held out for validation when the labels have no split column."""
     class_weighting: bool = True
