@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import machine_info
+from _common import code_version, machine_info
 from wsiats._io import atomic_open
 from wsiats.config import resolve
 from wsiats.demo import DEMO_CONFIG
@@ -31,6 +31,10 @@ from wsiats.synth import make_cohort
 from wsiats.train import train
 
 HERE = Path(__file__).resolve().parent
+#: Rows: `ats` (learned attention, the demo's settings), `uniform` (the paper's U-N), `defaults` (plain
+#: `wsiats train`), and the attention-sampling estimator one-level (`ats_estimator`) against nested
+#: attention sampling (`nested`, issue 16) with the same settings and seed.
+METHODS = ("ats", "uniform", "defaults", "ats_estimator", "nested")
 
 
 def hit_fraction(preds: list, truth: dict) -> float:
@@ -54,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-patches", type=int, default=20, help="N (the demo uses 10 on 4k slides)")
     ap.add_argument("--patch-downsample", type=float, default=2.0,
                     help="level-0 px per patch px: 2 lets a 64 px patch see 128 level-0 px")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="rows to run")
+    ap.add_argument("--merge", action="store_true", help="keep the rows already in --out that this run does not redo")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "cohort.json")
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")
@@ -74,14 +80,20 @@ def main(argv: list[str] | None = None) -> int:
                    "train_val_slides": len(items) - len(test), "synth_s": round(synth_s, 1)},
         "methods": {},
     }
-    for name, attention in (("ats", "learned"), ("uniform", "uniform"), ("defaults", None)):
+    if args.merge and args.out.is_file():
+        results["methods"] = {k: v for k, v in json.loads(args.out.read_text())["methods"].items()
+                              if k not in args.methods}
+    for name in args.methods:
+        attention = {"uniform": "uniform", "defaults": None}.get(name, "learned")
         # The demo's optimisation settings (batch 4, lr 3e-3, 64 px patches, view downsample 32) with
         # more epochs, more patches and wider patches: informative regions cover ~9x less of a 12k slide
         # than of the demo's 4k ones, so the first hits that teach the networks are ~9x rarer.
         overrides = {**DEMO_CONFIG, "epochs": args.epochs, "seed": args.seed, "attention": attention,
                      "n_patches": args.n_patches, "patch_downsample": args.patch_downsample}
-        if attention == "uniform":  # the paper's U-N: uniform sampling and its mean estimator
+        if name in ("uniform", "ats_estimator", "nested"):  # the paper's estimator (U-N: with uniform sampling)
             overrides.update(pooling="ats", candidates=0, zoom=0.0)
+        if name == "nested":
+            overrides.update(nested=True, coarse_downsample=256.0, regions=8)
         if attention is None:  # `wsiats train` as a new user runs it: every setting at its default
             overrides = {"seed": args.seed}
         if args.smoke:
@@ -99,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         results["methods"][name] = {
             "config": {k: getattr(cfg, k) for k in ("attention", "pooling", "candidates", "n_patches", "patch_size",
                                                      "patch_downsample", "view_downsample", "batch_size", "lr",
-                                                     "epochs")},
+                                                     "epochs", "nested")},
+            "code": code_version(), "loadavg": os.getloadavg(),
             "test_auc": m["auc"], "test_accuracy": m["accuracy"], "confusion": m["confusion"],
             "patch_hit_fraction": hit_fraction(preds, truth),
             "final_train_loss": result.history[-1]["train_loss"],

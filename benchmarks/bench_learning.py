@@ -364,7 +364,7 @@ def _step_setup(method: str, spec: dict[str, Any]) -> tuple[Callable[[], Any], C
             item = SlideBatchItem(path, view, Augment.draw(gen) if cfg.augment else Augment())
             out = forward_batch(model, [item], cfg=cfg, reader=pool, mode=training_mode(cfg), generator=gen,
                                 device=torch.device("cpu"), workers=cfg.workers or None, autocast=autocast)
-            loss, _ = loss_fn(out, y, cfg=cfg, weight=None)
+            loss, _ = loss_fn(out, y, cfg=cfg, weight=None, classifier=model.classifier)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)

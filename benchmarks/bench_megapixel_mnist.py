@@ -93,6 +93,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "ats_25": {"n_patches": 25},
     "ats_50": {"n_patches": 50},
     "u_10": {"n_patches": 10, "attention": "uniform", "pooling": "ats", "candidates": 0, "zoom": 0},
+    # the instance loss and the random share of the gradient pass (both off in wsiats's defaults)
+    "ats_10_instance": {"n_patches": 10, "instance_weight": 1.0, "select_random": 0.5},
 }
 #: Quoted from issue 11 (read off the official repository's Megapixel MNIST plot, ATS with 10 patches).
 OFFICIAL = {

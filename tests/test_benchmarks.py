@@ -114,11 +114,12 @@ def test_needles_smoke_writes_every_row(tmp_path: Path) -> None:
     assert "NaN" not in text and "Infinity" not in text
     doc = json.loads(text)
     assert set(doc["rows"]) == set(bench_needles.ROWS)
-    for row in ("new_default", "current_default", "u_n"):
+    for row in ("new_default", "current_default", "nested", "u_n"):
         (run,) = doc["rows"][row]["seeds"]
         assert 0.0 <= run["test_accuracy"] <= 1.0 and 0.0 <= run["tumour_patch_fraction"] <= 1.0
         assert run["train_s"] > 0 and run["train_cpu_s"] > 0 and run["curve"]
     assert doc["rows"]["current_default"]["seeds"][0]["config"]["pooling"] == "ats"
+    assert doc["rows"]["nested"]["seeds"][0]["config"]["nested"] is True
     dense = doc["rows"]["dense_mil"]
     assert dense["per_slide_step"]["dense_mil"]["tiles"] > 0 and dense["time_ratio"] > 0
     frac = doc["cohort"]["informative_fraction_of_tissue"]
@@ -215,12 +216,15 @@ def test_backbones_smoke_report(tmp_path: Path) -> None:
 
 
 def test_bench_cohort_smoke_writes_every_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The 12k-cohort benchmark runs its three rows (learned, uniform, plain defaults) and predicts the test split."""
+    """The 12k-cohort benchmark runs its rows (learned, uniform, plain defaults, the one-level estimator and nested)
+    and predicts the test split."""
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     out = tmp_path / "cohort.json"
     assert bench_cohort.main(["--smoke", "--out", str(out), "--cache", str(tmp_path / "cache")]) == 0
     r = json.loads(out.read_text())
-    assert set(r["methods"]) == {"ats", "uniform", "defaults"}
+    assert set(r["methods"]) == set(bench_cohort.METHODS)
+    assert r["methods"]["nested"]["config"]["nested"] is True and r["methods"]["ats_estimator"]["config"]["nested"] is False
+    assert r["methods"]["nested"]["config"]["pooling"] == r["methods"]["ats_estimator"]["config"]["pooling"] == "ats"
     uniform = r["methods"]["uniform"]["config"]
     assert (uniform["attention"], uniform["pooling"], uniform["candidates"]) == ("uniform", "ats", 0)  # the paper's U-N
     assert r["methods"]["defaults"]["config"]["pooling"] == "gated"  # the defaults row is wsiats's defaults

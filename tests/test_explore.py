@@ -62,9 +62,27 @@ def test_explore_embeds_candidates_and_trains_on_the_highest_scores(slide_path) 
         assert any(p.grad is not None and float(p.grad.abs().max()) > 0 for p in part.parameters())
 
 
+def test_loss_adds_the_instance_loss_of_each_slide_through_the_classifier(slide_path) -> None:  # type: ignore[no-untyped-def]
+    cfg = _cfg(instance_weight=0.5)
+    model, pool, view = _setup(cfg, slide_path)
+    try:
+        out = forward_batch(model, [SlideBatchItem(slide_path, view)] * 2, cfg=cfg, reader=pool, mode="explore",
+                            generator=torch.Generator().manual_seed(1))
+    finally:
+        pool.close()
+    y = torch.tensor([0, 1])
+    assert out.features is not None and [tuple(f.shape) for f in out.features] == [(6, 8), (6, 8)]
+    without, ce = loss_fn(out, y, cfg=cfg, weight=None)
+    with_inst, ce2 = loss_fn(out, y, cfg=cfg, weight=None, classifier=model.classifier)
+    expected = sum(mil.instance_loss(model.classifier(f), t) for f, t in zip(out.features, (0, 1))) / 2
+    assert torch.isclose(with_inst - without, 0.5 * expected) and torch.equal(ce, ce2) and expected > 0
+    off = _cfg(instance_weight=0.0)
+    assert torch.isclose(loss_fn(out, y, cfg=off, weight=None, classifier=model.classifier)[0], without)
+
+
 def test_explore_keeps_the_candidates_with_the_highest_instance_scores(slide_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The gradient pass gets exactly the top train_patches candidates by instance score."""
-    cfg = _cfg(candidates=30, train_patches=5)
+    """With select_random 0 the gradient pass gets exactly the top train_patches candidates by instance score."""
+    cfg = _cfg(candidates=30, train_patches=5, select_random=0.0)
     model, pool, view = _setup(cfg, slide_path)
     seen: dict[str, torch.Tensor] = {}
     real = mil.select_informative
@@ -151,7 +169,7 @@ def test_explore_with_every_cell_a_candidate_is_ips_over_the_whole_view(slide_pa
     """The consistency claim of the training estimator: with M >= K candidates (every cell), the
     pooled representation is exactly gated attention pooling over the top-T patches of the whole
     view by instance score (the IPS objective), whatever the draw."""
-    cfg = _cfg(candidates=65536, train_patches=7, n_patches=3)
+    cfg = _cfg(candidates=65536, train_patches=7, n_patches=3, select_random=0.0)
     model, pool, view = _setup(cfg, slide_path)
     h, w = view.image.shape[:2]
     from wsiats.view import cell_centers

@@ -179,3 +179,40 @@ def test_distillation_target_holds_only_the_candidates_that_stand_out() -> None:
     scores = torch.tensor([5.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
     two = -torch.log(a[[0, 1]] / a.sum()).mean() * mil.score_contrast(scores)
     torch.testing.assert_close(mil.distillation_loss(a, scores, top=4), two)
+
+
+def test_instance_loss_teaches_the_label_on_the_patches_most_telling_of_it() -> None:
+    logits = torch.tensor([[0.0, 2.0, 0.0], [3.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, -1.0, 0.0]], requires_grad=True)
+    loss = mil.instance_loss(logits, 1, top=2)
+    logp = torch.log_softmax(logits.detach(), dim=-1)
+    assert torch.isclose(loss, -(logp[0, 1] + logp[2, 1]) / 2)  # patches 0 and 2 score highest for class 1
+    loss.backward()
+    assert logits.grad is not None
+    assert logits.grad[[1, 3]].abs().sum() == 0 and logits.grad[[0, 2]].abs().sum() > 0  # only the chosen learn
+    assert logits.grad[0, 1] < 0 and logits.grad[2, 1] < 0  # descent raises their label's logit
+
+
+def test_instance_loss_weights_by_class_and_takes_all_patches_when_fewer_than_top() -> None:
+    logits = torch.randn(1, 2)
+    plain = mil.instance_loss(logits, 0, top=2)
+    assert torch.isclose(plain, -torch.log_softmax(logits, -1)[0, 0])
+    assert torch.isclose(mil.instance_loss(logits, 0, top=2, weight=torch.tensor([3.0, 1.0])), 3 * plain)
+    with pytest.raises(ValueError):
+        mil.instance_loss(torch.randn(0, 2), 0)
+
+
+def test_select_for_gradient_takes_the_best_then_other_candidates_at_random() -> None:
+    scores = torch.tensor([0.1, 5.0, 0.3, 4.0, 0.2, 0.0, 3.0, 0.4])
+    gen = torch.Generator().manual_seed(0)
+    draws = [mil.select_for_gradient(scores, 4, 0.5, generator=gen) for _ in range(400)]
+    for keep in draws:
+        assert keep[:2].tolist() == [1, 3] and len(set(keep.tolist())) == 4  # the two best, highest first
+    rest = torch.cat([k[2:] for k in draws])
+    counts = torch.bincount(rest, minlength=8)
+    assert counts[[1, 3]].sum() == 0  # the random share is drawn from the OTHER candidates
+    others = counts[[0, 2, 4, 5, 6, 7]].float()
+    assert (others / others.sum() - 1 / 6).abs().max() < 0.05  # uniformly (800 draws: sd ~0.013)
+    assert torch.equal(mil.select_for_gradient(scores, 3, 0.0), mil.select_informative(scores, 3))
+    assert sorted(mil.select_for_gradient(scores, 20, 0.5, generator=gen).tolist()) == list(range(8))
+    with pytest.raises(ValueError):
+        mil.select_for_gradient(scores, 2, 1.5)

@@ -70,6 +70,8 @@ class SamplingConfig:
     """Training with candidates: how many of them get the gradient pass, highest instance scores first."""
     explore: float = 0.5
     """Training with candidates: share of the candidate distribution that explores (equal mass per colour group of the view) instead of following the attention."""
+    select_random: float = 0.0
+    """Training with candidates: share of the gradient pass's patches drawn at random from the other candidates instead of by instance score (0, the default: the top train_patches, IPS)."""
     nested: bool = False
     """Nested attention sampling (--pooling ats): a coarse attention over a --coarse-downsample view picks --regions regions, the attention network over the --view-downsample view inside them picks the N patches; only the picked regions' fine pixels are read."""
     coarse_downsample: float = 256.0
@@ -124,6 +126,8 @@ class TrainingConfig:
     """Weight of the attention-entropy bonus in the loss (official scripts: 1e-4)."""
     distill_weight: float = 1.0
     """Training: weight of the view-attention target taken from the candidates' instance scores."""
+    instance_weight: float = 0.0
+    """Training with gated pooling: weight of the instance loss, the slide's label on the 2 patches of each slide that the classifier finds most telling of it (top-k MIL; 0, the default: off)."""
     val_fraction: float = 0.2
     """Fraction of training slides held out for validation when the labels have no split column."""
     class_weighting: bool = True
@@ -224,7 +228,11 @@ class Config(Runtime, TrainingConfig, ModelConfig, SamplingConfig, ViewConfig):
         need(isinstance(self.train_patches, int) and not isinstance(self.train_patches, bool) and 1 <= self.train_patches <= 4096,
              "train_patches", "must be an integer in 1..4096")
         need(isinstance(self.explore, (int, float)) and 0 <= self.explore <= 1, "explore", "must be in [0, 1]")
+        need(isinstance(self.select_random, (int, float)) and not isinstance(self.select_random, bool)
+             and 0 <= self.select_random <= 1, "select_random", "must be in [0, 1]")
         need(isinstance(self.distill_weight, (int, float)) and self.distill_weight >= 0, "distill_weight", "must be >= 0")
+        need(isinstance(self.instance_weight, (int, float)) and not isinstance(self.instance_weight, bool)
+             and self.instance_weight >= 0, "instance_weight", "must be >= 0")
         self._check_nested(need)
         from wsiats.models import list_feature_nets
 

@@ -47,6 +47,7 @@ class ForwardResult:
     entropy: Tensor  # [B]
     distill: Tensor | None = None  # [B] view-attention distillation losses (gated pooling, training), or None
     nested: list[Any] | None = None  # per slide, `wsiats.nested_pass.NestedPicks` (both levels), with cfg.nested
+    features: list[Tensor] | None = None  # per slide, [n, D] features of the pooled patches (gated pooling), with gradient
 
 
 def forward_batch(
@@ -73,8 +74,9 @@ def forward_batch(
       slide, but a lone informative region gets about half of them;
     - 'explore' (training, `cfg.candidates` > 0, gated pooling): `cfg.candidates` cells drawn
       without replacement from q = (1 - explore) a + explore u (u: `PreparedView.explore`, equal mass
-      per colour group, or uniform), their patches embedded without gradient, and the
-      max(N, `cfg.train_patches`) with the highest instance scores embedded again with gradient and pooled.
+      per colour group, or uniform), their patches embedded without gradient, and T = max(N,
+      `cfg.train_patches`) embedded again with gradient and pooled: the T - round(`cfg.select_random` T)
+      with the highest instance scores and the rest drawn at random from the other candidates.
     With gated pooling the attention network learns from `ForwardResult.distill`, the cross-entropy
     of the attention over the embedded patches against the `train_patches // 4` with the highest
     instance scores (N/2 of the N when training without candidates).
@@ -116,7 +118,8 @@ def forward_batch(
             scores = _scores_without_grad(model, tiles, device, ctx)
             if cfg.attention != "uniform":
                 distill.append(mil.distillation_loss(att[0, cand[0]], scores, top=max(1, cfg.train_patches // 4)))
-            keep = mil.select_informative(scores, max(n, cfg.train_patches)).cpu()
+            keep = mil.select_for_gradient(scores, max(n, cfg.train_patches), cfg.select_random,
+                                           generator=generator).cpu()
             idx, orig, centers, tiles = cand[:, keep.to(cand.device)], orig[keep.numpy()], centers[keep.numpy()], tiles[keep]
             a_k = att.gather(1, idx)
             n = len(keep)
@@ -147,13 +150,14 @@ def forward_batch(
         boxes.append(patch_boxes(centers, size, pds))
         counts.append(n)
     feats = embed_patches(model, torch.cat(patches), keys, device=device, autocast=ctx)
-    pooled, weights = [], []
+    pooled, weights, per_slide = [], [], []
     start = 0
     replace = cfg.replace and mode == "sample"
     for a_k, n in zip(sampled, counts):
         f = feats[start : start + n]
         start += n
         if model.mil is not None:
+            per_slide.append(f)
             z, alpha = model.mil(f)
             pooled.append(z)
             weights.append(alpha.detach())
@@ -168,7 +172,8 @@ def forward_batch(
     logits = model.classifier(torch.stack(pooled))
     entropy = torch.stack([sampling.entropy(a[None])[0] for a in attentions])
     aux = torch.stack(distill) if distill else None
-    return ForwardResult(logits, attentions, indices, sampled, weights, boxes, entropy, aux)
+    return ForwardResult(logits, attentions, indices, sampled, weights, boxes, entropy, aux,
+                         features=per_slide if model.mil is not None else None)
 
 
 #: Least distance between the first-stage cells of zoomed inference, in patch widths (`spread_cells`).

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from wsiats import mil
 from wsiats.config import Config
 from wsiats.errors import ConfigError
 from wsiats.forward import ForwardResult
@@ -23,10 +24,17 @@ def class_weights(labels: Sequence[int], n_classes: int) -> Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def loss_fn(result: ForwardResult, targets: Tensor, *, cfg: Config, weight: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Cross-entropy - entropy_weight * attention entropy (+ distill_weight * distillation). Returns (loss, ce)."""
+def loss_fn(result: ForwardResult, targets: Tensor, *, cfg: Config, weight: Tensor | None,
+            classifier: torch.nn.Module | None = None) -> tuple[Tensor, Tensor]:
+    """Cross-entropy - entropy_weight * attention entropy (+ distill_weight * distillation, + instance_weight *
+    `mil.instance_loss` of each slide's patches through `classifier` when the pass returned their features).
+    Returns (loss, ce)."""
     ce = F.cross_entropy(result.logits, targets, weight=weight)
     loss = ce - cfg.entropy_weight * result.entropy.mean()
     if result.distill is not None:
         loss = loss + cfg.distill_weight * result.distill.mean()
+    if classifier is not None and result.features and cfg.instance_weight > 0:
+        inst = torch.stack([mil.instance_loss(classifier(f), int(t), weight=weight)
+                            for f, t in zip(result.features, targets.tolist())])
+        loss = loss + cfg.instance_weight * inst.mean()
     return loss, ce

@@ -36,13 +36,17 @@ Which estimator wsiats uses (`Config.pooling`):
   - Training draws M = `candidates` cells without replacement from q = (1 - rho) a + rho u
     (Gumbel top-k on log q, `sample`: an exact draw without replacement from q, tested by
     enumeration of its ordered pairs in tests/test_mil.py), embeds their patches without gradient,
-    and pools the T = max(N, `train_patches`) with the highest instance scores, with gradient. As
-    M -> K (every tissue cell a candidate) this is exactly IPS's objective over the whole view
-    (gated pooling of the top-T patches by instance score), whatever the draw: consistent for it,
-    and equal to it when M >= K (tested in tests/test_explore.py). The attention network learns
+    and pools T = max(N, `train_patches`) of them with gradient: the T - round(`select_random` T)
+    with the highest instance scores and the rest drawn uniformly without replacement from the
+    other candidates (`wsiats.mil.select_for_gradient`). With `select_random` 0 (the default) and M -> K (every
+    tissue cell a candidate) this is exactly IPS's objective over the whole view (gated pooling of
+    the top-T patches by instance score), whatever the draw: consistent for it, and equal to it
+    when M >= K (tested in tests/test_explore.py). The attention network learns
     from `wsiats.mil.distillation_loss` (cross-entropy of a over the candidates against the at
     most `train_patches // 4` best-scored that stand out, softmax weight >= 1/M), not from a
-    score-function gradient.
+    score-function gradient. An optional training-only term (`instance_weight` > 0), `wsiats.mil.instance_loss` (the slide's label
+    on the 2 pooled patches the classifier rates most telling of it), adds to the loss; it changes
+    no estimate and no inference.
   - Inference reads N patches: N - round(zoom N) cells drawn without replacement from a and kept
     at least `SPREAD_PATCHES` patch widths apart (`wsiats.forward.spread_cells`), the rest drawn without replacement from a restricted to the square around the cell
     whose patch has the highest instance score (`wsiats.forward.zoom_cells`), all N pooled.

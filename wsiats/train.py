@@ -608,7 +608,7 @@ def _train_epoch(
                                           workers=cfg.workers or None, autocast=autocast)
         if out is None:
             continue
-        loss, ce = loss_fn(out, y, cfg=cfg, weight=weight)
+        loss, ce = loss_fn(out, y, cfg=cfg, weight=weight, classifier=model.classifier)
         if not torch.isfinite(loss.detach()):
             raise _Diverged(f"the training loss is {float(loss.detach())}")
         optimizer.zero_grad(set_to_none=True)
