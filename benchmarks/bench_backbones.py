@@ -196,8 +196,9 @@ class _RawTiles:
 
         try:
             with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                for j in range(min(8, len(offsets))):  # warm-up, as for the reader
+                for j in range(min(8, len(offsets))):  # warm-up, as for the reader (its threads started too)
                     decode(os.pread(fd, counts[j], offsets[j]), index[j])
+                list(pool.map(lambda _: None, range(max(1, workers))))
                 t0 = time.perf_counter()
                 list(pool.map(run, range(0, len(offsets), step)))
                 return time.perf_counter() - t0
