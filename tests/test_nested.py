@@ -227,7 +227,8 @@ from wsiats.checkpoint import MODEL_FILE, build_model, save_weights  # noqa: E40
 from wsiats.config import Config  # noqa: E402
 from wsiats.errors import ConfigError  # noqa: E402
 from wsiats.forward import SlideBatchItem, forward_batch  # noqa: E402
-from wsiats.nested_pass import HALO, fine_cells, region_centers  # noqa: E402
+from wsiats.models import AttentionNet  # noqa: E402
+from wsiats.nested_pass import HALO, OnTissue, fine_cells, region_centers  # noqa: E402
 from wsiats.reader import OpenedSlide
 from wsiats.slide import open_slide  # noqa: E402
 from wsiats.view import Augment, prepare_view
@@ -277,6 +278,25 @@ def test_region_crops_are_the_fine_view_and_give_its_logits(nested_slide: Path) 
     flat, centers = fine_cells(regions[:1], np.array([0, 9]), 16, cfg)  # cells (0, 0) and (1, 1) of region (5, 7)
     assert flat.tolist() == [40 * 128 + 56, 41 * 128 + 57]
     np.testing.assert_allclose(centers, [[(56 + 0.5) * 4, (40 + 0.5) * 4], [(57 + 0.5) * 4, (41 + 0.5) * 4]])
+
+
+@pytest.mark.parametrize("shape, density", [((61, 45), 0.05), ((61, 45), 0.3), ((40, 40), 1.0), ((9, 70), 0.1)])
+def test_attention_on_tissue_tiles_is_the_whole_views_on_the_mask(shape: tuple[int, int], density: float) -> None:
+    """`OnTissue`: the coarse network run tile by tile on the mask's tiles gives the whole view's logits on every
+    mask cell (borders, partial tiles and blobs included), and the same attention."""
+    torch.manual_seed(1)
+    net = AttentionNet().eval()
+    h, w = shape
+    gen = np.random.default_rng(2)
+    mask = gen.random((h // 4 + 1, w // 4 + 1)) < density  # blobs of 4 x 4 cells
+    mask = np.repeat(np.repeat(mask, 4, 0), 4, 1)[:h, :w]
+    mask[0, 0] = mask[-1, -1] = True  # the corners: crops clipped at the border
+    view = torch.from_numpy(gen.integers(0, 256, (1, 3, h, w), dtype=np.uint8))
+    with torch.no_grad():
+        full, tiled = net(view), OnTissue(net, torch.from_numpy(mask))(view)
+    m = torch.from_numpy(mask).reshape(1, -1)
+    torch.testing.assert_close(tiled[m], full[m])
+    torch.testing.assert_close(smooth_attention(tiled, mask=m), smooth_attention(full, mask=m))
 
 
 class CountingSlide:

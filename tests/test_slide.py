@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import shutil
 import time
@@ -518,6 +519,27 @@ def test_sparse_ten_gigapixel_slide_is_read_lazily(sparse: _slides.SparseSlide, 
     for c, patch in zip(centers, patches):
         x0, y0, _, _ = patch_box((c[0], c[1]), 256, 1.0)
         assert _diff(patch, sparse.truth(x0, y0, 256, 256)).max() <= 12  # JPEG of flat colour / empty tiles
+
+
+def test_large_tile_tables_read_from_the_file_are_tifffiles(sparse: _slides.SparseSlide) -> None:
+    """Levels of more tiles than `_RAW_TABLE_ABOVE` take their offsets and byte counts from the file's bytes,
+    equal to tifffile's; a table that differs from tifffile's (as its vendor fixes make them) falls back to it."""
+    import tifffile
+
+    from wsiats import _tiff
+
+    with tifffile.TiffFile(sparse.path) as tf:
+        fd = os.open(sparse.path, os.O_RDONLY)
+        try:
+            page = tf.series[0].levels[0].pages[0]
+            assert len(page.dataoffsets) > _tiff._RAW_TABLE_ABOVE
+            offsets, counts = _tiff._tile_table(page, fd)
+            np.testing.assert_array_equal(offsets, np.asarray(page.dataoffsets))
+            np.testing.assert_array_equal(counts, np.asarray(page.databytecounts))
+            shifted = tuple(v + 1 for v in page.dataoffsets)
+            np.testing.assert_array_equal(_tiff._table(page, shifted, (324, 273), fd), np.asarray(shifted))
+        finally:
+            os.close(fd)
 
 
 def test_sparse_slide_empty_tiles_are_white_in_both_backends(sparse: _slides.SparseSlide) -> None:

@@ -112,10 +112,9 @@ class _TileLevel:
     position), codecs release the GIL, so reads scale with threads, which zarr's single event
     loop does not (benchmarks/bench_read.py). Empty tiles (byte count 0) are `fill`."""
 
-    def __init__(self, lev: Any, fd: int, fill: int = 255) -> None:
+    def __init__(self, lev: Any, fd: int, fill: int = 255, table: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         page, key = lev.pages[0], lev.keyframe
-        self._offsets = np.asarray(page.dataoffsets, dtype=np.int64)
-        self._counts = np.asarray(page.databytecounts, dtype=np.int64)
+        self._offsets, self._counts = table if table is not None else _tile_table(page, fd)
         self._W, self._H = int(key.imagewidth), int(key.imagelength)
         if key.is_tiled:
             self._th, self._tw = int(key.tilelength), int(key.tilewidth)
@@ -165,6 +164,41 @@ class _TileLevel:
                         TILE_CACHE.put((self.cache_id, index), tile)
                 dst[:] = tile[ay0 - ty * th: ay1 - ty * th, ax0 - tx * tw: ax1 - tx * tw]
         return out
+
+
+#: Tile (or strip) tables of more entries than this are read from the file as one array (`_tile_table`).
+_RAW_TABLE_ABOVE = 4096
+#: TIFF field types of offsets and byte counts: SHORT, LONG, LONG8.
+_TABLE_TYPES = {3: "u2", 4: "u4", 16: "u8"}
+
+
+def _tile_table(page: Any, fd: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, byte counts) of a page's tiles or strips, int64 arrays.
+
+    tifffile keeps them as tuples of Python ints; turning one tuple of a 20-gigapixel level (305k tiles) into an
+    array took ~15 ms, and opening a slide needs the two tables of every level (for the checks and the reader).
+    So a large table is read from the file as one array, `page.dataoffsets` / `page.databytecounts` compared at 17
+    entries: any difference (a vendor's correction by tifffile, NDPI's high bytes) takes tifffile's values."""
+    return _table(page, page.dataoffsets, (324, 273), fd), _table(page, page.databytecounts, (325, 279), fd)
+
+
+def _table(page: Any, values: Any, codes: tuple[int, int], fd: int | None) -> np.ndarray:
+    """`values` (the table of the first tag of `codes` that the page has) as an int64 array."""
+    n, tags = len(values), getattr(page, "tags", None)  # a TiffFrame (a page of a multi-page level) has no tags
+    tag = next((tags[c] for c in codes if c in tags), None) if tags is not None else None
+    tif = page.parent
+    if (fd is None or n <= _RAW_TABLE_ABOVE or tag is None or tag.count != n or int(tag.dtype) not in _TABLE_TYPES
+            or tif.is_ndpi):
+        return np.asarray(values, dtype=np.int64)
+    dtype = np.dtype(_TABLE_TYPES[int(tag.dtype)]).newbyteorder(tif.byteorder)
+    raw = os.pread(fd, n * dtype.itemsize, int(tag.valueoffset))
+    if len(raw) != n * dtype.itemsize:
+        return np.asarray(values, dtype=np.int64)
+    table = np.frombuffer(raw, dtype).astype(np.int64)
+    probe = np.unique(np.linspace(0, n - 1, 17).astype(np.int64))
+    if any(int(table[i]) != int(values[i]) for i in probe):
+        return np.asarray(values, dtype=np.int64)
+    return table
 
 
 def _check_jpeg(data: bytes, index: int) -> None:
@@ -233,9 +267,12 @@ class TiffSlide(Slide):
         # the main image: the largest series (OME files may list a label or macro first)
         series = max(tif.series, key=lambda se: _area(se))
         levels = list(series.levels)
+        if hasattr(os, "pread"):  # tile tables are read with it; so are tiles, unless the zarr reader is asked for
+            self._fd = os.open(self.path, os.O_RDONLY)
+        tables = [[_tile_table(p, self._fd) for p in lev.pages if p is not None] for lev in levels]
         dims: list[tuple[int, int]] = []
         for i, lev in enumerate(levels):
-            self._check_page(lev, i)
+            self._check_page(lev, i, tables[i])
             shape = dict(zip(lev.axes, lev.shape))
             dims.append((int(shape["X"]), int(shape["Y"])))
         self.level_dimensions = tuple(dims)
@@ -249,11 +286,9 @@ class TiffSlide(Slide):
         self._alpha = int(key.samplesperpixel) == 4 and extra in ((1,), (2,))
         self._premultiplied = extra == (1,)
         # empty tiles (byte count 0) are glass: fill them white, as OpenSlide renders them transparent
-        if hasattr(os, "pread") and self._reader != "zarr":
-            self._fd = os.open(self.path, os.O_RDONLY)
         for i, lev in enumerate(levels):
-            if self._fd is not None and _TileLevel.supports(lev):
-                self._levels.append(_TileLevel(lev, self._fd, 255))
+            if self._fd is not None and self._reader != "zarr" and _TileLevel.supports(lev):
+                self._levels.append(_TileLevel(lev, self._fd, 255, tables[i][0]))
             else:
                 self._levels.append(_ZarrLevel(series, i, 255))
         flags = [v for k, v in _OPENSLIDE_TIFF_VENDORS.items() if getattr(tif, f"is_{k}", False)]
@@ -283,8 +318,9 @@ class TiffSlide(Slide):
                        if se is not series and se.name.lower() in ("thumbnail", "label", "macro")}
         self.associated_names = tuple(sorted(self._assoc))
 
-    def _check_page(self, lev: Any, level: int) -> None:
-        """Refuse non-RGB pixels, absurd sizes, and tiles that lie past the end of the file."""
+    def _check_page(self, lev: Any, level: int, tables: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Refuse non-RGB pixels, absurd sizes, and tiles that lie past the end of the file (`tables`: the
+        `_tile_table` of each of the level's pages)."""
         key = lev.keyframe
         shape = dict(zip(lev.axes, lev.shape))
         channels = int(shape.get("S", shape.get("C", 1)))  # type: ignore[arg-type]
@@ -321,9 +357,7 @@ class TiffSlide(Slide):
         else:
             expected = -(-H // (int(key.rowsperstrip) or H))
         expected *= int(key.samplesperpixel) if int(key.planarconfig) == 2 else 1  # planar: one set per sample
-        for page in (p for p in lev.pages if p is not None):
-            offsets = np.asarray(page.dataoffsets, dtype=np.int64)
-            counts = np.asarray(page.databytecounts, dtype=np.int64)
+        for offsets, counts in tables:
             if len(offsets) != expected:
                 raise CorruptSlideError(self.path, f"level {level} has {len(offsets)} tiles/strips where its size "
                                                    f"needs {expected}: the header is corrupt")

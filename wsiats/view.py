@@ -20,7 +20,7 @@ from wsiats import mil
 from wsiats.config import Config
 from wsiats.errors import SlideError
 from wsiats.slide import Slide, collect_notes, note, open_slide, patch_box
-from wsiats.tissue import no_tissue_message, tissue_mask
+from wsiats.tissue import COARSE_HALF_RESOLUTION_ABOVE, HALF_RESOLUTION_ABOVE, no_tissue_message, tissue_mask
 
 
 @dataclass
@@ -64,7 +64,8 @@ def prepare_view(slide: Slide, cfg: Config) -> PreparedView:
     view = slide.read_view(downsample=view_downsample(slide, cfg))
     h, w = view.image.shape[:2]
     if cfg.tissue_mask:
-        mask = tissue_mask(view.image)
+        mask = tissue_mask(view.image, half_above=COARSE_HALF_RESOLUTION_ABOVE if getattr(cfg, "nested", False)
+                           else HALF_RESOLUTION_ABOVE)
     else:
         mask = np.ones((h, w), dtype=bool)
     fell_back = not mask.any()
