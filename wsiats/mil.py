@@ -4,7 +4,7 @@ Attention sampling's estimator is a mean over N patches drawn from the view atte
 evidence is a needle (a few tumour regions, a fraction of a percent of the tissue, whose decoys
 look the same in the low-resolution view), the view attention gets no useful gradient before the
 features discriminate, and a lone informative patch is diluted among N. This module holds the
-pieces of the training procedure that finds needles (see `wsiats.pipeline.forward_batch`,
+pieces of the training procedure that finds needles (see `wsiats.forward.forward_batch`,
 mode 'explore'):
 
 - `GatedAttentionPool`: gated attention MIL pooling (Ilse et al., ICML 2018) over the features

@@ -31,7 +31,7 @@ def otsu_threshold(values: np.ndarray) -> int:
 
 #: Views with more pixels than this are thresholded at half resolution (`tissue_mask`).
 HALF_RESOLUTION_ABOVE = 1 << 20
-#: The same for the coarse view of nested sampling (`wsiats.pipeline.prepare_view`), which grows with the slide's
+#: The same for the coarse view of nested sampling (`wsiats.view.prepare_view`), which grows with the slide's
 #: area while the rest of nested predict does not: the mask of the 20-gigapixel benchmark slide's 552^2 coarse view
 #: took 0.090 s, 0.012 s at half resolution, the two agreeing on 99.6% of the pixels (98.5% on the real
 #: CMU-1-Small-Region.svs at downsample 4, 742 x 555, at tissue edges). bench_learning's coarse views (32^2) are under.
