@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides = {"seed": args.seed}
         if args.smoke:
             overrides.update(patch_size=32, view_downsample=16.0, n_patches=4, batch_size=2, epochs=1)
+            if name == "nested":
+                overrides.update(regions=2, coarse_downsample=64.0)
         cfg = resolve(overrides=overrides)
         run = args.cache / f"run_{cohort.name}_{name}"
         shutil.rmtree(run, ignore_errors=True)
