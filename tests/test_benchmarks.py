@@ -251,3 +251,16 @@ def test_nested_smoke_report(tmp_path: Path) -> None:
     acc = r["accuracy"]
     assert acc["nested_minus_one_level"] == pytest.approx(acc["nested"]["test_error"] - acc["one_level"]["test_error"])
     assert isinstance(acc["target"]["met"], bool) and [s["seed"] for s in acc["nested"]["per_seed"]] == [0]
+
+
+def test_mnist_bags_smoke_trains_with_and_without_the_instance_loss(tmp_path: Path) -> None:
+    if not (bench_megapixel_mnist.MNIST / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"the MNIST test set is not beside the repository ({bench_megapixel_mnist.MNIST})")
+    import bench_mnist_bags
+
+    for instance in (0, 2):
+        out = tmp_path / f"bags_{instance}.json"
+        assert bench_mnist_bags.main(["--smoke", "--instance", str(instance), "--out", str(out)]) == 0
+        doc = json.loads(out.read_text())
+        assert doc["settings"]["instance"] == instance and doc["curve"][-1]["step"] == 2
+        assert 0.0 <= doc["curve"][-1]["bag_accuracy"] <= 1.0 and doc["curve"][-1]["loss"] > 0
