@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        window.append((float(loss), float((out.argmax(1) == target).float().mean())))
+        window.append((float(loss.detach()), float((out.argmax(1) == target).float().mean())))
         if (step + 1) % 100 == 0 or step + 1 == args.steps:
             mean = np.mean(window, axis=0)
             curve.append({"step": step + 1, "loss": float(mean[0]), "bag_accuracy": float(mean[1]),
