@@ -84,3 +84,18 @@ def test_resume_config_takes_what_may_change_and_refuses_the_rest() -> None:
         resume_config(saved, {"epochs": 9, "n_patches": 4})
     with pytest.raises(ConfigError, match="epochs"):
         resume_config(saved, {"epochs": 0})  # the merged config is checked like any other
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--instance-weight", "-1", "instance_weight (flag --instance-weight) must be >= 0"),
+    ("--select-random", "1.5", "select_random (flag --select-random) must be in [0, 1]"),
+])
+def test_train_refuses_bad_instance_and_selection_options(tmp_path: Path, flag: str, value: str, message: str) -> None:
+    from conftest import invoke
+
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "labels.csv").write_text("slide_id,label\n")
+    result = invoke("train", tmp_path / "slides", "--labels", tmp_path / "labels.csv", "--out", tmp_path / "run",
+                    flag, value)
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
