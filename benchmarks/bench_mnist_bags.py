@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--instance", type=int, default=2, help="--loss top: patches a bag the instance loss labels")
     ap.add_argument("--slide-weight", type=float, default=1.0, help="weight of the slide (bag) loss")
     ap.add_argument("--bags", type=int, default=8, help="bags a step")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate of the feature network")
+    ap.add_argument("--head-lr-scale", type=float, default=1.0,
+                    help="learning rate of the MIL head and classifier as a multiple of --lr (wsiats train's default: 3)")
     ap.add_argument("--steps", type=int, default=900)
     ap.add_argument("--smoke", action="store_true", help="2 steps of small bags")
     ap.add_argument("--out", type=Path, required=True)
@@ -85,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
 
     model = ATSModel(n_classes=mm.N_CLASSES, pooling="gated")
     assert model.mil is not None
-    opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith("attention")], lr=args.lr)
+    head = [p for n, p in model.named_parameters() if n.startswith(("mil.", "classifier."))]
+    opt = torch.optim.Adam([{"params": list(model.feature_net.parameters()), "lr": args.lr},
+                            {"params": head, "lr": args.lr * args.head_lr_scale}])
     t0, window, curve = time.perf_counter(), [], []
     for step in range(args.steps):
         logits, ys, inst, digit_hits = [], [], [], []
