@@ -95,6 +95,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "u_10": {"n_patches": 10, "attention": "uniform", "pooling": "ats", "candidates": 0, "zoom": 0},
     # the instance loss and the random share of the gradient pass (both off in wsiats's defaults)
     "ats_10_instance": {"n_patches": 10, "instance_weight": 1.0, "select_random": 0.5},
+    # features not unit-norm, feature lr 3e-3, head at 1x: what learned simulated bags (bench_mnist_bags.py)
+    "ats_10_raw": {"n_patches": 10, "feature_norm": "none", "lr": 3e-3, "head_lr_scale": 1.0},
 }
 #: Quoted from issue 11 (read off the official repository's Megapixel MNIST plot, ATS with 10 patches).
 OFFICIAL = {

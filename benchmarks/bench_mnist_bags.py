@@ -54,16 +54,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate of the feature network")
     ap.add_argument("--head-lr-scale", type=float, default=1.0,
                     help="learning rate of the MIL head and classifier as a multiple of --lr (wsiats train's default: 3)")
+    ap.add_argument("--features", choices=("l2", "raw"), default="l2",
+                    help="l2: wsiats's unit-norm features; raw: the small CNN's output as it is (an experiment)")
     ap.add_argument("--steps", type=int, default=900)
+    ap.add_argument("--seed", type=int, default=0, help="seeds the weights and the bags")
     ap.add_argument("--smoke", action="store_true", help="2 steps of small bags")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     if args.smoke:
         args.bag, args.target, args.other, args.steps = 6, 2, 1, 2
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     images, labels = mm.load_mnist()
     noise = mm.noise_patterns(np.random.default_rng(1))
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
     room = PATCH - mm.DIGIT
 
     def patch(digit: int | None = None) -> np.ndarray:
@@ -87,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
     model = ATSModel(n_classes=mm.N_CLASSES, pooling="gated")
     assert model.mil is not None
+    if args.features == "raw":
+        fnet = model.feature_net
+        model.feature_net.forward = lambda x: fnet.backbone(fnet.preprocess(x))  # type: ignore[method-assign]
     head = [p for n, p in model.named_parameters() if n.startswith(("mil.", "classifier."))]
     opt = torch.optim.Adam([{"params": list(model.feature_net.parameters()), "lr": args.lr},
                             {"params": head, "lr": args.lr * args.head_lr_scale}])

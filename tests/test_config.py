@@ -52,6 +52,7 @@ def test_bad_config_files_name_the_key(tmp_path: Path, text: str, message: str) 
         ("val_fraction", 1.5, r"val_fraction \(flag --val-fraction\) must be in \[0, 1\)"),
         ("attention", "random", r"attention \(flag --attention\) must be 'learned' or 'uniform'"),
         ("device", "tpu", r"device \(flag --device\) must be auto, cpu, cuda or cuda:N"),
+        ("feature_norm", "l1", r"feature_norm \(flag --feature-norm\) must be 'l2' or 'none'"),
     ],
 )
 def test_out_of_range_values_name_the_flag(key: str, value: object, message: str) -> None:
@@ -71,6 +72,19 @@ def test_run_config_round_trip_and_version_check(tmp_path: Path) -> None:
         RunFolder(tmp_path / "nope").load_config()
     with pytest.raises(CheckpointError, match=r"not a wsiats run folder \(no config.yaml, no last_state.pt\)"):
         RunFolder(tmp_path / "nope").load_config(use="resume")
+
+
+def test_a_run_saved_before_feature_norm_keeps_unit_norm_features(tmp_path: Path) -> None:
+    cfg = Config(epochs=3, classes=["a", "b"], feature_norm="none")
+    cfg.save(tmp_path / "config.yaml")
+    assert RunFolder(tmp_path).load_config().feature_norm == "none"
+    from wsiats.checkpoint import build_model
+
+    assert build_model(RunFolder(tmp_path).load_config()).feature_net.normalize is False
+    text = (tmp_path / "config.yaml").read_text()
+    (tmp_path / "config.yaml").write_text(text.replace("feature_norm: none\n", ""))
+    assert "feature_norm" not in (tmp_path / "config.yaml").read_text()
+    assert RunFolder(tmp_path).load_config().feature_norm == "l2"
 
 
 def test_resume_config_takes_what_may_change_and_refuses_the_rest() -> None:

@@ -102,6 +102,20 @@ def test_features_are_l2_normalised() -> None:
     assert torch.isfinite(net(torch.full((1, 3, 40, 40), 255, dtype=torch.uint8))).all()
 
 
+def test_feature_norm_none_keeps_the_backbones_output() -> None:
+    patches = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8)
+    torch.manual_seed(0)
+    unit = ATSModel(n_classes=2, feature_dim=12, pooling="gated")
+    torch.manual_seed(0)
+    raw = ATSModel(n_classes=2, feature_dim=12, pooling="gated", feature_norm="none")
+    f_unit, f_raw = unit.feature_net(patches), raw.feature_net(patches)
+    torch.testing.assert_close(f_unit.norm(dim=1), torch.ones(5))
+    assert not torch.allclose(f_raw.norm(dim=1), torch.ones(5))
+    torch.testing.assert_close(f_raw / f_raw.norm(dim=1, keepdim=True), f_unit)  # same network, not normalised
+    with pytest.raises(ModelError, match="feature_norm must be 'l2' or 'none'"):
+        ATSModel(n_classes=2, feature_norm="batch")
+
+
 def test_normalize_images_uses_imagenet_statistics() -> None:
     x = normalize_images(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])

@@ -278,6 +278,34 @@ def test_with_replacement_draws_are_independent_categorical() -> None:
     assert int(obs[[i * k + i for i in range(k)]].sum()) > 0  # repeats do happen
 
 
+@pytest.mark.parametrize("replace", [False, True])
+def test_a_long_sparse_row_is_drawn_among_its_non_zero_entries_with_the_same_law(
+        replace: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sample` on one long, mostly-zero row draws among the non-zero entries: same pair law, never a zero."""
+    monkeypatch.setattr(sampling_mod, "SPARSE_ABOVE", 8)
+    k = _ATT.numel()
+    row = torch.zeros(1, 4 * k)
+    where = torch.arange(k) * 4 + 1  # a quarter of the row is non-zero: the sparse path
+    row[0, where] = _ATT
+    gen = torch.Generator().manual_seed(7)
+    draws = 20_000
+    idx = torch.cat([sample(row, 2, replace, generator=gen)[0] for _ in range(draws)])
+    assert torch.isin(idx, where).all()
+    pos = torch.searchsorted(where, idx)  # back to 0..k-1
+    obs = torch.bincount(pos[:, 0] * k + pos[:, 1], minlength=k * k)
+    a = _ATT.double()
+    if replace:
+        exp = torch.outer(a, a).flatten()
+        assert _chisquare_p(obs, exp) > 1e-3
+    else:
+        pairs = [(i, j) for i in range(k) for j in range(k) if i != j]
+        assert int(obs[[i * k + i for i in range(k)]].sum()) == 0
+        exp2 = torch.tensor([a[i] * a[j] / (1 - a[i]) for i, j in pairs])
+        assert _chisquare_p(obs[[i * k + j for i, j in pairs]], exp2) > 1e-3
+    last, a_k = sample(row, 2, replace, generator=gen)
+    torch.testing.assert_close(a_k, row.gather(1, last))
+
+
 def test_sampling_rejects_a_wrong_sampler() -> None:
     """The chi-square check has power: uniform draws fail it."""
     k = _ATT.numel()

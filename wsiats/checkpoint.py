@@ -30,6 +30,7 @@ def build_model(cfg: Config, *, load_feature_weights: bool = True) -> ATSModel:
         feature_weights=cfg.feature_weights if load_feature_weights else None,
         freeze_features=cfg.freeze_features,
         pooling=cfg.pooling,
+        feature_norm=cfg.feature_norm,
         feature_net_args=cfg.feature_net_args,
         pretrained=load_feature_weights,  # hub weights only when training starts; a run's file holds them after
         feature_cache_mb=cfg.feature_cache_mb,

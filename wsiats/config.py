@@ -102,6 +102,8 @@ class ModelConfig:
     """Attention smoothing: a = (1-eps) softmax + eps/K (official SampleSoftmax, speed-limits value)."""
     pooling: str = "gated"
     """'gated' (gated attention MIL over the N patches: one telling patch can decide) or 'ats' (the paper's estimator of sum_i a_i f_i)."""
+    feature_norm: str = "l2"
+    """'l2' (unit-norm features, the paper's model: sampling from a is then the minimum-variance choice for the ats estimator) or 'none' (the feature network's output as it is)."""
 
 
 @dataclass
@@ -220,6 +222,7 @@ class Config(Runtime, TrainingConfig, ModelConfig, SamplingConfig, ViewConfig):
         need(self.clip_norm > 0, "clip_norm", "must be > 0")
         need(self.attention in ("learned", "uniform"), "attention", "must be 'learned' or 'uniform'")
         need(self.pooling in ("gated", "ats"), "pooling", "must be 'gated' or 'ats'")
+        need(self.feature_norm in ("l2", "none"), "feature_norm", "must be 'l2' or 'none'")
         need(isinstance(self.candidates, int) and not isinstance(self.candidates, bool) and 0 <= self.candidates <= 65536,
              "candidates", "must be an integer in 0..65536")
         need(self.pooling == "gated" or self.candidates == 0, "candidates",
@@ -426,4 +429,5 @@ def config_from_mapping(raw: dict[Any, Any], source: str) -> Config:
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {unknown}")
     raw = {**_BEFORE_POOLING, **raw}  # runs written before pooling existed used the ats estimator
+    raw = {"feature_norm": "l2", **raw}  # and runs written before feature_norm, unit-norm features
     return Config(**{k: _coerce(k, v, source) for k, v in raw.items()})

@@ -132,6 +132,10 @@ class SmallCNN(nn.Module):
 class L2Normalized(nn.Module):
     """Wrap a backbone: feed it as its weights expect, L2-normalise its output (paper eq. 9 needs it).
 
+    `normalize` False (`Config.feature_norm` 'none') returns the backbone's output as it is: with unit-norm
+    features a small CNN trained from scratch did not learn from slide labels in simulated Megapixel MNIST
+    bags (`benchmarks/bench_mnist_bags.py --features`), without them it did.
+
     Patches are resized to the backbone's `input_size` (when it has one) and normalised with its
     `mean`/`std`; `pool` "token+mean" turns a token sequence [M, T, D] into the class token
     concatenated with the mean of the patch tokens (after `prefix_tokens` class/register tokens).
@@ -148,6 +152,8 @@ class L2Normalized(nn.Module):
         self.interpolation = interpolation
         self.pool = pool
         self.prefix_tokens = prefix_tokens
+        #: False: the backbone's (pooled) output as it is (`Config.feature_norm` 'none')
+        self.normalize = True
         # not saved with the weights: they come from the feature net's name, like its architecture
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -166,11 +172,11 @@ class L2Normalized(nn.Module):
         return x
 
     def forward(self, patches: Tensor) -> Tensor:
-        """patches [M, 3, p, p] uint8 -> unit-norm features [M, D]."""
+        """patches [M, 3, p, p] uint8 -> features [M, D], unit-norm unless `normalize` is off."""
         feats = self.backbone(self.preprocess(patches))
         if self.pool == "token+mean":
             feats = torch.cat([feats[:, 0], feats[:, self.prefix_tokens:].mean(1)], dim=-1)
-        return F.normalize(feats.float(), dim=-1, eps=1e-6)
+        return F.normalize(feats.float(), dim=-1, eps=1e-6) if self.normalize else feats.float()
 
     def _apply(self, fn: Callable[..., Tensor], recurse: bool = True) -> L2Normalized:  # type: ignore[override]
         """`.to(device)` and friends; on CUDA also convert the backbone's 4-D weights to channels-last."""
@@ -320,6 +326,7 @@ class ATSModel(nn.Module):
         feature_weights: str | Path | None = None,
         freeze_features: bool = False,
         pooling: str = "ats",
+        feature_norm: str = "l2",
         feature_net_args: dict[str, object] | None = None,
         pretrained: bool = True,
         feature_cache_mb: float = 0,
@@ -328,11 +335,14 @@ class ATSModel(nn.Module):
         super().__init__()
         if pooling not in ("gated", "ats"):
             raise ModelError(f"pooling must be 'gated' or 'ats', got {pooling!r}")
+        if feature_norm not in ("l2", "none"):
+            raise ModelError(f"feature_norm must be 'l2' or 'none', got {feature_norm!r}")
         self.attention_net = AttentionNet()
         # nested sampling (`wsiats.nested`): a second attention network over the coarse view picks the regions
         self.coarse_net = AttentionNet() if nested else None
         self.feature_net = create_feature_net(feature_net, width=feature_dim, weights=feature_weights,
                                               pretrained=pretrained, timm_kwargs=feature_net_args)
+        self.feature_net.normalize = feature_norm == "l2"
         self.pooling = pooling
         self.mil = GatedAttentionPool(self.feature_net.out_dim) if pooling == "gated" else None
         self.classifier = nn.Linear(self.feature_net.out_dim, n_classes)
