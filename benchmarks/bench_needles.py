@@ -52,7 +52,7 @@ from _common import (  # noqa: E402 - beside this script
 )
 
 HERE = Path(__file__).resolve().parent
-ROWS = ("new_default", "feature_norm_none", "unit_norm", "instance_loss", "select_random", "current_default", "nested", "u_n", "dense_mil", "view_cnn")
+ROWS = ("new_default", "feature_norm_none", "instance_loss", "select_random", "current_default", "nested", "u_n", "dense_mil", "view_cnn")
 #: Targets of the issue.
 AUC_TARGET = 0.98
 TRAIN_MINUTES_TARGET = 20.0
@@ -67,8 +67,6 @@ ATS_ROWS: dict[str, dict[str, Any]] = {
     "instance_loss": {"instance_weight": 1.0},
     # features as the small CNN gives them, not unit-norm (Megapixel MNIST bags learn only so: bench_mnist_bags.py)
     "feature_norm_none": {"feature_norm": "none"},
-    # unit-norm features (the paper's model; wsiats's default with gated pooling until session 7)
-    "unit_norm": {"feature_norm": "l2"},
     "select_random": {"select_random": 0.5},
     # the defaults of wsiats before this benchmark existed
     "current_default": {"pooling": "ats", "candidates": 0, "zoom": 0.0, "n_patches": 10, "lr": 1e-3, "head_lr_scale": 1.0,

@@ -75,7 +75,7 @@ def test_run_config_round_trip_and_version_check(tmp_path: Path) -> None:
 
 
 def test_a_run_saved_before_feature_norm_keeps_unit_norm_features(tmp_path: Path) -> None:
-    assert (Config().feature_norm, Config(pooling="ats").feature_norm) == ("none", "l2")  # the defaults
+    assert (Config().feature_norm, Config(pooling="ats").feature_norm) == ("l2", "l2")  # the defaults
     cfg = Config(epochs=3, classes=["a", "b"], feature_norm="none")
     cfg.save(tmp_path / "config.yaml")
     assert RunFolder(tmp_path).load_config().feature_norm == "none"

@@ -31,8 +31,8 @@ Which estimator wsiats uses (`Config.pooling`):
   tests/test_sampling.py and, end to end, tests/test_forward.py). `--topk` uses `estimate_topk`
   (deterministic, not unbiased).
 - `pooling: gated` (the default, for sparse evidence; `wsiats.mil`): the slide's representation is
-  gated attention MIL pooling z = sum_k alpha_k f_k over the patches it is given (features f not
-  L2-normalised by default, `Config.feature_norm`); it is NOT an
+  gated attention MIL pooling z = sum_k alpha_k f_k over the patches it is given (features f
+  L2-normalised unless `Config.feature_norm` is 'none'); it is NOT an
   estimate of sum_i a_i f_i and makes no unbiasedness claim.
   - Training draws M = `candidates` cells without replacement from q = (1 - rho) a + rho u
     (Gumbel top-k on log q, `sample`: an exact draw without replacement from q, tested by
