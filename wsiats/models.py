@@ -134,7 +134,8 @@ class L2Normalized(nn.Module):
 
     `normalize` False (`Config.feature_norm` 'none') returns the backbone's output as it is: with unit-norm
     features a small CNN trained from scratch did not learn from slide labels in simulated Megapixel MNIST
-    bags (`benchmarks/bench_mnist_bags.py --features`), without them it did.
+    bags (`benchmarks/bench_mnist_bags.py --features`), without them it did; on the project's cohorts fewer
+    sampled patches then landed in the informative regions, so unit norm stays the default.
 
     Patches are resized to the backbone's `input_size` (when it has one) and normalised with its
     `mean`/`std`; `pool` "token+mean" turns a token sequence [M, T, D] into the class token
