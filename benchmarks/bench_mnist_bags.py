@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate of the feature network")
     ap.add_argument("--head-lr-scale", type=float, default=1.0,
                     help="learning rate of the MIL head and classifier as a multiple of --lr (wsiats train's default: 3)")
-    ap.add_argument("--features", choices=("l2", "raw"), default="l2",
-                    help="l2: wsiats's unit-norm features; raw: the small CNN's output as it is (an experiment)")
+    ap.add_argument("--features", choices=("l2", "raw", "scaled"), default="l2",
+                    help="l2: wsiats's unit-norm features; raw: the small CNN's output as it is; scaled: unit-norm "
+                         "times sqrt(D), a bounded but larger norm (experiments)")
     ap.add_argument("--steps", type=int, default=900)
     ap.add_argument("--seed", type=int, default=0, help="seeds the weights and the bags")
     ap.add_argument("--smoke", action="store_true", help="2 steps of small bags")
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.features == "raw":
         fnet = model.feature_net
         model.feature_net.forward = lambda x: fnet.backbone(fnet.preprocess(x))  # type: ignore[method-assign]
+    elif args.features == "scaled":
+        fnet, unit = model.feature_net, model.feature_net.forward
+        model.feature_net.forward = lambda x: unit(x) * fnet.out_dim ** 0.5  # type: ignore[method-assign]
     head = [p for n, p in model.named_parameters() if n.startswith(("mil.", "classifier."))]
     opt = torch.optim.Adam([{"params": list(model.feature_net.parameters()), "lr": args.lr},
                             {"params": head, "lr": args.lr * args.head_lr_scale}])
