@@ -89,12 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         classes = np.concatenate([labels[same], labels[other]]).astype(np.int64)
         return torch.from_numpy(np.stack(ps)[:, None].repeat(3, 1)), t, classes
 
-    model = ATSModel(n_classes=mm.N_CLASSES, pooling="gated")
+    model = ATSModel(n_classes=mm.N_CLASSES, pooling="gated", feature_norm="none" if args.features == "raw" else "l2")
     assert model.mil is not None
-    if args.features == "raw":
-        fnet = model.feature_net
-        model.feature_net.forward = lambda x: fnet.backbone(fnet.preprocess(x))  # type: ignore[method-assign]
-    elif args.features == "scaled":
+    if args.features == "scaled":
         fnet, unit = model.feature_net, model.feature_net.forward
         model.feature_net.forward = lambda x: unit(x) * fnet.out_dim ** 0.5  # type: ignore[method-assign]
     head = [p for n, p in model.named_parameters() if n.startswith(("mil.", "classifier."))]

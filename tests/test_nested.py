@@ -293,8 +293,8 @@ def test_attention_on_tissue_tiles_is_the_whole_views_on_the_mask(shape: tuple[i
     mask[0, 0] = mask[-1, -1] = True  # the corners: crops clipped at the border
     view = torch.from_numpy(gen.integers(0, 256, (1, 3, h, w), dtype=np.uint8))
     on_tissue, inner = OnTissue(net, torch.from_numpy(mask)), []
-    valid = on_tissue._valid
-    on_tissue._valid = lambda crops: inner.append(len(crops)) or valid(crops)  # type: ignore[method-assign]
+    unpadded = net.unpadded
+    net.unpadded = lambda crops: inner.append(len(crops)) or unpadded(crops)  # type: ignore[method-assign]
     with torch.no_grad():
         full, tiled = net(view), on_tissue(view)
     if density == 0.05:  # a sparse mask on a view wide enough for inner tiles: they took the unpadded path

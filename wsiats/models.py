@@ -104,6 +104,16 @@ class AttentionNet(nn.Module):
         """Logits of `rows` rows from `start` of a band of the view (the band includes its halo)."""
         return self.net(_nhwc(normalize_images(view)))[..., start: start + rows, :]
 
+    def unpadded(self, crops: Tensor) -> Tensor:
+        """crops [n, 3, s + 2 halo, s + 2 halo] -> logits [n, s, s] of their centres (halo: receptive_field // 2).
+
+        The layers with their convolutions unpadded: no layer pads, the halo holds every pixel the centres'
+        logits see, so they equal `forward`'s on any view the crops were cut from away from its border."""
+        x = _nhwc(normalize_images(crops))
+        for layer in self.net:
+            x = F.conv2d(x, layer.weight, layer.bias) if isinstance(layer, nn.Conv2d) else layer(x)
+        return x[:, 0]
+
 
 class SmallCNN(nn.Module):
     """A feature network that trains from scratch on a CPU.

@@ -27,14 +27,13 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from wsiats import nested, sampling
 from wsiats.config import Config
 from wsiats.embed_cache import embed_patches, patch_keys
 from wsiats.forward import ForwardResult, SlideBatchItem, view_attention
-from wsiats.models import ATSModel, AttentionNet, _nhwc, normalize_images
+from wsiats.models import ATSModel, AttentionNet
 from wsiats.reader import PatchReader
 from wsiats.tissue import MIN_SATURATION
 from wsiats.view import patch_boxes
@@ -121,7 +120,7 @@ class OnTissue(torch.nn.Module):
                           key=lambda st: self._cost(st[1], st[0], halo, h, w))
         if self._cost(tiles, side, halo, h, w) > 0.8 * h * w:
             return self.net(view)
-        # tiles whose halo lies inside the view run with unpadded convolutions (`_valid`): no padding is read
+        # tiles whose halo lies inside the view run with unpadded convolutions (`AttentionNet.unpadded`)
         groups: dict[tuple[bool, int, int], list[tuple[int, int, int, int, int, int]]] = {}
         for ty, tx in tiles:
             y0, x0, y1, x1 = ty * side, tx * side, min(h, (ty + 1) * side), min(w, (tx + 1) * side)
@@ -132,7 +131,7 @@ class OnTissue(torch.nn.Module):
         for (inside, ch, cw), boxes in groups.items():
             crops = torch.stack([view[0, :, ly: ly + ch, lx: lx + cw] for _, _, _, _, ly, lx in boxes])
             if inside:  # [n, side, side]: the crops' centres, at offset `halo`
-                logits, at = self._valid(crops), halo
+                logits, at = self.net.unpadded(crops), halo
             else:
                 logits, at = self.net(crops).reshape(len(boxes), ch, cw), 0
             if out is None:
@@ -142,14 +141,6 @@ class OnTissue(torch.nn.Module):
                 out[y0:y1, x0:x1] = tile[oy: oy + y1 - y0, ox: ox + x1 - x0]
         assert out is not None
         return out.reshape(1, h * w)
-
-    def _valid(self, crops: Tensor) -> Tensor:
-        """crops [n, 3, s + 2 halo, s + 2 halo] -> logits [n, s, s] of their centres: the network's layers with
-        its convolutions unpadded, so no layer pads (the halo holds every pixel the centre's logits see)."""
-        x = _nhwc(normalize_images(crops))
-        for layer in self.net.net:
-            x = F.conv2d(x, layer.weight, layer.bias) if isinstance(layer, torch.nn.Conv2d) else layer(x)
-        return x[:, 0]
 
     def _tiles(self, side: int) -> list[tuple[int, int]]:
         """(row, col) of the tiles of `side` px that hold a cell of the mask."""
