@@ -104,6 +104,7 @@ def test_resume_config_takes_what_may_change_and_refuses_the_rest() -> None:
 @pytest.mark.parametrize(("flag", "value", "message"), [
     ("--instance-weight", "-1", "instance_weight (flag --instance-weight) must be >= 0"),
     ("--select-random", "1.5", "select_random (flag --select-random) must be in [0, 1]"),
+    ("--feature-norm", "l1", "feature_norm (flag --feature-norm) must be 'l2' or 'none'"),
 ])
 def test_train_refuses_bad_instance_and_selection_options(tmp_path: Path, flag: str, value: str, message: str) -> None:
     from conftest import invoke
