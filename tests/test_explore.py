@@ -209,3 +209,34 @@ def test_spread_cells_keeps_distinct_places_the_attention_points_to() -> None:
     spread = spread_cells(flat, 4, (h, w), 3)[0].tolist()
     pts = [divmod(c, w) for c in spread]
     assert all(max(abs(a[0] - b[0]), abs(a[1] - b[1])) > 3 for i, a in enumerate(pts) for b in pts[:i])
+
+
+def test_explore_embeds_and_passes_identical_patches_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Without a tissue mask, a slide that is mostly blank gives many identical candidates: they are
+    embedded once, and the gradient pass holds distinct patches only (the blank one at most once)."""
+    image = np.full((512, 512, 3), 0, np.uint8)
+    image[192:320, 192:320] = _slides.tissue_image(128, 128, seed=4)
+    path = tmp_path / "mostly_blank.tif"
+    _slides.write_generic_pyramid(path, image, n_levels=2, tile=64, mpp=0.5)
+    cfg = _cfg(candidates=200, train_patches=40)
+    model, pool, view = _setup(cfg, path)
+    embedded: list[int] = []
+    hook = model.feature_net.register_forward_hook(lambda _m, args, _o: embedded.append(len(args[0])))
+    try:
+        out = forward_batch(model, [SlideBatchItem(path, view)], cfg=cfg, reader=pool, mode="explore",
+                            generator=torch.Generator().manual_seed(5))
+        slide = pool.get(path)
+        boxes = out.boxes[0]
+        tiles = slide.read_patches(boxes[:, :2] + 8.0, 16)
+        every = slide.read_patches(np.stack(np.meshgrid(np.arange(8, 512, 16.0), np.arange(8, 512, 16.0)), -1)
+                                   .reshape(-1, 2), 16)
+    finally:
+        hook.remove()
+        pool.close()
+    flat = tiles.reshape(len(tiles), -1)
+    assert len({row.tobytes() for row in flat}) == len(flat)  # no two passed patches alike
+    assert (flat.max(1) == 0).sum() <= 1
+    # candidates were embedded after dropping duplicates: fewer than drawn, and the pass is all of them
+    # when fewer distinct candidates than train_patches exist
+    assert embedded[0] < 200 and embedded[1] == len(flat) == min(40, embedded[0])
+    assert (every.reshape(len(every), -1).max(1) == 0).sum() > 600  # the slide is mostly blank

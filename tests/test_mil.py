@@ -78,6 +78,19 @@ def test_candidates_from_the_mixture_are_an_exact_draw_without_replacement() -> 
         assert abs(counts.get(pair, 0) / draws - p) <= 5 * se + 1e-4, pair
 
 
+def test_distinct_patches_keeps_the_first_of_each_content_in_order() -> None:
+    g = torch.Generator().manual_seed(0)
+    texture = torch.randint(0, 256, (3, 3, 8, 8), generator=g, dtype=torch.uint8)
+    blank = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    one_off = blank.clone()
+    one_off[1, 4, 4] = 1  # a single value apart: distinct
+    patches = torch.stack([blank, texture[0], blank, texture[1], one_off, texture[0], blank, texture[2]])
+    assert mil.distinct_patches(patches).tolist() == [0, 1, 3, 4, 7]
+    assert mil.distinct_patches(texture).tolist() == [0, 1, 2]
+    assert mil.distinct_patches(patches.float() / 255).tolist() == [0, 1, 3, 4, 7]  # any dtype
+    assert mil.distinct_patches(patches[:0]).tolist() == []
+
+
 def test_select_informative_takes_the_highest_scores_first() -> None:
     s = torch.tensor([0.1, 3.0, -2.0, 2.5, 0.0])
     assert mil.select_informative(s, 2).tolist() == [1, 3]

@@ -74,7 +74,8 @@ def forward_batch(
       slide, but a lone informative region gets about half of them;
     - 'explore' (training, `cfg.candidates` > 0, gated pooling): `cfg.candidates` cells drawn
       without replacement from q = (1 - explore) a + explore u (u: `PreparedView.explore`, equal mass
-      per colour group, or uniform), their patches embedded without gradient, and T = max(N,
+      per colour group, or uniform), the distinct ones (`mil.distinct_patches`: a patch identical to
+      an earlier one, such as empty background, is dropped) embedded without gradient, and T = max(N,
       `cfg.train_patches`) embedded again with gradient and pooled: the T - round(`cfg.select_random` T)
       with the highest instance scores and the rest drawn at random from the other candidates.
     With gated pooling the attention network learns from `ForwardResult.distill`, the cross-entropy
@@ -115,6 +116,10 @@ def forward_batch(
             m = min(int(cfg.candidates or 0), int((q > 0).sum()))
             cand, _ = sampling.sample(q, max(m, n), False, generator=generator)
             orig, centers, tiles = read(cand[0])
+            distinct = mil.distinct_patches(tiles)  # identical patches are embedded and passed once
+            if len(distinct) < len(tiles):
+                cand, orig, centers, tiles = (cand[:, distinct.to(cand.device)], orig[distinct.numpy()],
+                                              centers[distinct.numpy()], tiles[distinct])
             scores = _scores_without_grad(model, tiles, device, ctx)
             if cfg.attention != "uniform":
                 distill.append(mil.distillation_loss(att[0, cand[0]], scores, top=max(1, cfg.train_patches // 4)))

@@ -18,6 +18,9 @@ mode 'explore'):
 - `exploration_mixture`: the candidate distribution q = (1 - rho) a + rho u, u uniform over the
   tissue or stratified: every tissue cell keeps a probability of being a candidate that does not
   depend on what the attention has learnt.
+- `distinct_patches`: the candidates whose pixels differ from every earlier one's. Identical patches
+  (empty background where no tissue mask applies, the padding past a slide's edge) have identical
+  features and scores, so they teach nothing beyond the first; they are embedded and passed once.
 - `select_informative`: the N candidates with the highest instance scores (IPS, Bergner et al.,
   ICLR 2023, over ATS's candidates instead of every patch of the slide); `select_for_gradient`:
   those for part of the gradient pass, the rest drawn at random from the other candidates.
@@ -30,6 +33,7 @@ mode 'explore'):
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -41,6 +45,7 @@ __all__ = [
     "GatedAttentionPool",
     "appearance_strata",
     "distillation_loss",
+    "distinct_patches",
     "exploration_mixture",
     "instance_loss",
     "select_for_gradient",
@@ -151,8 +156,9 @@ def select_for_gradient(scores: Tensor, n: int, random_share: float, *,
     By score alone the choice at the start of training is arbitrary but the same on every slide: one
     untrained network put 46 of its 64 gradient patches on empty (black) Megapixel MNIST candidates,
     identical patches that teach nothing, and 0.7 on digits of the label (mean over 12 slides); another
-    initialisation put 4 on empty ones. The random share keeps what the candidates hold in the pass
-    whatever the scores do; random_share 0 is `select_informative` (IPS)."""
+    initialisation put 4 on empty ones (`distinct_patches` now passes identical patches once). The
+    random share keeps what the candidates hold in the pass whatever the scores do; random_share 0 is
+    `select_informative` (IPS)."""
     if not 0.0 <= random_share <= 1.0:
         raise ValueError(f"random_share must be in [0, 1], got {random_share}")
     m = scores.shape[0]
@@ -166,6 +172,22 @@ def select_for_gradient(scores: Tensor, n: int, random_share: float, *,
     others = torch.nonzero(rest).squeeze(1)
     pick = torch.randperm(len(others), generator=generator, device="cpu")[:k_random].to(others.device)
     return torch.cat([top, others[pick]])
+
+
+def distinct_patches(patches: Tensor) -> Tensor:
+    """Positions [U] (ascending, int64) of the first of each distinct patch among patches [M, ...]: the
+    patches whose values (bytes) equal no earlier patch's. Identical inputs give identical features
+    and instance scores, so a candidate pool with 135 empty (black) Megapixel MNIST patches of 256
+    embeds and passes one of them; on tissue, where no two patches are byte-identical, it keeps all."""
+    flat = patches.detach().reshape(patches.shape[0], math.prod(patches.shape[1:])).cpu().contiguous().numpy()
+    seen: set[bytes] = set()
+    keep = []
+    for i, row in enumerate(flat):
+        key = hashlib.blake2b(row.data, digest_size=16).digest()
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return torch.tensor(keep, dtype=torch.long)
 
 
 def select_informative(scores: Tensor, n: int) -> Tensor:
