@@ -240,3 +240,28 @@ def test_explore_embeds_and_passes_identical_patches_once(tmp_path) -> None:  # 
     # when fewer distinct candidates than train_patches exist
     assert embedded[0] < 200 and embedded[1] == len(flat) == min(40, embedded[0])
     assert (every.reshape(len(every), -1).max(1) == 0).sum() > 600  # the slide is mostly blank
+
+
+@pytest.mark.parametrize("mode", ["sample", "topk"])
+def test_zoomed_inference_embeds_each_patch_once(slide_path, mode) -> None:  # type: ignore[no-untyped-def]
+    """At inference the features of the first patches, embedded to choose where to zoom, are the ones
+    pooled: the feature network sees each of the N patches once, and the logits are those of the N."""
+    cfg = _cfg(n_patches=8, zoom=0.5)
+    model, pool, view = _setup(cfg, slide_path)
+    model.eval()
+    calls: list[int] = []
+    hook = model.feature_net.register_forward_hook(lambda _m, args, _o: calls.append(len(args[0])))
+    try:
+        with torch.no_grad():
+            out = forward_batch(model, [SlideBatchItem(slide_path, view)] * 2, cfg=cfg, reader=pool, mode=mode,
+                                generator=torch.Generator().manual_seed(3))
+            hook.remove()
+            expected = []
+            for b in out.boxes:
+                tiles = torch.from_numpy(pool.get(slide_path).read_patches(b[:, :2] + 8.0, 16)).permute(0, 3, 1, 2)
+                expected.append(model.classifier(model.mil(model.feature_net(tiles))[0]))
+    finally:
+        hook.remove()
+        pool.close()
+    assert calls == [4, 4, 8]  # the first 4 of each slide, then both slides' last 4 together
+    torch.testing.assert_close(out.logits, torch.stack(expected), rtol=1e-4, atol=1e-5)

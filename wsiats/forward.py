@@ -97,6 +97,9 @@ def forward_batch(
     attentions, indices, sampled, boxes, patches, distill = [], [], [], [], [], []
     keys: list[PatchKey] = []
     counts: list[int] = []
+    # features already final per slide (zoomed inference embeds its first n1 patches to choose where to zoom)
+    done: list[Tensor | None] = []
+    inference = not torch.is_grad_enabled() and not model.feature_net.training
     for item in items:
         view = item.view
         h, w = view.image.shape[:2]
@@ -111,6 +114,7 @@ def forward_batch(
             pixels = reader.read(item.slide_path, centers, size, downsample=pds, workers=workers)
             return orig, centers, item.augment.images(torch.from_numpy(pixels).permute(0, 3, 1, 2))
 
+        first: Tensor | None = None
         if mode == "explore":
             q = mil.exploration_mixture(att.detach(), mask, cfg.explore, explore=_explore_distribution(item, device))
             m = min(int(cfg.candidates or 0), int((q > 0).sum()))
@@ -140,15 +144,24 @@ def forward_batch(
                 idx, a_k = sampling.sample(att, n1, cfg.replace, generator=generator)
             orig, centers, tiles = read(idx[0])
             if n1 < n:
-                best = int(torch.argmax(_scores_without_grad(model, tiles, device, ctx)))
+                assert model.mil is not None
+                if inference:  # these n1 features are final: embedded once, not again with the rest
+                    first = embed_patches(model, tiles, patch_keys(item.slide_path, orig, view.downsample, size, pds,
+                                                                   item.augment), device=device, autocast=ctx)
+                    scores = model.mil.score(first)
+                else:
+                    scores = _scores_without_grad(model, tiles, device, ctx)
+                best = int(torch.argmax(scores))
                 near = zoom_cells(att, idx, int(idx[0, best]), (h, w), radius, n - n1,
                                   generator=None if mode == "topk" else generator)
                 o2, c2, t2 = read(near[0])
                 idx, orig, centers, tiles = torch.cat([idx, near], 1), np.concatenate([orig, o2]), \
                     np.concatenate([centers, c2]), torch.cat([tiles, t2])
                 a_k = att.gather(1, idx)
-        patches.append(tiles)
-        keys.extend(patch_keys(item.slide_path, orig, view.downsample, size, pds, item.augment))
+        done.append(first)
+        skip = 0 if first is None else len(first)
+        patches.append(tiles[skip:])
+        keys.extend(patch_keys(item.slide_path, orig[skip:], view.downsample, size, pds, item.augment))
         attentions.append(att[0])
         indices.append(orig)
         sampled.append(a_k[0])
@@ -158,9 +171,12 @@ def forward_batch(
     pooled, weights, per_slide = [], [], []
     start = 0
     replace = cfg.replace and mode == "sample"
-    for a_k, n in zip(sampled, counts):
-        f = feats[start : start + n]
-        start += n
+    for a_k, n, first in zip(sampled, counts, done):
+        skip = 0 if first is None else len(first)
+        f = feats[start : start + n - skip]
+        start += n - skip
+        if first is not None:
+            f = torch.cat([first, f])
         if model.mil is not None:
             per_slide.append(f)
             z, alpha = model.mil(f)
