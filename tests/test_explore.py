@@ -152,6 +152,26 @@ def test_zoom_cells_excludes_taken_and_fills_from_elsewhere() -> None:
     assert set(few[0].tolist()) >= {5, 6} and 1 not in few[0].tolist()
 
 
+def test_zoom_cells_draw_follows_the_attention_inside_the_square() -> None:
+    """The first cell zoom draws is distributed as the attention restricted to the square around `best`,
+    taken cells excluded (frequencies over many draws); without a generator: the square's top cells."""
+    att = torch.rand((1, 49), generator=torch.Generator().manual_seed(1)) + 0.05
+    att[0, 24 - 7] = 0.0  # a zero-attention cell inside the square is never drawn
+    att = att / att.sum()
+    taken = torch.tensor([[24, 3]])  # the centre (taken) and a cell outside the square
+    square = [r * 7 + c for r in range(2, 5) for c in range(2, 5) if r * 7 + c not in (24, 17)]
+    p = att[0, square] / att[0, square].sum()
+    g = torch.Generator().manual_seed(2)
+    draws = 4000
+    counts = np.bincount([int(zoom_cells(att, taken, 24, (7, 7), 1, 1, generator=g)[0, 0]) for _ in range(draws)],
+                         minlength=49)
+    assert counts[[i for i in range(49) if i not in square]].sum() == 0
+    se = np.sqrt(p.numpy() * (1 - p.numpy()) / draws)
+    assert np.all(np.abs(counts[square] / draws - p.numpy()) <= 5 * se)
+    top = zoom_cells(att, taken, 24, (7, 7), 1, 3)[0].tolist()
+    assert top == [square[i] for i in torch.topk(p, 3).indices.tolist()]
+
+
 def test_old_runs_without_pooling_load_as_the_ats_estimator(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import yaml
 
