@@ -54,9 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate of the feature network")
     ap.add_argument("--head-lr-scale", type=float, default=1.0,
                     help="learning rate of the MIL head and classifier as a multiple of --lr (wsiats train's default: 3)")
-    ap.add_argument("--features", choices=("l2", "raw", "scaled"), default="l2",
+    ap.add_argument("--features", choices=("l2", "raw", "scaled", "centered", "pooled"), default="l2",
                     help="l2: wsiats's unit-norm features; raw: the small CNN's output as it is; scaled: unit-norm "
-                         "times sqrt(D), a bounded but larger norm (experiments)")
+                         "times sqrt(D), a bounded but larger norm; centered: unit norm after subtracting a running "
+                         "mean of the features; pooled: raw features, the pooled vector unit-norm (experiments)")
+    ap.add_argument("--pool-scale", type=float, default=1.0, help="--features pooled: norm of the pooled vector")
     ap.add_argument("--steps", type=int, default=900)
     ap.add_argument("--seed", type=int, default=0, help="seeds the weights and the bags")
     ap.add_argument("--smoke", action="store_true", help="2 steps of small bags")
@@ -89,11 +91,21 @@ def main(argv: list[str] | None = None) -> int:
         classes = np.concatenate([labels[same], labels[other]]).astype(np.int64)
         return torch.from_numpy(np.stack(ps)[:, None].repeat(3, 1)), t, classes
 
-    model = ATSModel(n_classes=mm.N_CLASSES, pooling="gated", feature_norm="none" if args.features == "raw" else "l2")
+    raw_out = args.features in ("raw", "centered", "pooled")
+    model = ATSModel(n_classes=mm.N_CLASSES, pooling="gated", feature_norm="none" if raw_out else "l2")
     assert model.mil is not None
     if args.features == "scaled":
         fnet, unit = model.feature_net, model.feature_net.forward
         model.feature_net.forward = lambda x: unit(x) * fnet.out_dim ** 0.5  # type: ignore[method-assign]
+    elif args.features == "centered":
+        plain, running = model.feature_net.forward, torch.zeros(model.feature_net.out_dim)
+
+        def centered(x: torch.Tensor) -> torch.Tensor:
+            f = plain(x)
+            running.mul_(0.99).add_(0.01 * f.detach().mean(0))
+            return F.normalize(f - running, dim=-1)
+
+        model.feature_net.forward = centered  # type: ignore[method-assign]
     head = [p for n, p in model.named_parameters() if n.startswith(("mil.", "classifier."))]
     opt = torch.optim.Adam([{"params": list(model.feature_net.parameters()), "lr": args.lr},
                             {"params": head, "lr": args.lr * args.head_lr_scale}])
@@ -103,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.bags):
             x, y, classes = bag()
             f = model.feature_net(x)
-            logits.append(model.classifier(model.mil(f)[0]))
+            z = model.mil(f)[0]
+            logits.append(model.classifier(args.pool_scale * F.normalize(z, dim=-1) if args.features == "pooled" else z))
             ys.append(y)
             il = model.classifier(f)
             digits = len(classes)  # the bag's digit patches come first

@@ -36,11 +36,12 @@ Which estimator wsiats uses (`Config.pooling`):
   estimate of sum_i a_i f_i and makes no unbiasedness claim.
   - Training draws M = `candidates` cells without replacement from q = (1 - rho) a + rho u
     (Gumbel top-k on log q, `sample`: an exact draw without replacement from q, tested by
-    enumeration of its ordered pairs in tests/test_mil.py), embeds their patches without gradient,
-    and pools T = max(N, `train_patches`) of them with gradient: the T - round(`select_random` T)
+    enumeration of its ordered pairs in tests/test_mil.py), keeps one of each set of identical
+    patches (`wsiats.mil.distinct_patches`: byte-equal pixels, e.g. empty background without a
+    tissue mask), embeds them without gradient, and pools T = max(N, `train_patches`) of them with gradient: the T - round(`select_random` T)
     with the highest instance scores and the rest drawn uniformly without replacement from the
     other candidates (`wsiats.mil.select_for_gradient`). With `select_random` 0 (the default) and M -> K (every
-    tissue cell a candidate) this is exactly IPS's objective over the whole view (gated pooling of
+    tissue cell a candidate) this is exactly IPS's objective over the whole view's distinct patches (gated pooling of
     the top-T patches by instance score), whatever the draw: consistent for it, and equal to it
     when M >= K (tested in tests/test_explore.py). The attention network learns
     from `wsiats.mil.distillation_loss` (cross-entropy of a over the candidates against the at
