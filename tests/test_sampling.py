@@ -244,6 +244,23 @@ def _chisquare_p(observed: Tensor, expected: Tensor) -> float:
     return float(stats.chisquare(observed.double().numpy(), expected.double().numpy()).pvalue)
 
 
+def _assert_pair_law(first: torch.Tensor, second: torch.Tensor, a: torch.Tensor, replace: bool) -> None:
+    """The first two draws (index tensors over 0..k-1) follow the law of `sample` over attention a [k]:
+    a_i a_j with replacement (repeats happen), a_i a_j / (1 - a_i) for j != i without (never a repeat)."""
+    k = a.numel()
+    a = a.double()
+    obs = torch.bincount(first * k + second, minlength=k * k)
+    repeats = int(obs[[i * k + i for i in range(k)]].sum())
+    if replace:
+        assert _chisquare_p(obs, torch.outer(a, a).flatten()) > 1e-3
+        assert repeats > 0  # repeats do happen
+        return
+    assert repeats == 0
+    pairs = [(i, j) for i in range(k) for j in range(k) if i != j]
+    exp2 = torch.tensor([a[i] * a[j] / (1 - a[i]) for i, j in pairs])
+    assert _chisquare_p(obs[[i * k + j for i, j in pairs]], exp2) > 1e-3
+
+
 def test_without_replacement_follows_sequential_draws() -> None:
     k = _ATT.numel()
     att = _ATT.expand(_DRAWS, k)
@@ -254,11 +271,7 @@ def test_without_replacement_follows_sequential_draws() -> None:
     # P(first = i) = a_i
     assert _chisquare_p(torch.bincount(idx[:, 0], minlength=k), a) > 1e-3
     # P(first = i, second = j) = a_i a_j / (1 - a_i), j != i
-    pairs = [(i, j) for i in range(k) for j in range(k) if i != j]
-    obs = torch.bincount(idx[:, 0] * k + idx[:, 1], minlength=k * k)
-    assert int(obs[[i * k + i for i in range(k)]].sum()) == 0
-    exp2 = torch.tensor([a[i] * a[j] / (1 - a[i]) for i, j in pairs])
-    assert _chisquare_p(obs[[i * k + j for i, j in pairs]], exp2) > 1e-3
+    _assert_pair_law(idx[:, 0], idx[:, 1], _ATT, replace=False)
     # P(third = l | first = i, second = j) = a_l / (1 - a_i - a_j)
     triples = list(itertools.permutations(range(k), 3))
     code = (idx[:, 0] * k + idx[:, 1]) * k + idx[:, 2]
@@ -271,11 +284,7 @@ def test_without_replacement_follows_sequential_draws() -> None:
 def test_with_replacement_draws_are_independent_categorical() -> None:
     k = _ATT.numel()
     idx, _ = sample(_ATT.expand(_DRAWS, k), 2, True, generator=torch.Generator().manual_seed(99))
-    a = _ATT.double()
-    obs = torch.bincount(idx[:, 0] * k + idx[:, 1], minlength=k * k)
-    exp = torch.outer(a, a).flatten()
-    assert _chisquare_p(obs, exp) > 1e-3
-    assert int(obs[[i * k + i for i in range(k)]].sum()) > 0  # repeats do happen
+    _assert_pair_law(idx[:, 0], idx[:, 1], _ATT, replace=True)
 
 
 @pytest.mark.parametrize("replace", [False, True])
@@ -292,16 +301,7 @@ def test_a_long_sparse_row_is_drawn_among_its_non_zero_entries_with_the_same_law
     idx = torch.cat([sample(row, 2, replace, generator=gen)[0] for _ in range(draws)])
     assert torch.isin(idx, where).all()
     pos = torch.searchsorted(where, idx)  # back to 0..k-1
-    obs = torch.bincount(pos[:, 0] * k + pos[:, 1], minlength=k * k)
-    a = _ATT.double()
-    if replace:
-        exp = torch.outer(a, a).flatten()
-        assert _chisquare_p(obs, exp) > 1e-3
-    else:
-        pairs = [(i, j) for i in range(k) for j in range(k) if i != j]
-        assert int(obs[[i * k + i for i in range(k)]].sum()) == 0
-        exp2 = torch.tensor([a[i] * a[j] / (1 - a[i]) for i, j in pairs])
-        assert _chisquare_p(obs[[i * k + j for i, j in pairs]], exp2) > 1e-3
+    _assert_pair_law(pos[:, 0], pos[:, 1], _ATT, replace=replace)
     last, a_k = sample(row, 2, replace, generator=gen)
     torch.testing.assert_close(a_k, row.gather(1, last))
 
