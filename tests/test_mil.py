@@ -89,6 +89,12 @@ def test_distinct_patches_keeps_the_first_of_each_content_in_order() -> None:
     assert mil.distinct_patches(texture).tolist() == [0, 1, 2]
     assert mil.distinct_patches(patches.float() / 255).tolist() == [0, 1, 3, 4, 7]  # any dtype
     assert mil.distinct_patches(patches[:0]).tolist() == []
+    # large patches are first told apart on a strided sample of their values: two that agree there but
+    # differ at one value off the sample (flat index 1) are still both kept; exact copies are not
+    big = torch.zeros(4, 3, 64, 64, dtype=torch.uint8)
+    big[1].view(-1)[1] = 7
+    big[3] = big[1]
+    assert mil.distinct_patches(big).tolist() == [0, 1]
 
 
 def test_select_informative_takes_the_highest_scores_first() -> None:
