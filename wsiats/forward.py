@@ -246,20 +246,17 @@ def zoom_cells(attention: Tensor, taken: Tensor, best: int, shape: tuple[int, in
     dev = attention.device
     rows = torch.arange(max(0, r0 - radius), min(h, r0 + radius + 1), device=dev)
     cols = torch.arange(max(0, c0 - radius), min(w, c0 + radius + 1), device=dev)
-    square = (rows[:, None] * w + cols[None, :]).reshape(-1)  # the square's cells, ascending
-    inside = attention.detach()[0, square]
-    keep = (inside > 0) & ~torch.isin(square, taken[0])
-    square, inside = square[keep], inside[keep]
+    box = (rows[:, None] * w + cols[None, :]).reshape(-1)  # the square's cells, ascending
+    inside = attention.detach()[0, box]
+    keep = (inside > 0) & ~torch.isin(box, taken[0])
+    square, inside = box[keep], inside[keep]
     take = min(n, len(square))
     # drawn among the square's allowed cells only (not over a view-sized masked copy): the same law
     picked = square[draw(inside[None], take)[0]][None] if take else taken[:, :0]
-    if take < n:
-        near = torch.zeros((h, w), dtype=torch.bool, device=dev)
-        near[max(0, r0 - radius): r0 + radius + 1, max(0, c0 - radius): c0 + radius + 1] = True
+    if take < n:  # the rest from outside the square (which holds every picked cell)
         weights = attention.detach().clone()
         weights[0, taken[0]] = 0.0
-        weights[0, picked[0]] = 0.0
-        weights = weights * ~near.reshape(1, -1)
+        weights[0, box] = 0.0
         more = min(n - take, int((weights > 0).sum()))
         if more:
             picked = torch.cat([picked, draw(weights, more)], 1)
