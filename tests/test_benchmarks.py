@@ -120,6 +120,8 @@ def test_needles_smoke_writes_every_row(tmp_path: Path) -> None:
         assert run["train_s"] > 0 and run["train_cpu_s"] > 0 and run["curve"]
     assert doc["rows"]["current_default"]["seeds"][0]["config"]["pooling"] == "ats"
     assert doc["rows"]["nested"]["seeds"][0]["config"]["nested"] is True
+    nested_default = doc["rows"]["nested_default"]["seeds"][0]["config"]
+    assert nested_default["nested"] is True and nested_default["pooling"] == "gated"
     dense = doc["rows"]["dense_mil"]
     assert dense["per_slide_step"]["dense_mil"]["tiles"] > 0 and dense["time_ratio"] > 0
     frac = doc["cohort"]["informative_fraction_of_tissue"]
@@ -228,6 +230,8 @@ def test_bench_cohort_smoke_writes_every_row(tmp_path: Path, monkeypatch: pytest
     uniform = r["methods"]["uniform"]["config"]
     assert (uniform["attention"], uniform["pooling"], uniform["candidates"]) == ("uniform", "ats", 0)  # the paper's U-N
     assert r["methods"]["defaults"]["config"]["pooling"] == "gated"  # the defaults row is wsiats's defaults
+    assert r["methods"]["nested_defaults"]["config"]["nested"] is True
+    assert r["methods"]["nested_defaults"]["config"]["pooling"] == "gated"
     for m in r["methods"].values():
         assert 0.0 <= m["patch_hit_fraction"] <= 1.0 and 0.0 <= m["test_accuracy"] <= 1.0
         assert m["train_s"] > 0

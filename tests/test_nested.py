@@ -247,8 +247,7 @@ def nested_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_config_of_nested_sampling() -> None:
     assert not Config().nested  # one level stays the default
-    with pytest.raises(ConfigError, match="--pooling ats --candidates 0"):
-        Config(nested=True)
+    assert Config(nested=True).pooling == "gated" and Config(nested=True).candidates == 256  # gated works nested
     with pytest.raises(ConfigError, match="integer multiple"):
         Config(**{**NESTED, "coarse_downsample": 30.0})
     with pytest.raises(ConfigError, match="at most n_patches"):
@@ -348,6 +347,50 @@ def test_forward_reads_m_regions_and_n_patches_inside_them(nested_slide: Path, m
             assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in net.parameters())  # type: ignore[union-attr]
 
 
+def test_nested_explore_pass_trains_both_attentions_from_the_candidates(nested_slide: Path) -> None:
+    """Gated pooling, training with candidates: EXPLORE_REGIONS * M regions hold the candidates, the
+    train_patches best of them get the gradient pass, and the distillation of a = a1 a2 over the
+    candidates reaches the coarse and the fine attention networks (the classifier loss alone reaches
+    neither: the gated pooling takes no attention weight)."""
+    from wsiats.nested_pass import EXPLORE_REGIONS
+
+    cfg = Config(**{**NESTED, "pooling": "gated", "candidates": 40, "train_patches": 12})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with open_slide(nested_slide) as slide:
+        view = prepare_view(slide, cfg)
+        counting = CountingSlide(slide)
+        out = forward_batch(model, [SlideBatchItem(nested_slide, view)], cfg=cfg, reader=OpenedSlide(counting),
+                            mode="explore", generator=torch.Generator().manual_seed(1))  # type: ignore[arg-type]
+    crops, cands = counting.reads
+    assert crops[0] == EXPLORE_REGIONS * cfg.regions and cands[:2] == (40, 16)
+    picks = out.nested[0]  # type: ignore[index]
+    assert len(set(picks.regions.tolist())) == 16 and bool(view.mask.reshape(-1)[picks.regions].all())
+    assert len(out.indices[0]) == 12 and len(set(out.indices[0].tolist())) == 12  # distinct cells
+    assert out.features is not None and out.features[0].shape == (12, 8)
+    torch.testing.assert_close(out.sampled_attention[0].detach(),
+                               picks.region_attention[picks.patch_region] * picks.cell_attention)
+    assert out.distill is not None and out.distill.shape == (1,)
+    out.distill.sum().backward()
+    for net in (model.coarse_net, model.attention_net):
+        assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in net.parameters())  # type: ignore[union-attr]
+    assert all(p.grad is None for p in model.feature_net.parameters())  # the scores are taken without gradient
+
+
+@pytest.mark.parametrize("mode", ["sample", "topk"])
+def test_nested_gated_inference_pools_n_patches_of_m_regions(nested_slide: Path, mode: str) -> None:
+    cfg = Config(**{**NESTED, "pooling": "gated"})
+    model = build_model(cfg).eval()
+    with open_slide(nested_slide) as slide, torch.no_grad():
+        view = prepare_view(slide, cfg)
+        counting = CountingSlide(slide)
+        out = forward_batch(model, [SlideBatchItem(nested_slide, view)], cfg=cfg, reader=OpenedSlide(counting),
+                            mode=mode, generator=torch.Generator().manual_seed(1))  # type: ignore[arg-type]
+    assert counting.reads == [(4, 8 + 2 * HALO, 4.0), (8, 16, 1.0)]  # no zoom: M crops, then N patches
+    assert out.distill is None and np.bincount(out.nested[0].patch_region).tolist() == [2, 2, 2, 2]  # type: ignore[index]
+    assert float(out.weights[0].sum()) == pytest.approx(1.0)  # the gated head's weights
+
+
 @pytest.mark.parametrize("downsample", [1.0, 2.0, 3.0])
 def test_read_patch_groups_gives_the_pixels_of_read_patches(nested_slide: Path, downsample: float) -> None:
     rng = np.random.default_rng(0)
@@ -380,8 +423,11 @@ def test_predict_json_shows_both_levels(nested_slide: Path, tmp_path: Path) -> N
     assert [r["patches"] for r in rec["regions"]] == [2] * 8
 
 
-def test_train_and_predict_nested_through_the_cli(tmp_path: Path) -> None:
-    """A tiny end-to-end run with the paper's estimator at both levels: synth -> train -> predict."""
+@pytest.mark.parametrize("pooling", [["--pooling", "ats", "--candidates", "0", "--zoom", "0"],
+                                     ["--candidates", "16", "--train-patches", "4"]], ids=["ats", "gated"])
+def test_train_and_predict_nested_through_the_cli(tmp_path: Path, pooling: list[str]) -> None:
+    """A tiny end-to-end run at both levels, with the paper's estimator and with gated pooling (training
+    with candidates): synth -> train -> predict."""
     from click.testing import CliRunner
     from safetensors.torch import load_file
 
@@ -395,7 +441,7 @@ def test_train_and_predict_nested_through_the_cli(tmp_path: Path) -> None:
     invoke("synth", tmp_path, "--n", "4", "--size", "1024", "--seed", "3", "-q")
     run = tmp_path / "run"
     invoke("train", tmp_path / "slides", "--labels", tmp_path / "labels.csv", "--out", run, "--epochs", "1",
-           "--nested", "--pooling", "ats", "--candidates", "0", "--zoom", "0", "--view-downsample", "16",
+           "--nested", *pooling, "--view-downsample", "16",
            "--coarse-downsample", "128", "--regions", "2", "--n-patches", "4", "--patch-size", "32",
            "--batch-size", "2", "--workers", "0", "-q")
     assert any(k.startswith("coarse_net.") for k in load_file(str(run / MODEL_FILE)))

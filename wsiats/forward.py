@@ -116,7 +116,7 @@ def forward_batch(
 
         first: Tensor | None = None
         if mode == "explore":
-            q = mil.exploration_mixture(att.detach(), mask, cfg.explore, explore=_explore_distribution(item, device))
+            q = mil.exploration_mixture(att.detach(), mask, cfg.explore, explore=explore_distribution(item, device))
             m = min(int(cfg.candidates or 0), int((q > 0).sum()))
             cand, _ = sampling.sample(q, max(m, n), False, generator=generator)
             orig, centers, tiles = read(cand[0])
@@ -124,7 +124,7 @@ def forward_batch(
             if len(distinct) < len(tiles):
                 cand, orig, centers, tiles = (cand[:, distinct.to(cand.device)], orig[distinct.numpy()],
                                               centers[distinct.numpy()], tiles[distinct])
-            scores = _scores_without_grad(model, tiles, device, ctx)
+            scores = scores_without_grad(model, tiles, device, ctx)
             if cfg.attention != "uniform":
                 distill.append(mil.distillation_loss(att[0, cand[0]], scores, top=max(1, cfg.train_patches // 4)))
             keep = mil.select_for_gradient(scores, max(n, cfg.train_patches), cfg.select_random,
@@ -150,7 +150,7 @@ def forward_batch(
                                                                    item.augment), device=device, autocast=ctx)
                     scores = model.mil.score(first)
                 else:
-                    scores = _scores_without_grad(model, tiles, device, ctx)
+                    scores = scores_without_grad(model, tiles, device, ctx)
                 best = int(torch.argmax(scores))
                 near = zoom_cells(att, idx, int(idx[0, best]), (h, w), radius, n - n1,
                                   generator=None if mode == "topk" else generator)
@@ -280,14 +280,14 @@ def view_attention(net: torch.nn.Module | None, item: SlideBatchItem, cfg: Confi
     return mask, sampling.smooth_attention(logits.float(), mask=mask, eps=cfg.attention_eps)
 
 
-def _explore_distribution(item: SlideBatchItem, device: torch.device) -> Tensor | None:
+def explore_distribution(item: SlideBatchItem, device: torch.device) -> Tensor | None:
     """The exploration distribution [1, K] of an item's (augmented) view, or None (uniform) without one."""
     if item.view.explore is None:
         return None
     return item.augment.maps(torch.from_numpy(item.view.explore)).reshape(1, -1).to(device)
 
 
-def _scores_without_grad(model: ATSModel, tiles: Tensor, device: torch.device,
+def scores_without_grad(model: ATSModel, tiles: Tensor, device: torch.device,
                          ctx: Callable[[], AbstractContextManager[Any]]) -> Tensor:
     """Instance scores [M] of candidate patches, embedded in eval mode without gradient."""
     assert model.mil is not None

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from wsiats import nested, sampling
+from wsiats import mil, nested, sampling
 from wsiats.config import Config
 from wsiats.embed_cache import embed_patches, patch_keys
-from wsiats.forward import ForwardResult, SlideBatchItem, view_attention
+from wsiats.forward import ForwardResult, SlideBatchItem, explore_distribution, scores_without_grad, view_attention
 from wsiats.models import ATSModel, AttentionNet
 from wsiats.reader import PatchReader
 from wsiats.tissue import MIN_SATURATION
@@ -155,6 +155,10 @@ class OnTissue(torch.nn.Module):
         return len(tiles) * min(h, side + 2 * halo) * min(w, side + 2 * halo)
 
 
+#: Training with candidates: regions drawn per slide to hold them, as a multiple of `Config.regions`.
+EXPLORE_REGIONS = 4
+
+
 def forward_nested(
     model: ATSModel,
     items: Sequence[SlideBatchItem],
@@ -169,29 +173,50 @@ def forward_nested(
 ) -> ForwardResult:
     """`wsiats.forward.forward_batch` for `cfg.nested`: each item's view is its COARSE view.
 
-    mode 'sample': regions and cells drawn (`cfg.replace` at both levels), the unbiased nested
-    estimator; 'topk': the highest at both levels, deterministic. `ForwardResult.attention` holds a1
-    over the coarse view, `sampled_attention` a(i) = a1 a2 of each patch, `nested` both levels.
+    mode 'sample': regions and cells drawn (`cfg.replace` at both levels); 'topk': the highest at both
+    levels, deterministic. With `cfg.pooling` 'ats' the patches are pooled by the unbiased nested
+    estimator, with 'gated' by the gated attention MIL head (no zoom). 'explore' (training, gated
+    pooling, `cfg.candidates` > 0), the one-level explore pass over two levels: EXPLORE_REGIONS *
+    `cfg.regions` regions drawn without replacement from q1 = (1 - explore) a1 + explore u1 (u1 the
+    coarse view's exploration distribution), in each region cells drawn without replacement from
+    q2 = (1 - explore) a2 + explore u2 (u2 uniform over the region's tissue cells), `cfg.candidates`
+    of them in all; the distinct ones embedded without gradient, max(N, `cfg.train_patches`) of the
+    highest instance scores embedded again with gradient and pooled. Both attention networks learn
+    from `ForwardResult.distill`, the cross-entropy of a(i) = a1(r(i)) a2(i | r(i)) over the candidates
+    against those with the best instance scores (`mil.distillation_loss`), so log a1 and log a2 get
+    the same target. `ForwardResult.attention` holds a1 over the coarse view, `sampled_attention` a(i)
+    of each patch, `nested` both levels.
     """
-    if mode not in ("sample", "topk"):
-        raise ValueError(f"nested sampling has modes 'sample' and 'topk', got {mode!r}")
+    if mode not in ("sample", "topk", "explore"):
+        raise ValueError(f"nested sampling has modes 'sample', 'topk' and 'explore', got {mode!r}")
     if model.coarse_net is None and cfg.attention != "uniform":
         raise ValueError("nested sampling needs a model built with nested=True (a coarse attention network)")
+    gated = model.mil is not None
+    if mode == "explore" and not gated:
+        raise ValueError("mode 'explore' needs a model with gated pooling")
     device = device or next(model.parameters()).device
     ctx = cast(Callable[[], AbstractContextManager[Any]], autocast or (lambda: torch.autocast(device.type, enabled=False)))
     r, d2 = ratio(cfg), float(cfg.view_downsample)
     side = r + 2 * HALO
     replace = cfg.replace and mode == "sample"
+    learn = cfg.attention != "uniform" and torch.is_grad_enabled()
     pooled, attentions, indices, sampled, weights, boxes, entropies, picks = [], [], [], [], [], [], [], []
+    distill, per_slide = [], []
     for item in items:
         view, aug = item.view, item.augment
         h1, w1 = view.image.shape[:2]
         coarse: torch.nn.Module | None = model.coarse_net
         if model.coarse_net is not None and not torch.is_grad_enabled():  # inference: the logits on tissue only
             coarse = OnTissue(model.coarse_net, item.augment.maps(torch.from_numpy(view.mask)))
-        _, a1 = view_attention(coarse, item, cfg, device=device, autocast=ctx)
-        m = min(cfg.regions, int((a1 > 0).sum()))
-        ridx, a1_k = sampling.topk(a1, m) if mode == "topk" else nested.sample_regions(a1, m, replace, generator)
+        mask, a1 = view_attention(coarse, item, cfg, device=device, autocast=ctx)
+        if mode == "explore":
+            q1 = mil.exploration_mixture(a1.detach(), mask, cfg.explore, explore=explore_distribution(item, device))
+            m = min(EXPLORE_REGIONS * cfg.regions, int((q1 > 0).sum()))
+            ridx, _ = sampling.sample(q1, m, False, generator=generator)
+            a1_k = a1.gather(1, ridx)
+        else:
+            m = min(cfg.regions, int((a1 > 0).sum()))
+            ridx, a1_k = sampling.topk(a1, m) if mode == "topk" else nested.sample_regions(a1, m, replace, generator)
         regions = aug.unflip(ridx[0].cpu().numpy(), (h1, w1))
         crops = reader.read(item.slide_path, region_centers(regions, w1, cfg), side, downsample=d2, workers=workers)
         crops_t = aug.images(torch.from_numpy(crops).permute(0, 3, 1, 2))
@@ -203,35 +228,66 @@ def forward_nested(
                 fine = model.attention_net(crops_t.to(device)).float().reshape(m, side, side)
             fine = fine[:, HALO: HALO + r, HALO: HALO + r].reshape(m, r * r)
             a2 = sampling.smooth_attention(fine, mask=allowed, eps=cfg.attention_eps)
-        caps = [cfg.n_patches] * m if replace else [int(c) for c in (a2 > 0).sum(dim=1)]
-        counts = nested.allocate(cfg.n_patches, caps)
-        cells = nested.topk_cells(a2, counts) if mode == "topk" else nested.sample_cells(a2, counts, replace, generator)
-        local = np.concatenate([aug.unflip(c.cpu().numpy(), (r, r)) for c, _ in cells])
+        if mode == "explore":
+            q2 = mil.exploration_mixture(a2.detach(), a2.detach() > 0, cfg.explore)
+            caps = [int(c) for c in (q2 > 0).sum(dim=1)]
+            counts = nested.allocate(max(m, min(int(cfg.candidates or 0), sum(caps))), caps)
+            cells = nested.sample_cells(q2, counts, False, generator)
+            big = torch.full((m,), 1.0 / m, device=a1.device)  # the entropy's region weights: a plain mean
+        else:
+            caps = [cfg.n_patches] * m if replace else [int(c) for c in (a2 > 0).sum(dim=1)]
+            counts = nested.allocate(cfg.n_patches, caps)
+            cells = nested.topk_cells(a2, counts) if mode == "topk" else nested.sample_cells(a2, counts, replace, generator)
+            big = nested.region_weights(a1_k[0], replace)
+        cell_idx = torch.cat([c for c, _ in cells])
         owner = np.repeat(np.arange(m), counts)
+        owner_t = torch.as_tensor(owner, device=a2.device)
+        a2_sel = a2[owner_t, cell_idx]  # a2(i | r(i)) of each drawn cell, with gradient (not q2 for 'explore')
+        local = np.concatenate([aug.unflip(c.cpu().numpy(), (r, r)) for c, _ in cells])
         flat, centers = fine_cells(regions[owner], local, w1, cfg)
         size, pds = cfg.patch_size, reader.patch_downsample(item.slide_path, cfg)
         pixels = reader.read_groups(item.slide_path, centers, owner, size, downsample=pds, workers=workers)  # a read a region
         tiles = aug.images(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+        a_cells = a1_k[0][owner_t.to(a1_k.device)] * a2_sel
+        if mode == "explore":
+            distinct = mil.distinct_patches(tiles).numpy()  # identical patches are embedded and passed once
+            owner, flat, centers, tiles = owner[distinct], flat[distinct], centers[distinct], tiles[distinct]
+            owner_t, a2_sel, a_cells = owner_t[distinct], a2_sel[distinct], a_cells[distinct]
+            scores = scores_without_grad(model, tiles, device, ctx)
+            if cfg.attention != "uniform":
+                distill.append(mil.distillation_loss(a_cells, scores, top=max(1, cfg.train_patches // 4)))
+            keep = mil.select_for_gradient(scores, max(cfg.n_patches, cfg.train_patches), cfg.select_random,
+                                           generator=generator).cpu().numpy()
+            owner, flat, centers, tiles = owner[keep], flat[keep], centers[keep], tiles[keep]
+            a2_sel, a_cells = a2_sel[keep], a_cells[keep]
         keys = patch_keys(item.slide_path, flat, (d2, d2), size, pds, aug)
         feats = embed_patches(model, tiles, keys, device=device, autocast=autocast)
-        a2_k = [a for _, a in cells]
-        f_k = list(torch.split(feats, counts))
-        if mode == "topk":
-            pooled.append(nested.estimate_topk(a1_k[0], a2_k, f_k))
+        if gated:
+            assert model.mil is not None
+            z, alpha = model.mil(feats)
+            pooled.append(z)
+            weights.append(alpha.detach())
+            per_slide.append(feats)
+            if mode != "explore" and learn:
+                distill.append(mil.distillation_loss(a_cells, model.mil.score(feats.detach()),
+                                                     top=max(1, len(feats) // 2)))
         else:
-            pooled.append(nested.expectation(a1_k[0], a2_k, f_k, replace_regions=replace, replace_cells=replace))
-        w = nested.weights(a1_k[0], a2_k, replace_regions=replace, replace_cells=replace)
-        big = nested.region_weights(a1_k[0], replace)
+            a2_k = [a for _, a in cells]
+            f_k = list(torch.split(feats, counts))
+            if mode == "topk":
+                pooled.append(nested.estimate_topk(a1_k[0], a2_k, f_k))
+            else:
+                pooled.append(nested.expectation(a1_k[0], a2_k, f_k, replace_regions=replace, replace_cells=replace))
+            weights.append(torch.cat(nested.weights(a1_k[0], a2_k, replace_regions=replace, replace_cells=replace)))
         entropies.append(nested.entropy(a1[0], a2, big))
-        cell_att = torch.cat(a2_k)
         attentions.append(a1[0])
         indices.append(flat)
-        sampled.append(a1_k[0][torch.as_tensor(owner, device=a1_k.device)] * cell_att)
-        weights.append(torch.cat(w))
+        sampled.append(a_cells)
         boxes.append(patch_boxes(centers, size, pds))
         picks.append(NestedPicks(regions=regions, region_boxes=region_boxes(regions, w1, cfg),
                                  region_attention=a1_k[0].detach(), region_weights=big, patch_region=owner,
-                                 cell_attention=cell_att.detach()))
+                                 cell_attention=a2_sel.detach()))
     logits = model.classifier(torch.stack(pooled))
     return ForwardResult(logits=logits, attention=attentions, indices=indices, sampled_attention=sampled,
-                         weights=weights, boxes=boxes, entropy=torch.stack(entropies), nested=picks)
+                         weights=weights, boxes=boxes, entropy=torch.stack(entropies), nested=picks,
+                         distill=torch.stack(distill) if distill else None, features=per_slide if gated else None)
