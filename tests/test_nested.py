@@ -379,7 +379,7 @@ def test_nested_explore_pass_trains_both_attentions_from_the_candidates(nested_s
 
 @pytest.mark.parametrize("mode", ["sample", "topk"])
 def test_nested_gated_inference_pools_n_patches_of_m_regions(nested_slide: Path, mode: str) -> None:
-    cfg = Config(**{**NESTED, "pooling": "gated"})
+    cfg = Config(**{**NESTED, "pooling": "gated", "zoom": 0.0})
     model = build_model(cfg).eval()
     with open_slide(nested_slide) as slide, torch.no_grad():
         view = prepare_view(slide, cfg)
@@ -389,6 +389,34 @@ def test_nested_gated_inference_pools_n_patches_of_m_regions(nested_slide: Path,
     assert counting.reads == [(4, 8 + 2 * HALO, 4.0), (8, 16, 1.0)]  # no zoom: M crops, then N patches
     assert out.distill is None and np.bincount(out.nested[0].patch_region).tolist() == [2, 2, 2, 2]  # type: ignore[index]
     assert float(out.weights[0].sum()) == pytest.approx(1.0)  # the gated head's weights
+
+
+@pytest.mark.parametrize("mode", ["sample", "topk"])
+def test_nested_zoom_takes_the_rest_inside_the_best_patchs_region(nested_slide: Path, mode: str) -> None:
+    """zoom 0.625 of N = 8: 3 patches over 3 regions, embedded once, then 5 more cells of the region whose
+    patch the MIL head scores highest (distinct from its first one), pooled with the first 3."""
+    cfg = Config(**{**NESTED, "pooling": "gated", "zoom": 0.625})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    calls: list[int] = []
+    embed = model.feature_net.forward
+    model.feature_net.forward = lambda x: calls.append(len(x)) or embed(x)  # type: ignore[method-assign]
+    assert model.mil is not None
+    scores: list[Tensor] = []
+    score = model.mil.score
+    model.mil.score = lambda f: (lambda s: scores.append(s) or s)(score(f))  # type: ignore[method-assign]
+    with open_slide(nested_slide) as slide, torch.no_grad():
+        view = prepare_view(slide, cfg)
+        counting = CountingSlide(slide)
+        out = forward_batch(model, [SlideBatchItem(nested_slide, view)], cfg=cfg, reader=OpenedSlide(counting),
+                            mode=mode, generator=torch.Generator().manual_seed(1))  # type: ignore[arg-type]
+    assert counting.reads == [(3, 8 + 2 * HALO, 4.0), (3, 16, 1.0), (5, 16, 1.0)]
+    assert calls == [3, 5]  # each patch embedded once
+    picks = out.nested[0]  # type: ignore[index]
+    owner = picks.patch_region
+    assert len(owner) == 8 and sorted(owner[:3].tolist()) == [0, 1, 2] and len(set(owner[3:].tolist())) == 1
+    assert owner[3] == owner[int(torch.argmax(scores[0]))] and len(set(out.indices[0].tolist())) == 8
+    torch.testing.assert_close(out.sampled_attention[0], picks.region_attention[owner] * picks.cell_attention)
 
 
 @pytest.mark.parametrize("downsample", [1.0, 2.0, 3.0])

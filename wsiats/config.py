@@ -73,7 +73,7 @@ class SamplingConfig:
     select_random: float = 0.0
     """Training with candidates: share of the gradient pass's patches drawn at random from the other candidates instead of by instance score (0, the default: the top train_patches, IPS)."""
     nested: bool = False
-    """Nested attention sampling: a coarse attention over a --coarse-downsample view picks --regions regions, the attention network over the --view-downsample view inside them picks the N patches; only the picked regions' fine pixels are read (with gated pooling: candidates in training as one level has them, no --zoom)."""
+    """Nested attention sampling: a coarse attention over a --coarse-downsample view picks --regions regions, the attention network over the --view-downsample view inside them picks the N patches; only the picked regions' fine pixels are read (with gated pooling: candidates in training and --zoom inside the best patch's region)."""
     coarse_downsample: float = 256.0
     """With --nested: level-0 pixels per pixel of the coarse view; each pixel is a region of (coarse_downsample / view_downsample)^2 fine cells."""
     regions: int = 8

@@ -155,6 +155,19 @@ class OnTissue(torch.nn.Module):
         return len(tiles) * min(h, side + 2 * halo) * min(w, side + 2 * halo)
 
 
+def zoom_region(cell_attention: Tensor, taken: Tensor, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+    """Up to n more cells [k] of one region, none in `taken`: drawn without replacement from its fine
+    attention a2 [C] (the highest cells without a generator: deterministic)."""
+    weights = cell_attention.detach().clone()
+    weights[taken] = 0.0
+    k = min(n, int((weights > 0).sum()))
+    if k == 0:
+        return taken[:0]
+    if generator is None:
+        return sampling.topk(weights[None], k)[0][0]
+    return sampling.sample((weights / weights.sum())[None], k, False, generator=generator)[0][0]
+
+
 #: Training with candidates: regions drawn per slide to hold them, as a multiple of `Config.regions`.
 EXPLORE_REGIONS = 4
 
@@ -175,7 +188,10 @@ def forward_nested(
 
     mode 'sample': regions and cells drawn (`cfg.replace` at both levels); 'topk': the highest at both
     levels, deterministic. With `cfg.pooling` 'ats' the patches are pooled by the unbiased nested
-    estimator, with 'gated' by the gated attention MIL head (no zoom). 'explore' (training, gated
+    estimator, with 'gated' by the gated attention MIL head; with gated pooling and `cfg.zoom` > 0 only
+    n1 = N - round(zoom N) patches come from the M = min(`cfg.regions`, n1) regions, and the rest from the
+    fine attention of the region that holds the patch with the highest instance score (`zoom_region`),
+    as one level zooms around its best patch. 'explore' (training, gated
     pooling, `cfg.candidates` > 0), the one-level explore pass over two levels: EXPLORE_REGIONS *
     `cfg.regions` regions drawn without replacement from q1 = (1 - explore) a1 + explore u1 (u1 the
     coarse view's exploration distribution), in each region cells drawn without replacement from
@@ -200,6 +216,10 @@ def forward_nested(
     side = r + 2 * HALO
     replace = cfg.replace and mode == "sample"
     learn = cfg.attention != "uniform" and torch.is_grad_enabled()
+    inference = not torch.is_grad_enabled() and not model.feature_net.training
+    n = cfg.n_patches
+    # zoom (gated pooling, not 'explore'): n1 patches over the M regions, the rest where the best of them lies
+    n1 = max(1, n - int(round(cfg.zoom * n))) if gated and mode != "explore" and n >= 2 else n
     pooled, attentions, indices, sampled, weights, boxes, entropies, picks = [], [], [], [], [], [], [], []
     distill, per_slide = [], []
     for item in items:
@@ -215,7 +235,7 @@ def forward_nested(
             ridx, _ = sampling.sample(q1, m, False, generator=generator)
             a1_k = a1.gather(1, ridx)
         else:
-            m = min(cfg.regions, int((a1 > 0).sum()))
+            m = min(cfg.regions, n1, int((a1 > 0).sum()))
             ridx, a1_k = sampling.topk(a1, m) if mode == "topk" else nested.sample_regions(a1, m, replace, generator)
         regions = aug.unflip(ridx[0].cpu().numpy(), (h1, w1))
         crops = reader.read(item.slide_path, region_centers(regions, w1, cfg), side, downsample=d2, workers=workers)
@@ -236,7 +256,7 @@ def forward_nested(
             big = torch.full((m,), 1.0 / m, device=a1.device)  # the entropy's region weights: a plain mean
         else:
             caps = [cfg.n_patches] * m if replace else [int(c) for c in (a2 > 0).sum(dim=1)]
-            counts = nested.allocate(cfg.n_patches, caps)
+            counts = nested.allocate(n1, caps)
             cells = nested.topk_cells(a2, counts) if mode == "topk" else nested.sample_cells(a2, counts, replace, generator)
             big = nested.region_weights(a1_k[0], replace)
         cell_idx = torch.cat([c for c, _ in cells])
@@ -248,6 +268,26 @@ def forward_nested(
         size, pds = cfg.patch_size, reader.patch_downsample(item.slide_path, cfg)
         pixels = reader.read_groups(item.slide_path, centers, owner, size, downsample=pds, workers=workers)  # a read a region
         tiles = aug.images(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+        first: Tensor | None = None
+        if n1 < cfg.n_patches:  # zoom: the rest of the N patches inside the region of the most telling one
+            assert model.mil is not None
+            if inference:  # these n1 features are final: embedded once, not again with the rest
+                first = embed_patches(model, tiles, patch_keys(item.slide_path, flat, (d2, d2), size, pds, aug),
+                                      device=device, autocast=autocast)
+                scores = model.mil.score(first)
+            else:
+                scores = scores_without_grad(model, tiles, device, ctx)
+            best = int(owner[int(torch.argmax(scores))])
+            extra = zoom_region(a2[best], cell_idx[owner_t == best], cfg.n_patches - n1,
+                                generator=None if mode == "topk" else generator)
+            if len(extra):
+                more = np.full(len(extra), best)
+                f2, c2 = fine_cells(regions[more], aug.unflip(extra.cpu().numpy(), (r, r)), w1, cfg)
+                p2 = reader.read_groups(item.slide_path, c2, more, size, downsample=pds, workers=workers)
+                owner, flat, centers = np.concatenate([owner, more]), np.concatenate([flat, f2]), np.concatenate([centers, c2])
+                tiles = torch.cat([tiles, aug.images(torch.from_numpy(p2).permute(0, 3, 1, 2))])
+                owner_t = torch.as_tensor(owner, device=a2.device)
+                a2_sel = torch.cat([a2_sel, a2[best, extra]])
         a_cells = a1_k[0][owner_t.to(a1_k.device)] * a2_sel
         if mode == "explore":
             distinct = mil.distinct_patches(tiles).numpy()  # identical patches are embedded and passed once
@@ -260,8 +300,11 @@ def forward_nested(
                                            generator=generator).cpu().numpy()
             owner, flat, centers, tiles = owner[keep], flat[keep], centers[keep], tiles[keep]
             a2_sel, a_cells = a2_sel[keep], a_cells[keep]
-        keys = patch_keys(item.slide_path, flat, (d2, d2), size, pds, aug)
-        feats = embed_patches(model, tiles, keys, device=device, autocast=autocast)
+        skip = 0 if first is None else len(first)
+        keys = patch_keys(item.slide_path, flat[skip:], (d2, d2), size, pds, aug)
+        feats = embed_patches(model, tiles[skip:], keys, device=device, autocast=autocast)
+        if first is not None:
+            feats = torch.cat([first, feats])
         if gated:
             assert model.mil is not None
             z, alpha = model.mil(feats)
