@@ -60,7 +60,13 @@ def code_hash() -> str:
 
 
 def code_version() -> dict[str, Any]:
-    """The commit the numbers were measured at, whether wsiats/ had uncommitted changes, and code_hash()."""
+    """The commit the numbers were measured at, whether wsiats/ had uncommitted changes, and code_hash(), as they
+    stood when this module was imported (the benchmark's start): a commit made while a long run is going does
+    not relabel what it measured."""
+    return dict(_CODE_AT_START)
+
+
+def _code_version() -> dict[str, Any]:
     def git(*cmd: str) -> str | None:
         try:
             out = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10)
@@ -71,6 +77,9 @@ def code_version() -> dict[str, Any]:
     status = git("status", "--porcelain", "--", "wsiats")
     return {"git_commit": git("rev-parse", "HEAD"), "wsiats_uncommitted_changes": bool(status) if status is not None
             else None, "wsiats_source_hash": code_hash()}
+
+
+_CODE_AT_START = _code_version()
 
 
 def prune_stale(cache: Path, prefix: str, keep: Path) -> None:
