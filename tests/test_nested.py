@@ -348,11 +348,11 @@ def test_forward_reads_m_regions_and_n_patches_inside_them(nested_slide: Path, m
 
 
 def test_nested_explore_pass_trains_both_attentions_from_the_candidates(nested_slide: Path) -> None:
-    """Gated pooling, training with candidates: EXPLORE_REGIONS * M regions hold the candidates, the
+    """Gated pooling, training with candidates: candidates / EXPLORE_CELLS regions hold them, the
     train_patches best of them get the gradient pass, and the distillation of a = a1 a2 over the
     candidates reaches the coarse and the fine attention networks (the classifier loss alone reaches
     neither: the gated pooling takes no attention weight)."""
-    from wsiats.nested_pass import EXPLORE_REGIONS
+    from wsiats.nested_pass import EXPLORE_CELLS
 
     cfg = Config(**{**NESTED, "pooling": "gated", "candidates": 40, "train_patches": 12})
     torch.manual_seed(0)
@@ -363,9 +363,9 @@ def test_nested_explore_pass_trains_both_attentions_from_the_candidates(nested_s
         out = forward_batch(model, [SlideBatchItem(nested_slide, view)], cfg=cfg, reader=OpenedSlide(counting),
                             mode="explore", generator=torch.Generator().manual_seed(1))  # type: ignore[arg-type]
     crops, cands = counting.reads
-    assert crops[0] == EXPLORE_REGIONS * cfg.regions and cands[:2] == (40, 16)
+    assert crops[0] == 40 // EXPLORE_CELLS == 10 and cands[:2] == (40, 16)
     picks = out.nested[0]  # type: ignore[index]
-    assert len(set(picks.regions.tolist())) == 16 and bool(view.mask.reshape(-1)[picks.regions].all())
+    assert len(set(picks.regions.tolist())) == 10 and bool(view.mask.reshape(-1)[picks.regions].all())
     assert len(out.indices[0]) == 12 and len(set(out.indices[0].tolist())) == 12  # distinct cells
     assert out.features is not None and out.features[0].shape == (12, 8)
     torch.testing.assert_close(out.sampled_attention[0].detach(),
