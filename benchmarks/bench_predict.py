@@ -7,8 +7,8 @@ once on a small synthetic cohort with the demo settings (`wsiats.demo.DEMO_CONFI
   warm-up, in a fresh process), and peak RSS (VmHWM of a fresh process that loads the model
   and predicts that one slide), on the large slide and on a ~0.15-gigapixel one;
 - the floor: the same work as direct calls with no framework around them (open, read_view,
-  tissue_mask, attention_net, smooth_attention + sample, read_patches, feature_net,
-  expectation, classifier), timed the same way, interleaved with the predict runs;
+  tissue_mask, attention_net on the view's tissue tiles (`OnTissue`, as predict), smooth_attention +
+  sample, read_patches, feature_net, expectation, classifier), timed the same way, interleaved with the predict runs;
 - dense read: every tissue tile (a `patch_size` grid at level 0, tissue from the view's mask)
   read with the same reader at the same patch size; also the decode-once bound (every file
   tile that holds tissue decoded exactly once);
@@ -73,6 +73,7 @@ def floor_pass(path: Path, model: Any, cfg: Any, *, workers: int, seed: int) -> 
 
     from wsiats import sampling
     from wsiats.data import seeded_generator
+    from wsiats.models import OnTissue
     from wsiats.slide import open_slide
     from wsiats.tissue import tissue_mask
     from wsiats.view import cell_centers, patch_downsample, view_downsample
@@ -95,7 +96,7 @@ def floor_pass(path: Path, model: Any, cfg: Any, *, workers: int, seed: int) -> 
             mask = tissue_mask(view.image)
             lap("tissue_mask")
             image = torch.from_numpy(view.image).permute(2, 0, 1)[None]
-            logits = model.attention_net(image)
+            logits = OnTissue(model.attention_net, torch.from_numpy(mask))(image)  # as predict: on tissue tiles only
             lap("attention_net")
             att = sampling.smooth_attention(logits, mask=torch.from_numpy(mask).reshape(1, -1), eps=cfg.attention_eps)
             idx, a_k = sampling.sample(att, cfg.n_patches, cfg.replace, generator=seeded_generator(seed, 0))

@@ -583,3 +583,31 @@ class TestCuda:
                 full.model.to("cpu")
         np.testing.assert_array_equal(gpu.indices[0], cpu.indices[0])
         torch.testing.assert_close(gpu.logits.cpu(), cpu.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_inference_attention_runs_on_the_tissue_tiles_and_equals_the_whole_views(tmp_path: Path) -> None:
+    """Without gradient the attention network runs only on the view's tiles that hold tissue (`OnTissue`), and
+    the pass's attention is the whole view's (`attention_map`) to float rounding."""
+    from wsiats.forward import attention_map
+    from wsiats.models import AttentionNet
+    from wsiats.reader import OpenedSlide
+
+    path = tmp_path / "s.tif"
+    _slides.write_generic_pyramid(path, _slides.tissue_image(1024, 1024, seed=2), n_levels=2, tile=128)
+    cfg = _cfg(view_downsample=8.0, n_patches=4, pooling="ats", candidates=0)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    tiles: list[int] = []
+    unpadded = model.attention_net.unpadded
+    model.attention_net.unpadded = lambda x: tiles.append(len(x)) or unpadded(x)  # type: ignore[method-assign]
+    with open_slide(path) as slide:
+        view = prepare_view(slide, cfg)
+        view.mask = np.zeros(view.image.shape[:2], dtype=bool)
+        view.mask[40:70, 50:90] = True  # a blob of tissue: 7% of the 128^2 view
+        with torch.no_grad():
+            out = forward_batch(model, [SlideBatchItem(path, view)], cfg=cfg, reader=OpenedSlide(slide), mode="topk")
+    assert tiles  # the blob's inner tiles took the unpadded path
+    whole = attention_map(model, view, cfg)
+    assert isinstance(model.attention_net, AttentionNet)
+    np.testing.assert_allclose(out.attention[0].reshape(whole.shape).numpy(), whole, rtol=1e-5, atol=1e-9)
+    assert bool(view.mask.reshape(-1)[out.indices[0]].all())

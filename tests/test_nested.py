@@ -228,7 +228,8 @@ from wsiats.config import Config  # noqa: E402
 from wsiats.errors import ConfigError  # noqa: E402
 from wsiats.forward import SlideBatchItem, forward_batch  # noqa: E402
 from wsiats.models import AttentionNet  # noqa: E402
-from wsiats.nested_pass import HALO, OnTissue, fine_cells, region_centers  # noqa: E402
+from wsiats.models import OnTissue  # noqa: E402
+from wsiats.nested_pass import HALO, fine_cells, region_centers  # noqa: E402
 from wsiats.reader import OpenedSlide
 from wsiats.slide import open_slide  # noqa: E402
 from wsiats.view import Augment, prepare_view

@@ -20,7 +20,7 @@ from torch import Tensor
 from wsiats import mil, sampling
 from wsiats.config import Config
 from wsiats.embed_cache import PatchKey, embed_patches, patch_keys
-from wsiats.models import ATSModel
+from wsiats.models import ATSModel, AttentionNet, OnTissue
 from wsiats.reader import PatchReader
 from wsiats.view import Augment, PreparedView, cell_centers, patch_boxes
 
@@ -103,7 +103,10 @@ def forward_batch(
     for item in items:
         view = item.view
         h, w = view.image.shape[:2]
-        mask, att = view_attention(model.attention_net, item, cfg, device=device, autocast=ctx)
+        net: torch.nn.Module | None = model.attention_net
+        if isinstance(net, AttentionNet) and not torch.is_grad_enabled():  # inference: the logits on tissue tiles only
+            net = OnTissue(model.attention_net, item.augment.maps(torch.from_numpy(view.mask)))
+        mask, att = view_attention(net, item, cfg, device=device, autocast=ctx)
         n = min(cfg.n_patches, int((att > 0).sum()))
         size, pds = cfg.patch_size, reader.patch_downsample(item.slide_path, cfg)
 

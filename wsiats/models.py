@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -316,6 +317,70 @@ def load_weights(module: nn.Module, path: str | Path, *, prefix: str = "") -> No
 
 def _shape(t: Tensor) -> str:
     return "x".join(map(str, t.shape)) or "scalar"
+
+
+class OnTissue(torch.nn.Module):
+    """An `AttentionNet` run only on the tiles of its view that hold a cell of `mask`; logits elsewhere are 0.
+
+    The attention is zero off the tissue mask whatever the logits there (`sampling.smooth_attention`), and the
+    network over the whole view is the largest stage of predict: on the 2-gigapixel benchmark slide (a 1438^2
+    view, 29% tissue) 0.43 s against 0.13 s on its tissue tiles (same process, loaded machine); on the
+    20-gigapixel nested benchmark slide's 552^2 coarse view (14% tissue) likewise. Each tile
+    is cut with a halo of half the receptive field, clipped at the view's border (where the network's own
+    replicate padding then applies, as on the whole view), so a tile's logits are the whole view's (to float
+    rounding). The tile side is whichever of `SIDES` decodes the fewest pixels for this mask; the whole view is
+    run at once when that saves less than a fifth. Inference only: with gradients use the network itself.
+    """
+
+    SIDES = (8, 16, 32, 64)
+
+    def __init__(self, net: AttentionNet, mask: Tensor) -> None:
+        super().__init__()
+        self.net, self.mask = net, mask.bool().cpu().numpy()
+
+    def forward(self, view: Tensor) -> Tensor:
+        """view [1, 3, h, w] -> logits [1, h * w]."""
+        h, w = view.shape[-2:]
+        if view.shape[0] != 1 or self.mask.shape != (h, w) or not self.mask.any():
+            return self.net(view)
+        halo = self.net.receptive_field // 2
+        side, tiles = min(((t, self._tiles(t)) for t in self.SIDES),
+                          key=lambda st: self._cost(st[1], st[0], halo, h, w))
+        if self._cost(tiles, side, halo, h, w) > 0.8 * h * w:
+            return self.net(view)
+        # tiles whose halo lies inside the view run with unpadded convolutions (`AttentionNet.unpadded`)
+        groups: dict[tuple[bool, int, int], list[tuple[int, int, int, int, int, int]]] = {}
+        for ty, tx in tiles:
+            y0, x0, y1, x1 = ty * side, tx * side, min(h, (ty + 1) * side), min(w, (tx + 1) * side)
+            lo_y, lo_x, hi_y, hi_x = max(0, y0 - halo), max(0, x0 - halo), min(h, y1 + halo), min(w, x1 + halo)
+            inside = (lo_y, lo_x, hi_y, hi_x) == (y0 - halo, x0 - halo, y1 + halo, x1 + halo)
+            groups.setdefault((inside, hi_y - lo_y, hi_x - lo_x), []).append((y0, x0, y1, x1, lo_y, lo_x))
+        out: Tensor | None = None
+        for (inside, ch, cw), boxes in groups.items():
+            crops = torch.stack([view[0, :, ly: ly + ch, lx: lx + cw] for _, _, _, _, ly, lx in boxes])
+            if inside:  # [n, side, side]: the crops' centres, at offset `halo`
+                logits, at = self.net.unpadded(crops), halo
+            else:
+                logits, at = self.net(crops).reshape(len(boxes), ch, cw), 0
+            if out is None:
+                out = logits.new_zeros((h, w))
+            for (y0, x0, y1, x1, ly, lx), tile in zip(boxes, logits):
+                oy, ox = y0 - ly - at, x0 - lx - at
+                out[y0:y1, x0:x1] = tile[oy: oy + y1 - y0, ox: ox + x1 - x0]
+        assert out is not None
+        return out.reshape(1, h * w)
+
+    def _tiles(self, side: int) -> list[tuple[int, int]]:
+        """(row, col) of the tiles of `side` px that hold a cell of the mask."""
+        h, w = self.mask.shape
+        m = np.pad(self.mask, ((0, -h % side), (0, -w % side)))
+        rows, cols = np.nonzero(m.reshape(-(-h // side), side, -(-w // side), side).any(axis=(1, 3)))
+        return list(zip(rows.tolist(), cols.tolist()))
+
+    @staticmethod
+    def _cost(tiles: list[tuple[int, int]], side: int, halo: int, h: int, w: int) -> int:
+        """View pixels the network runs on for these tiles (halos included)."""
+        return len(tiles) * min(h, side + 2 * halo) * min(w, side + 2 * halo)
 
 
 class ATSModel(nn.Module):
