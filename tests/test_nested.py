@@ -364,9 +364,9 @@ def test_nested_explore_pass_trains_both_attentions_from_the_candidates(nested_s
         out = forward_batch(model, [SlideBatchItem(nested_slide, view)], cfg=cfg, reader=OpenedSlide(counting),
                             mode="explore", generator=torch.Generator().manual_seed(1))  # type: ignore[arg-type]
     crops, cands = counting.reads
-    assert crops[0] == 40 // EXPLORE_CELLS == 10 and cands[:2] == (40, 16)
+    assert crops[0] == max(4, 40 // EXPLORE_CELLS) and cands[:2] == (40, 16)
     picks = out.nested[0]  # type: ignore[index]
-    assert len(set(picks.regions.tolist())) == 10 and bool(view.mask.reshape(-1)[picks.regions].all())
+    assert len(set(picks.regions.tolist())) == crops[0] and bool(view.mask.reshape(-1)[picks.regions].all())
     assert len(out.indices[0]) == 12 and len(set(out.indices[0].tolist())) == 12  # distinct cells
     assert out.features is not None and out.features[0].shape == (12, 8)
     torch.testing.assert_close(out.sampled_attention[0].detach(),
@@ -376,6 +376,28 @@ def test_nested_explore_pass_trains_both_attentions_from_the_candidates(nested_s
     for net in (model.coarse_net, model.attention_net):
         assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in net.parameters())  # type: ignore[union-attr]
     assert all(p.grad is None for p in model.feature_net.parameters())  # the scores are taken without gradient
+
+
+def test_explore_cells_give_a_rare_look_its_colour_groups_share() -> None:
+    """Two regions of 4 x 4 cells under uniform fine attention, one red cell among grey ones: with rho 0.5 the
+    first candidate is the red cell with probability 0.5 / 32 + 0.5 / 2 (two colour groups, equal mass), and
+    the k candidates are distinct cells of the regions."""
+    from wsiats.nested_pass import explore_cells
+
+    side = 4 + 2 * HALO
+    crops = torch.full((2, 3, side, side), 128, dtype=torch.uint8)
+    crops[1, :, HALO + 2, HALO + 1] = torch.tensor([200, 30, 30], dtype=torch.uint8)  # cell 2 * 4 + 1 of region 1
+    a2 = torch.full((2, 16), 1 / 16)
+    gen = torch.Generator().manual_seed(0)
+    draws = 4000
+    hits = 0
+    for _ in range(draws):
+        region, cell = explore_cells(a2, crops, 1, 0.5, generator=gen)
+        hits += int(region[0]) == 1 and int(cell[0]) == 9
+    p = 0.5 / 32 + 0.5 / 2
+    assert abs(hits / draws - p) < 4 * (p * (1 - p) / draws) ** 0.5
+    region, cell = explore_cells(a2, crops, 20, 0.5, generator=gen)
+    assert len(set(zip(region.tolist(), cell.tolist()))) == 20 and set(region.tolist()) <= {0, 1}
 
 
 @pytest.mark.parametrize("mode", ["sample", "topk"])

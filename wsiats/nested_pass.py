@@ -105,10 +105,26 @@ def zoom_region(cell_attention: Tensor, taken: Tensor, n: int, *, generator: tor
     return sampling.sample((weights / weights.sum())[None], k, False, generator=generator)[0][0]
 
 
-#: Training with candidates: candidate cells per region drawn (`Config.candidates` / this regions a slide, at
-#: least `Config.regions`). Few cells in many regions: on the needle cohort 32 regions of 8 cells found the
-#: 1-2 tumour regions of a slide too rarely (val AUC 0.62-0.75 after 30 epochs, one level 1.0 by epoch 10).
-EXPLORE_CELLS = 4
+def explore_cells(cell_attention: Tensor, crops: Tensor, n: int, rho: float, *,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Training candidates over the cells of M drawn regions: (region [k], cell [k]) of k = min(n, allowed)
+    cells drawn jointly without replacement from q = (1 - rho) a2 / M + rho u, u equal mass per colour
+    group of the regions' cells (`mil.exploration_prior` over the crops' interiors, as one level has it over
+    the view), a2 [M, C] the fine attention, crops [M, 3, s, s] uint8. A rare look (a few tumour cells
+    among many of tissue) gets as much of the exploration as a common one, wherever it lies."""
+    m, c = cell_attention.shape
+    r = int(round(c ** 0.5))
+    inner = crops[:, :, HALO: HALO + r, HALO: HALO + r].permute(0, 2, 3, 1).reshape(m * r, r, 3)
+    allowed = (cell_attention.detach() > 0).reshape(m * r, r).cpu().numpy()
+    u = torch.from_numpy(mil.exploration_prior(inner.cpu().numpy(), allowed)).reshape(1, m * c)
+    joint = cell_attention.detach().reshape(1, m * c) / m
+    q = mil.exploration_mixture(joint, joint > 0, rho, explore=u.to(joint.device))
+    pick, _ = sampling.sample(q, min(n, int((q > 0).sum())), False, generator=generator)
+    return pick[0] // c, pick[0] % c
+
+
+#: Training with candidates: regions drawn a slide, as `Config.candidates` / this (at least `Config.regions`).
+EXPLORE_CELLS = 8
 
 
 def forward_nested(
@@ -132,10 +148,10 @@ def forward_nested(
     fine attention of the region that holds the patch with the highest instance score (`zoom_region`),
     as one level zooms around its best patch. 'explore' (training, gated
     pooling, `cfg.candidates` > 0), the one-level explore pass over two levels: max(`cfg.regions`,
-    `cfg.candidates` // EXPLORE_CELLS) regions drawn without replacement from q1 = (1 - explore) a1 + explore u1 (u1 the
-    coarse view's exploration distribution), in each region cells drawn without replacement from
-    q2 = (1 - explore) a2 + explore u2 (u2 uniform over the region's tissue cells), `cfg.candidates`
-    of them in all; the distinct ones embedded without gradient, max(N, `cfg.train_patches`) of the
+    `cfg.candidates` // EXPLORE_CELLS) regions drawn without replacement from q1 = (1 - explore) a1 +
+    explore u1 (u1 the coarse view's exploration distribution), then `cfg.candidates` of their cells
+    drawn jointly without replacement (`explore_cells`: a2 mixed with equal mass per colour group of
+    the regions' cells); the distinct ones embedded without gradient, max(N, `cfg.train_patches`) of the
     highest instance scores embedded again with gradient and pooled. Both attention networks learn
     from `ForwardResult.distill`, the cross-entropy of a(i) = a1(r(i)) a2(i | r(i)) over the candidates
     against those with the best instance scores (`mil.distillation_loss`), so log a1 and log a2 get
@@ -188,21 +204,19 @@ def forward_nested(
             fine = fine[:, HALO: HALO + r, HALO: HALO + r].reshape(m, r * r)
             a2 = sampling.smooth_attention(fine, mask=allowed, eps=cfg.attention_eps)
         if mode == "explore":
-            q2 = mil.exploration_mixture(a2.detach(), a2.detach() > 0, cfg.explore)
-            caps = [int(c) for c in (q2 > 0).sum(dim=1)]
-            counts = nested.allocate(max(m, min(int(cfg.candidates or 0), sum(caps))), caps)
-            cells = nested.sample_cells(q2, counts, False, generator)
+            owner_t, cell_idx = explore_cells(a2, crops_t, int(cfg.candidates or 0), cfg.explore, generator=generator)
             big = torch.full((m,), 1.0 / m, device=a1.device)  # the entropy's region weights: a plain mean
+            cells: list[tuple[Tensor, Tensor]] = []
         else:
             caps = [cfg.n_patches] * m if replace else [int(c) for c in (a2 > 0).sum(dim=1)]
             counts = nested.allocate(n1, caps)
             cells = nested.topk_cells(a2, counts) if mode == "topk" else nested.sample_cells(a2, counts, replace, generator)
             big = nested.region_weights(a1_k[0], replace)
-        cell_idx = torch.cat([c for c, _ in cells])
-        owner = np.repeat(np.arange(m), counts)
-        owner_t = torch.as_tensor(owner, device=a2.device)
-        a2_sel = a2[owner_t, cell_idx]  # a2(i | r(i)) of each drawn cell, with gradient (not q2 for 'explore')
-        local = np.concatenate([aug.unflip(c.cpu().numpy(), (r, r)) for c, _ in cells])
+            cell_idx = torch.cat([c for c, _ in cells])
+            owner_t = torch.as_tensor(np.repeat(np.arange(m), counts), device=a2.device)
+        owner = owner_t.cpu().numpy()
+        a2_sel = a2[owner_t, cell_idx]  # a2(i | r(i)) of each drawn cell, with gradient (not q for 'explore')
+        local = aug.unflip(cell_idx.cpu().numpy(), (r, r))
         flat, centers = fine_cells(regions[owner], local, w1, cfg)
         size, pds = cfg.patch_size, reader.patch_downsample(item.slide_path, cfg)
         pixels = reader.read_groups(item.slide_path, centers, owner, size, downsample=pds, workers=workers)  # a read a region
