@@ -229,7 +229,7 @@ from wsiats.errors import ConfigError  # noqa: E402
 from wsiats.forward import SlideBatchItem, forward_batch  # noqa: E402
 from wsiats.models import AttentionNet  # noqa: E402
 from wsiats.models import OnTissue  # noqa: E402
-from wsiats.nested_pass import HALO, fine_cells, region_centers  # noqa: E402
+from wsiats.nested_pass import GATED_REGIONS, HALO, fine_cells, region_centers  # noqa: E402
 from wsiats.reader import OpenedSlide
 from wsiats.slide import open_slide  # noqa: E402
 from wsiats.view import Augment, prepare_view
@@ -349,12 +349,10 @@ def test_forward_reads_m_regions_and_n_patches_inside_them(nested_slide: Path, m
 
 
 def test_nested_explore_pass_trains_both_attentions_from_the_candidates(nested_slide: Path) -> None:
-    """Gated pooling, training with candidates: candidates / EXPLORE_CELLS regions hold them, the
+    """Gated pooling, training with candidates: GATED_REGIONS * M regions hold them, the
     train_patches best of them get the gradient pass, and the distillation of a = a1 a2 over the
     candidates reaches the coarse and the fine attention networks (the classifier loss alone reaches
     neither: the gated pooling takes no attention weight)."""
-    from wsiats.nested_pass import EXPLORE_CELLS
-
     cfg = Config(**{**NESTED, "pooling": "gated", "candidates": 40, "train_patches": 12})
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -364,7 +362,7 @@ def test_nested_explore_pass_trains_both_attentions_from_the_candidates(nested_s
         out = forward_batch(model, [SlideBatchItem(nested_slide, view)], cfg=cfg, reader=OpenedSlide(counting),
                             mode="explore", generator=torch.Generator().manual_seed(1))  # type: ignore[arg-type]
     crops, cands = counting.reads
-    assert crops[0] == max(4, 40 // EXPLORE_CELLS) and cands[:2] == (40, 16)
+    assert crops[0] == GATED_REGIONS * 4 and cands[:2] == (40, 16)
     picks = out.nested[0]  # type: ignore[index]
     assert len(set(picks.regions.tolist())) == crops[0] and bool(view.mask.reshape(-1)[picks.regions].all())
     assert len(out.indices[0]) == 12 and len(set(out.indices[0].tolist())) == 12  # distinct cells
@@ -409,15 +407,19 @@ def test_nested_gated_inference_pools_n_patches_of_m_regions(nested_slide: Path,
         counting = CountingSlide(slide)
         out = forward_batch(model, [SlideBatchItem(nested_slide, view)], cfg=cfg, reader=OpenedSlide(counting),
                             mode=mode, generator=torch.Generator().manual_seed(1))  # type: ignore[arg-type]
-    assert counting.reads == [(4, 8 + 2 * HALO, 4.0), (8, 16, 1.0)]  # no zoom: M crops, then N patches
-    assert out.distill is None and np.bincount(out.nested[0].patch_region).tolist() == [2, 2, 2, 2]  # type: ignore[index]
+    assert counting.reads == [(16, 8 + 2 * HALO, 4.0), (8, 16, 1.0)]  # no zoom: 4M crops, then N patches
+    assert out.distill is None and len(set(out.indices[0].tolist())) == 8
     assert float(out.weights[0].sum()) == pytest.approx(1.0)  # the gated head's weights
+    a = out.sampled_attention[0]
+    picks = out.nested[0]  # type: ignore[index]
+    torch.testing.assert_close(a, picks.region_attention[picks.patch_region] * picks.cell_attention)
+
 
 
 @pytest.mark.parametrize("mode", ["sample", "topk"])
 def test_nested_zoom_takes_the_rest_inside_the_best_patchs_region(nested_slide: Path, mode: str) -> None:
-    """zoom 0.625 of N = 8: 3 patches over 3 regions, embedded once, then 5 more cells of the region whose
-    patch the MIL head scores highest (distinct from its first one), pooled with the first 3."""
+    """zoom 0.625 of N = 8: 3 patches among the 4M regions read, embedded once, then 5 more cells of the region
+    whose patch the MIL head scores highest (distinct from its first ones), pooled with the first 3."""
     cfg = Config(**{**NESTED, "pooling": "gated", "zoom": 0.625})
     torch.manual_seed(0)
     model = build_model(cfg).eval()
@@ -433,13 +435,40 @@ def test_nested_zoom_takes_the_rest_inside_the_best_patchs_region(nested_slide: 
         counting = CountingSlide(slide)
         out = forward_batch(model, [SlideBatchItem(nested_slide, view)], cfg=cfg, reader=OpenedSlide(counting),
                             mode=mode, generator=torch.Generator().manual_seed(1))  # type: ignore[arg-type]
-    assert counting.reads == [(3, 8 + 2 * HALO, 4.0), (3, 16, 1.0), (5, 16, 1.0)]
+    assert counting.reads == [(16, 8 + 2 * HALO, 4.0), (3, 16, 1.0), (5, 16, 1.0)]
     assert calls == [3, 5]  # each patch embedded once
     picks = out.nested[0]  # type: ignore[index]
     owner = picks.patch_region
-    assert len(owner) == 8 and sorted(owner[:3].tolist()) == [0, 1, 2] and len(set(owner[3:].tolist())) == 1
+    assert len(owner) == 8 and len(set(owner[3:].tolist())) == 1
     assert owner[3] == owner[int(torch.argmax(scores[0]))] and len(set(out.indices[0].tolist())) == 8
     torch.testing.assert_close(out.sampled_attention[0], picks.region_attention[owner] * picks.cell_attention)
+
+
+def test_gated_scores_follow_a1_under_uniform_fine_attention() -> None:
+    """A region of the tissue's edge (2 allowed cells) does not outrank a full one (4) of the same a1 just because
+    its a2 is spread over fewer cells; within a region the scores follow a2."""
+    from wsiats.nested_pass import gated_scores
+
+    a1 = torch.tensor([0.5, 0.3, 0.2])
+    a2 = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    s = gated_scores(a1, a2)
+    torch.testing.assert_close(s[0], torch.full((4,), 0.5))
+    torch.testing.assert_close(s[1], torch.tensor([0.3, 0.3, 0.0, 0.0]))
+    torch.testing.assert_close(s[2], 0.2 * 4 * a2[2])
+
+
+def test_nested_zoom_fills_from_other_regions_when_the_best_is_short_of_cells(nested_slide: Path) -> None:
+    """Regions of 2 x 2 cells, zoom 0.9 of N = 8: one patch, then the 3 other cells of its region and 4 more from
+    the other regions read: still 8 distinct patches."""
+    cfg = Config(**{**NESTED, "pooling": "gated", "coarse_downsample": 8.0, "zoom": 0.9})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with open_slide(nested_slide) as slide, torch.no_grad():
+        view = prepare_view(slide, cfg)
+        out = forward_batch(model, [SlideBatchItem(nested_slide, view)], cfg=cfg, reader=OpenedSlide(slide),
+                            mode="topk")
+    owner = out.nested[0].patch_region  # type: ignore[index]
+    assert len(set(out.indices[0].tolist())) == 8 and int((owner == owner[0]).sum()) == 4
 
 
 @pytest.mark.parametrize("downsample", [1.0, 2.0, 3.0])
@@ -499,7 +528,8 @@ def test_train_and_predict_nested_through_the_cli(tmp_path: Path, pooling: list[
     out = tmp_path / "pred.json"
     invoke("predict", tmp_path / "slides", "--model", run, "--out", out, "-q")
     slides = json.loads(out.read_text())["slides"]
-    assert len(slides) == 4 and all(s["error"] == "" and len(s["regions"]) == 2 and len(s["patches"]) == 4
+    read = 2 if "ats" in pooling else 2 * GATED_REGIONS  # gated pooling reads 4M regions and picks among them
+    assert len(slides) == 4 and all(s["error"] == "" and len(s["regions"]) == read and len(s["patches"]) == 4
                                     for s in slides)
 
 
