@@ -457,6 +457,25 @@ def test_gated_scores_follow_a1_under_uniform_fine_attention() -> None:
     torch.testing.assert_close(s[2], 0.2 * 4 * a2[2])
 
 
+def test_spread_pick_takes_one_cell_a_region_first() -> None:
+    """The three highest cells lie in region 0; the first stage takes the best cell of each of the 3 best regions
+    instead, then (n > M) the best of what is left; drawn, the first M cells are in distinct regions too, and
+    every pick is distinct and has a non-zero score."""
+    from wsiats.nested_pass import spread_pick
+
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.0], [0.5, 0.1, 0.0, 0.0], [0.0, 0.2, 0.3, 0.0]])
+    regions, cells = spread_pick(scores, 3)
+    assert list(zip(regions.tolist(), cells.tolist())) == [(0, 0), (1, 0), (2, 2)]
+    regions, cells = spread_pick(scores, 5)
+    assert list(zip(regions.tolist(), cells.tolist()))[3:] == [(0, 1), (0, 2)]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        regions, cells = spread_pick(scores, 6, generator=gen)
+        pairs = list(zip(regions.tolist(), cells.tolist()))
+        assert sorted(regions[:3].tolist()) == [0, 1, 2] and len(set(pairs)) == 6
+        assert all(float(scores[r, c]) > 0 for r, c in pairs)
+
+
 def test_nested_zoom_fills_from_other_regions_when_the_best_is_short_of_cells(nested_slide: Path) -> None:
     """Regions of 2 x 2 cells, zoom 0.9 of N = 8: one patch, then the 3 other cells of its region and 4 more from
     the other regions read: still 8 distinct patches."""

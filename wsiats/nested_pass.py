@@ -112,6 +112,32 @@ def _pick(scores: Tensor, n: int, *, generator: torch.Generator | None) -> tuple
     return pick[0] // scores.shape[1], pick[0] % scores.shape[1]
 
 
+def spread_pick(scores: Tensor, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """(region [k], cell [k]) of k = min(n, non-zero) cells of scores [M, C], one a region first: the best cell of
+    each of the n regions with the highest best cells (with a generator: n regions drawn without replacement in
+    proportion to their summed scores, a cell of each drawn in proportion to its score), then, when n > M, the
+    rest by `_pick`. A region is a few patch widths across, so the first stage covers n distinct places, as one
+    level's `spread_cells` does: the highest cells lie together in the region of highest a1, and a lone
+    informative region among same-looking decoys was missed when they took all of the first stage."""
+    best, cells = scores.max(dim=1)
+    live = int((best > 0).sum())
+    k = min(n, live)
+    if generator is None:
+        regions = torch.argsort(best, descending=True, stable=True)[:k]
+        cell = cells[regions]
+    else:
+        mass = scores.sum(dim=1)
+        regions = sampling.sample((mass / mass.sum())[None], k, False, generator=generator)[0][0] if k else cells[:0]
+        rows = scores[regions]
+        cell = torch.multinomial(rows / rows.sum(dim=1, keepdim=True), 1, generator=generator)[:, 0] if k else cells[:0]
+    if n > k:
+        rest = scores.clone()
+        rest[regions, cell] = 0.0
+        o2, c2 = _pick(rest, n - k, generator=generator)
+        regions, cell = torch.cat([regions, o2]), torch.cat([cell, c2])
+    return regions, cell
+
+
 def zoom_region(cell_attention: Tensor, taken: Tensor, n: int, *, generator: torch.Generator | None = None) -> Tensor:
     """Up to n more cells [k] of one region, none in `taken`: drawn without replacement from its fine
     attention a2 [C] (the highest cells without a generator: deterministic)."""
@@ -167,8 +193,7 @@ def forward_nested(
     levels, deterministic. With `cfg.pooling` 'ats' the patches are pooled by the unbiased nested
     estimator (M = `cfg.regions` regions, N // M patches each), with 'gated' by the gated attention MIL
     head: GATED_REGIONS * M regions are read (drawn from a1 without replacement, or the highest), and
-    the patches are the cells of highest `gated_scores` among theirs (or drawn from them, without
-    replacement); with `cfg.zoom` > 0 only n1 = N - round(zoom N) of them, and the rest from the fine
+    the patches are cells of high `gated_scores` among theirs, one a region first (`spread_pick`); with `cfg.zoom` > 0 only n1 = N - round(zoom N) of them, and the rest from the fine
     attention of the region that holds the patch with the highest instance score (`zoom_region`), as
     one level zooms around its best patch. 'explore' (training, gated
     pooling, `cfg.candidates` > 0), the one-level explore pass over two levels: GATED_REGIONS *
@@ -236,7 +261,7 @@ def forward_nested(
             big = torch.full((m,), 1.0 / m, device=a1.device)  # the entropy's region weights: a plain mean
         elif gated:  # the n1 cells of highest (or drawn from) `gated_scores` among the read regions' cells
             joint = gated_scores(a1_k[0], a2)
-            owner_t, cell_idx = _pick(joint, n1, generator=None if mode == "topk" else generator)
+            owner_t, cell_idx = spread_pick(joint, n1, generator=None if mode == "topk" else generator)
             big = nested.region_weights(a1_k[0], False)
         else:
             caps = [cfg.n_patches] * m if replace else [int(c) for c in (a2 > 0).sum(dim=1)]
