@@ -457,6 +457,21 @@ def test_gated_scores_follow_a1_under_uniform_fine_attention() -> None:
     torch.testing.assert_close(s[2], 0.2 * 4 * a2[2])
 
 
+def test_region_distillation_raises_a1_where_the_best_candidate_lies() -> None:
+    """Three drawn regions, candidates in regions 0 and 2 only; the best score is in region 2: descent on the loss
+    raises a1 there and lowers it at region 0; region 1 (no candidate) takes no part."""
+    from wsiats.nested_pass import region_distillation
+
+    logits = torch.zeros(3, requires_grad=True)
+    a1 = torch.softmax(logits, 0)
+    owner = torch.tensor([0, 0, 2, 2])
+    scores = torch.tensor([0.1, -0.3, 2.0, 0.5])
+    region_distillation(a1, owner, scores, top=1).backward()
+    assert logits.grad is not None
+    g = logits.grad
+    assert float(g[2]) < 0 < float(g[0]) and abs(float(g[1])) < 1e-7
+
+
 def test_spread_pick_takes_one_cell_a_region_first() -> None:
     """The three highest cells lie in region 0; the first stage takes the best cell of each of the 3 best regions
     instead, then (n > M) the best of what is left; drawn, the first M cells are in distinct regions too, and
