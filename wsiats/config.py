@@ -77,7 +77,7 @@ class SamplingConfig:
     coarse_downsample: float = 256.0
     """With --nested: level-0 pixels per pixel of the coarse view; each pixel is a region of (coarse_downsample / view_downsample)^2 fine cells."""
     regions: int = 8
-    """With --nested: regions picked per slide (M); the N patches are split over them."""
+    """With --nested: regions picked per slide (M); with --pooling ats the N patches are split over them, with gated pooling 4M regions are read and the patches go to the best of their cells."""
 
 
 @dataclass
