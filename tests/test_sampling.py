@@ -351,8 +351,9 @@ def test_sample_raises_when_n_exceeds_nonzero_locations() -> None:
         sample(att, 0, False)
     with pytest.raises(ValueError, match=r"\[B, K\]"):
         sample(att[0], 2, False)
-    with pytest.raises(ValueError, match="non-negative"):
-        sample(torch.tensor([[0.5, -0.1, 0.6]]), 1, False)
+    for bad in (-0.1, math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="finite and non-negative"):
+            sample(torch.tensor([[0.5, bad, 0.6]]), 1, False)
 
 
 @pytest.mark.parametrize("replace", [False, True])

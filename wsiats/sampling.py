@@ -174,8 +174,10 @@ def _check_attention(attention: Tensor, n: int, *, distinct: bool) -> None:
     if n < 1:
         raise ValueError(f"the number of locations to pick must be >= 1, got {n}")
     a = attention.detach()
-    if not bool(torch.isfinite(a).all()) or bool((a < 0).any()):
-        raise ValueError("attention must be finite and non-negative")
+    if a.numel():  # one pass for both checks: a NaN or an infinity shows in the minimum or the maximum
+        lo, hi = torch.aminmax(a)
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)) and float(lo) >= 0):
+            raise ValueError("attention must be finite and non-negative")
     nonzero = (a > 0).sum(dim=-1)
     need = n if distinct else 1
     short = torch.nonzero(nonzero < need).flatten()
