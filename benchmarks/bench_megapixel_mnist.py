@@ -97,6 +97,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "ats_10_instance": {"n_patches": 10, "instance_weight": 1.0, "select_random": 0.5},
     # features not unit-norm, feature lr 3e-3, head at 1x: what learned simulated bags (bench_mnist_bags.py)
     "ats_10_raw": {"n_patches": 10, "feature_norm": "none", "lr": 3e-3, "head_lr_scale": 1.0},
+    # the random half of the gradient pass alone (it did the needle cohort no harm: bench_needles select_random)
+    "ats_10_select_random": {"n_patches": 10, "select_random": 0.5},
     # lower learning rates: the default left chance only where its cosine schedule had fallen to ~0.1x
     "ats_10_lr3e-4": {"n_patches": 10, "lr": 3e-4},
     "ats_10_lr1e-4": {"n_patches": 10, "lr": 1e-4},

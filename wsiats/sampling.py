@@ -52,6 +52,14 @@ Which estimator wsiats uses (`Config.pooling`):
   - Inference reads N patches: N - round(zoom N) cells drawn without replacement from a and kept
     at least `SPREAD_PATCHES` patch widths apart (`wsiats.forward.spread_cells`), the rest drawn without replacement from a restricted to the square around the cell
     whose patch has the highest instance score (`wsiats.forward.zoom_cells`), all N pooled.
+- `nested: true` (`wsiats.nested`, `wsiats.nested_pass`): with `pooling: ats` the two-level estimator
+  of `wsiats.nested.expectation`, unbiased for sum_i a1(r(i)) a2(i | r(i)) f_i with unbiased gradients
+  for both attention networks and the features (derivation in that module, exact enumeration in
+  tests/test_nested.py). With `pooling: gated` the same gated pooling as above, no unbiasedness claim:
+  the candidates are drawn over two levels (regions from a1 mixed with exploration, then cells of those
+  regions jointly from a2 mixed with equal mass per colour group: `wsiats.nested_pass.explore_cells`,
+  its law tested by frequency), and inference takes its patches among the cells of 4M regions
+  (`wsiats.nested_pass.spread_pick`, `zoom_region`).
 """
 
 from __future__ import annotations
