@@ -253,6 +253,7 @@ def test_config_of_nested_sampling() -> None:
         Config(**{**NESTED, "coarse_downsample": 30.0})
     with pytest.raises(ConfigError, match="at most n_patches"):
         Config(**{**NESTED, "regions": 9})
+    assert Config(**{**NESTED, "regions": 9, "pooling": "gated"}).regions == 9  # gated reads 4M, takes N of their cells
 
 
 def test_region_crops_are_the_fine_view_and_give_its_logits(nested_slide: Path) -> None:

@@ -263,7 +263,8 @@ class Config(Runtime, TrainingConfig, ModelConfig, SamplingConfig, ViewConfig):
         ratio = self.coarse_downsample / self.view_downsample
         need(ratio >= 2 and abs(ratio - round(ratio)) < 1e-9, "coarse_downsample",
              f"must be an integer multiple (>= 2) of view_downsample ({self.view_downsample:g}) with --nested")
-        need(self.regions <= self.n_patches, "regions", f"must be at most n_patches ({self.n_patches}): one patch a region at least")
+        need(self.pooling != "ats" or self.regions <= self.n_patches, "regions",
+             f"must be at most n_patches ({self.n_patches}) with --pooling ats: one patch a region at least")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

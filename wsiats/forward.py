@@ -291,7 +291,7 @@ def explore_distribution(item: SlideBatchItem, device: torch.device) -> Tensor |
 
 
 def scores_without_grad(model: ATSModel, tiles: Tensor, device: torch.device,
-                         ctx: Callable[[], AbstractContextManager[Any]]) -> Tensor:
+                        ctx: Callable[[], AbstractContextManager[Any]]) -> Tensor:
     """Instance scores [M] of candidate patches, embedded in eval mode without gradient."""
     assert model.mil is not None
     was_training = model.feature_net.training

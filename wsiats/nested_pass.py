@@ -4,7 +4,8 @@ coarse view -> coarse attention a1 over its pixels (the regions) -> M regions dr
 region's crop of the fine view read lazily from the slide -> fine attention a2 inside it -> N cells
 drawn over the picked regions -> their patches read -> features -> nested estimator -> logits.
 Per slide this reads the coarse view, M crops of (ratio + 2 halo)^2 fine pixels and N patches:
-nothing else of the slide, whatever its area.
+nothing else of the slide, whatever its area. With gated pooling (`forward_nested`) GATED_REGIONS * M
+crops are read and the patches are chosen among their cells, then pooled by the gated MIL head.
 
 Geometry, in level-0 pixels (d1 = `coarse_downsample`, d2 = `view_downsample`, ratio = d1 / d2):
 region (R, C), pixel (R, C) of the coarse view, is the square [C d1, (C + 1) d1) x [R d1, (R + 1) d1)
