@@ -568,10 +568,11 @@ def test_train_and_predict_nested_through_the_cli(tmp_path: Path, pooling: list[
                                     for s in slides)
 
 
-def test_heatmap_of_a_nested_model_shows_regions_and_patches(nested_slide: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pooling", ["ats", "gated"])
+def test_heatmap_of_a_nested_model_shows_regions_and_patches(nested_slide: Path, tmp_path: Path, pooling: str) -> None:
     from wsiats.heatmap import heatmap_slides
 
-    cfg = Config(**NESTED)
+    cfg = Config(**{**NESTED, "pooling": pooling})
     run = tmp_path / "run"
     run.mkdir()
     cfg.save(run / "config.yaml")
