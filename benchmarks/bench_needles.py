@@ -52,7 +52,8 @@ from _common import (  # noqa: E402 - beside this script
 )
 
 HERE = Path(__file__).resolve().parent
-ROWS = ("new_default", "feature_norm_none", "instance_loss", "select_random", "current_default", "nested",
+ROWS = ("new_default", "feature_norm_none", "instance_loss", "select_random", "instance_select_random",
+        "current_default", "nested",
         "nested_default", "u_n", "dense_mil", "view_cnn")
 #: Targets of the issue.
 AUC_TARGET = 0.98
@@ -69,6 +70,8 @@ ATS_ROWS: dict[str, dict[str, Any]] = {
     # features as the small CNN gives them, not unit-norm (Megapixel MNIST bags learn only so: bench_mnist_bags.py)
     "feature_norm_none": {"feature_norm": "none"},
     "select_random": {"select_random": 0.5},
+    # both, as Megapixel MNIST's ats_10_instance row has them
+    "instance_select_random": {"instance_weight": 1.0, "select_random": 0.5},
     # the defaults of wsiats before this benchmark existed
     "current_default": {"pooling": "ats", "candidates": 0, "zoom": 0.0, "n_patches": 10, "lr": 1e-3, "head_lr_scale": 1.0,
                         "batch_size": 8},
