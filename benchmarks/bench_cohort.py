@@ -34,8 +34,9 @@ HERE = Path(__file__).resolve().parent
 #: Rows: `ats` (learned attention, the demo's settings), `uniform` (the paper's U-N), `defaults` (plain
 #: `wsiats train`), and the attention-sampling estimator one-level (`ats_estimator`) against nested
 #: attention sampling (`nested`, issue 16) with the same settings and seed; `nested_defaults` is
-#: `defaults` with nested sampling (gated pooling, candidates in training over two levels).
-METHODS = ("ats", "uniform", "defaults", "ats_estimator", "nested", "nested_defaults")
+#: `defaults` with nested sampling (gated pooling, candidates in training over two levels);
+#: `defaults_select_random` is `defaults` with `--select-random 0.5`.
+METHODS = ("ats", "uniform", "defaults", "ats_estimator", "nested", "nested_defaults", "defaults_select_random")
 
 
 def hit_fraction(preds: list, truth: dict) -> float:
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         results["methods"] = {k: v for k, v in json.loads(args.out.read_text())["methods"].items()
                               if k not in args.methods}
     for name in args.methods:
-        attention = {"uniform": "uniform", "defaults": None, "nested_defaults": None}.get(name, "learned")
+        attention = {"uniform": "uniform", "defaults": None, "nested_defaults": None,
+                     "defaults_select_random": None}.get(name, "learned")
         # The demo's optimisation settings (batch 4, lr 3e-3, 64 px patches, view downsample 32) with
         # more epochs, more patches and wider patches: informative regions cover ~9x less of a 12k slide
         # than of the demo's 4k ones, so the first hits that teach the networks are ~9x rarer.
@@ -99,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides = {"seed": args.seed}
             if name == "nested_defaults":
                 overrides.update(nested=True, coarse_downsample=256.0, regions=8)
+            if name == "defaults_select_random":
+                overrides.update(select_random=0.5)
         if args.smoke:
             overrides.update(patch_size=32, view_downsample=16.0, n_patches=4, batch_size=2, epochs=1)
             if name in ("nested", "nested_defaults"):
