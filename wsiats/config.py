@@ -70,8 +70,8 @@ class SamplingConfig:
     """Training with candidates: how many of them get the gradient pass, highest instance scores first."""
     explore: float = 0.5
     """Training with candidates: share of the candidate distribution that explores (equal mass per colour group of the view) instead of following the attention."""
-    select_random: float = 0.0
-    """Training with candidates: share of the gradient pass's patches drawn at random from the other candidates instead of by instance score (0, the default: the top train_patches, IPS)."""
+    select_random: float = 0.5
+    """Training with candidates: share of the gradient pass's patches drawn at random from the other candidates instead of by instance score (0: the top train_patches, IPS; 0.5, the default: Megapixel MNIST left chance 7 epochs sooner, 0.730 test error against 0.865, with the needle and 12k cohorts unchanged)."""
     nested: bool = False
     """Nested attention sampling: a coarse attention over a --coarse-downsample view picks --regions regions, the attention network over the --view-downsample view inside them picks the N patches; only the picked regions' fine pixels are read (with gated pooling: candidates in training and --zoom inside the best patch's region)."""
     coarse_downsample: float = 256.0

@@ -40,7 +40,7 @@ Which estimator wsiats uses (`Config.pooling`):
     patches (`wsiats.mil.distinct_patches`: byte-equal pixels, e.g. empty background without a
     tissue mask), embeds them without gradient, and pools T = max(N, `train_patches`) of them with gradient: the T - round(`select_random` T)
     with the highest instance scores and the rest drawn uniformly without replacement from the
-    other candidates (`wsiats.mil.select_for_gradient`). With `select_random` 0 (the default) and M -> K (every
+    other candidates (`wsiats.mil.select_for_gradient`; `select_random` 0.5 by default). With `select_random` 0 and M -> K (every
     tissue cell a candidate) this is exactly IPS's objective over the whole view's distinct patches (gated pooling of
     the top-T patches by instance score), whatever the draw: consistent for it, and equal to it
     when M >= K (tested in tests/test_explore.py). The attention network learns
