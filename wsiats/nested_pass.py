@@ -156,12 +156,7 @@ def zoom_region(cell_attention: Tensor, taken: Tensor, n: int, *, generator: tor
     attention a2 [C] (the highest cells without a generator: deterministic)."""
     weights = cell_attention.detach().clone()
     weights[taken] = 0.0
-    k = min(n, int((weights > 0).sum()))
-    if k == 0:
-        return taken[:0]
-    if generator is None:
-        return sampling.topk(weights[None], k)[0][0]
-    return sampling.sample((weights / weights.sum())[None], k, False, generator=generator)[0][0]
+    return _pick(weights[None], n, generator=generator)[1]
 
 
 def explore_cells(cell_attention: Tensor, crops: Tensor, n: int, rho: float, *,
