@@ -247,8 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.smoke:  # the accuracy code path, on a tiny cohort for one epoch
         report["accuracy"] = accuracy(args.cache, n_slides=8, size=512, seeds=[0], epochs=1, n=10)
-    elif args.out.exists() and "accuracy" in (old := json.loads(args.out.read_text())):
-        report["accuracy"] = old["accuracy"]  # measured by an earlier --accuracy run: kept
+    elif args.out.exists():  # measured by earlier --accuracy runs: kept
+        old = json.loads(args.out.read_text())
+        report.update({key: old[key] for key in ("accuracy", "accuracy_defaults") if key in old})
     write(args.out, report)
     return 0
 

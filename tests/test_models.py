@@ -19,6 +19,8 @@ from wsiats.models import (
     ATSModel,
     AttentionNet,
     SmallCNN,
+    Tanh,
+    _normalized_nhwc,
     create_feature_net,
     list_feature_nets,
     load_weights,
@@ -373,3 +375,34 @@ def test_training_in_checkpointed_bands_gives_the_one_shot_gradients() -> None:
     for g, ref in zip(banded_grads, full_grads):
         torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
     assert banded_bytes < full_bytes / 4, (banded_bytes, full_bytes)
+
+
+def test_tanh_is_torch_tanh_with_and_without_gradient() -> None:
+    """`Tanh` (2 sigmoid(2x) - 1) is torch.tanh to float rounding, values and gradients; without gradient it
+    works in place."""
+    x = torch.linspace(-12, 12, 4001)
+    with torch.no_grad():
+        y = Tanh()(x.clone())
+    torch.testing.assert_close(y, torch.tanh(x), atol=3e-7, rtol=0)
+    xg = x.clone().requires_grad_()
+    Tanh()(xg).pow(2).sum().backward()
+    xr = x.clone().requires_grad_()
+    torch.tanh(xr).pow(2).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, atol=1e-6, rtol=0)
+    buf = x.clone()
+    with torch.no_grad():
+        out = Tanh()(buf)
+    assert out.data_ptr() == buf.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float64])
+def test_normalized_channels_last_is_normalize_images(dtype: torch.dtype) -> None:
+    """The attention network's input (`_normalized_nhwc`: cast, scale and shift in one channels-last buffer) is
+    `normalize_images` to float rounding."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 17, 23), generator=gen, dtype=torch.uint8)
+    if dtype != torch.uint8:
+        images = (images.to(dtype) / 255)
+    out = _normalized_nhwc(images)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, normalize_images(images).float(), atol=2e-6, rtol=0)

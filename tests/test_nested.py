@@ -305,6 +305,22 @@ def test_attention_on_tissue_tiles_is_the_whole_views_on_the_mask(shape: tuple[i
     torch.testing.assert_close(smooth_attention(tiled, mask=m), smooth_attention(full, mask=m))
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (7, 9), (100, 37), (65, 130), (300, 301)])
+def test_on_tissue_grids_are_the_masks_tiles(shape: tuple[int, int]) -> None:
+    """`OnTissue._grids` (8 mask cells read as one uint64, each larger side reduced from the smaller) marks
+    exactly the tiles of each side that hold a mask cell, and nothing past the view."""
+    h, w = shape
+    mask = np.random.default_rng(h * w).random(shape) < 0.02
+    mask[h // 2, w // 2] = True
+    grids = OnTissue(AttentionNet(), torch.from_numpy(mask))._grids()
+    for side in OnTissue.SIDES:
+        rows, cols = -(-h // side), -(-w // side)
+        padded = np.pad(mask, ((0, rows * side - h), (0, cols * side - w)))
+        expected = padded.reshape(rows, side, cols, side).any(axis=(1, 3))
+        assert np.array_equal(grids[side][:rows, :cols], expected), side
+        assert not grids[side][rows:].any() and not grids[side][:, cols:].any()
+
+
 class CountingSlide:
     """A slide handle that records every read (what nested predict may touch)."""
 

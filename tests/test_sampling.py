@@ -21,6 +21,7 @@ from torch import Tensor
 
 import wsiats.sampling as sampling_mod
 from wsiats.sampling import (
+    SPARSE_ABOVE,
     effective_mask,
     entropy,
     estimate_topk,
@@ -439,6 +440,27 @@ def test_smooth_attention_properties() -> None:
         smooth_attention(logits, eps=1.0)
     with pytest.raises(ValueError, match="mask shape"):
         smooth_attention(logits, mask=none[:, :3])
+
+
+def test_smooth_attention_of_a_large_view_on_its_tissue_is_the_masked_softmax() -> None:
+    """Inference on a row of more than SPARSE_ABOVE cells, mostly off the mask, takes the softmax over the allowed
+    cells alone: the same attention as the masked softmax over the row (exact zeros off the mask, rows sum to
+    1); with gradient, or a row mostly on the mask, the masked softmax itself."""
+    k = SPARSE_ABOVE * 3
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, k, generator=gen) * 3
+    mask = torch.rand(1, k, generator=gen) < 0.2
+    expected = (1 - 1e-4) * torch.softmax(logits.masked_fill(~mask, -math.inf), -1) + 1e-4 / mask.sum()
+    expected = expected.masked_fill(~mask, 0.0)
+    with torch.no_grad():
+        att = smooth_attention(logits, mask=mask)
+    torch.testing.assert_close(att, expected, rtol=1e-5, atol=1e-12)
+    assert (att[~mask] == 0).all() and float(att.sum()) == pytest.approx(1.0, abs=1e-5)
+    with_grad = smooth_attention(logits.clone().requires_grad_(), mask=mask)
+    torch.testing.assert_close(with_grad.detach(), expected, rtol=1e-5, atol=1e-12)
+    dense = torch.rand(1, k, generator=gen) < 0.9
+    with torch.no_grad():
+        torch.testing.assert_close(smooth_attention(logits, mask=dense).sum(), torch.tensor(1.0))
 
 
 def test_uniform_attention() -> None:

@@ -47,6 +47,31 @@ def _nhwc(x: Tensor) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last).copy_(x)
 
 
+def _normalized_nhwc(images: Tensor) -> Tensor:
+    """`_nhwc(normalize_images(images))` in one float buffer: the cast is the copy into the channels-last
+    tensor, then a multiply and a subtract in place (per channel 1 / (255 std) and mean / std), not four
+    temporaries of the view's size. The same values to float rounding."""
+    x = torch.empty(images.shape, dtype=torch.float32, device=images.device,
+                    memory_format=torch.channels_last).copy_(images)
+    scale = (1.0 / 255.0 if images.dtype == torch.uint8 else 1.0) / torch.tensor(_STD, device=x.device)
+    shift = torch.tensor(_MEAN, device=x.device) / torch.tensor(_STD, device=x.device)
+    return x.mul_(scale.view(1, 3, 1, 1)).sub_(shift.view(1, 3, 1, 1))
+
+
+class Tanh(nn.Module):
+    """tanh(x) computed as 2 sigmoid(2x) - 1: the same function to float rounding (|difference| <= 2e-7 in
+    float32), and the attention network's largest cost after its convolutions. On this project's 2-core CPU with
+    torch 2.14.1, 2.1 M channels-last floats: 4.0 ms with torch.tanh, 1.3 ms this way; forward and backward 8.6
+    against 7.7 ms. No parameters, so checkpoints are the same as with nn.Tanh. Without gradient it overwrites
+    its input (in `AttentionNet`, a convolution's output): a fresh buffer of the activations' size cost more than
+    the arithmetic."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return torch.sigmoid(x * 2) * 2 - 1
+        return x.mul_(2).sigmoid_().mul_(2).sub_(1)  # in place, on the convolution's output that nothing else reads
+
+
 class AttentionNet(nn.Module):
     """Official megapixel-MNIST attention network: three 3x3 convs (8, 8, 1 channels), tanh.
 
@@ -62,9 +87,9 @@ class AttentionNet(nn.Module):
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(3, channels, 3, padding=1, padding_mode="replicate"),
-            nn.Tanh(),
+            Tanh(),
             nn.Conv2d(channels, channels, 3, padding=1, padding_mode="replicate"),
-            nn.Tanh(),
+            Tanh(),
             nn.Conv2d(channels, 1, 3, padding=1, padding_mode="replicate"),
         )
 
@@ -82,7 +107,7 @@ class AttentionNet(nn.Module):
         h, w = view.shape[-2:]
         train = torch.is_grad_enabled()
         if h <= self.band_rows or (train and h * w <= self.checkpoint_cells):
-            return self.net(_nhwc(normalize_images(view))).flatten(1)
+            return self.net(_normalized_nhwc(view)).flatten(1)
         # Each band carries a halo of receptive_field // 2 rows on both sides; outputs inside
         # the halo are dropped, so the result equals the one-shot map (replicate padding is
         # applied only at the real image border, where band and image edges coincide).
@@ -103,14 +128,14 @@ class AttentionNet(nn.Module):
 
     def _band(self, view: Tensor, start: int, rows: int) -> Tensor:
         """Logits of `rows` rows from `start` of a band of the view (the band includes its halo)."""
-        return self.net(_nhwc(normalize_images(view)))[..., start: start + rows, :]
+        return self.net(_normalized_nhwc(view))[..., start: start + rows, :]
 
     def unpadded(self, crops: Tensor) -> Tensor:
         """crops [n, 3, s + 2 halo, s + 2 halo] -> logits [n, s, s] of their centres (halo: receptive_field // 2).
 
         The layers with their convolutions unpadded: no layer pads, the halo holds every pixel the centres'
         logits see, so they equal `forward`'s on any view the crops were cut from away from its border."""
-        x = _nhwc(normalize_images(crops))
+        x = _normalized_nhwc(crops)
         for layer in self.net:
             x = F.conv2d(x, layer.weight, layer.bias) if isinstance(layer, nn.Conv2d) else layer(x)
         return x[:, 0]
@@ -332,7 +357,7 @@ class OnTissue(torch.nn.Module):
     run at once when that saves less than a fifth. Inference only: with gradients use the network itself.
     """
 
-    SIDES = (8, 16, 32, 64)
+    SIDES = (8, 16, 32, 64)  # powers of two from 8: `_grids` reads 8 mask cells as one uint64
 
     def __init__(self, net: AttentionNet, mask: Tensor) -> None:
         super().__init__()
@@ -344,10 +369,12 @@ class OnTissue(torch.nn.Module):
         if view.shape[0] != 1 or self.mask.shape != (h, w) or not self.mask.any():
             return self.net(view)
         halo = self.net.receptive_field // 2
-        side, tiles = min(((t, self._tiles(t)) for t in self.SIDES),
-                          key=lambda st: self._cost(st[1], st[0], halo, h, w))
-        if self._cost(tiles, side, halo, h, w) > 0.8 * h * w:
+        grids = self._grids()
+        side = min(self.SIDES, key=lambda t: self._cost(int(grids[t].sum()), t, halo, h, w))
+        if self._cost(int(grids[side].sum()), side, halo, h, w) > 0.8 * h * w:
             return self.net(view)
+        rows, cols = np.nonzero(grids[side])
+        tiles = list(zip(rows.tolist(), cols.tolist()))
         # tiles whose halo lies inside the view run with unpadded convolutions (`AttentionNet.unpadded`)
         groups: dict[tuple[bool, int, int], list[tuple[int, int, int, int, int, int]]] = {}
         for ty, tx in tiles:
@@ -370,17 +397,26 @@ class OnTissue(torch.nn.Module):
         assert out is not None
         return out.reshape(1, h * w)
 
-    def _tiles(self, side: int) -> list[tuple[int, int]]:
-        """(row, col) of the tiles of `side` px that hold a cell of the mask."""
+    def _grids(self) -> dict[int, np.ndarray]:
+        """side -> bool grid [ceil(h / side), ceil(w / side)] (more rows and columns of False past the view): the
+        tiles of `side` px that hold a cell of the mask, each side's grid reduced from the next smaller one's."""
         h, w = self.mask.shape
-        m = np.pad(self.mask, ((0, -h % side), (0, -w % side)))
-        rows, cols = np.nonzero(m.reshape(-(-h // side), side, -(-w // side), side).any(axis=(1, 3)))
-        return list(zip(rows.tolist(), cols.tolist()))
+        big, small = self.SIDES[-1], self.SIDES[0]
+        grid = np.pad(self.mask, ((0, -h % big), (0, -w % big)))
+        # each row's runs of 8 cells read as one uint64 (non-zero: one of them is on), then 8 rows at a time: 0.13
+        # ms on a 1438^2 mask against 4.5 ms for the same any() over (8, 8) blocks
+        grid = (np.ascontiguousarray(grid).view(np.uint64).reshape(grid.shape[0] // small, small, -1) != 0).any(axis=1)
+        grids, side = {small: grid}, small
+        for nxt in self.SIDES[1:]:
+            f = nxt // side
+            grid = np.asarray(grid.reshape(grid.shape[0] // f, f, grid.shape[1] // f, f).any(axis=(1, 3)))
+            grids[nxt], side = grid, nxt
+        return grids
 
     @staticmethod
-    def _cost(tiles: list[tuple[int, int]], side: int, halo: int, h: int, w: int) -> int:
-        """View pixels the network runs on for these tiles (halos included)."""
-        return len(tiles) * min(h, side + 2 * halo) * min(w, side + 2 * halo)
+    def _cost(tiles: int, side: int, halo: int, h: int, w: int) -> int:
+        """View pixels the network runs on for this many tiles of `side` px (halos included)."""
+        return tiles * min(h, side + 2 * halo) * min(w, side + 2 * halo)
 
 
 class ATSModel(nn.Module):

@@ -109,7 +109,7 @@ def _pick(scores: Tensor, n: int, *, generator: torch.Generator | None) -> tuple
     k = min(n, int((flat > 0).sum()))
     if k == 0:
         return flat.new_zeros(0, dtype=torch.long), flat.new_zeros(0, dtype=torch.long)
-    pick = sampling.topk(flat, k)[0] if generator is None else sampling.sample(flat / flat.sum(), k, False, generator=generator)[0]
+    pick = sampling.highest_or_drawn(flat, k, generator=generator)
     return pick[0] // scores.shape[1], pick[0] % scores.shape[1]
 
 
@@ -357,5 +357,5 @@ def forward_nested(
                                  cell_attention=a2_sel.detach()))
     logits = model.classifier(torch.stack(pooled))
     return ForwardResult(logits=logits, attention=attentions, indices=indices, sampled_attention=sampled,
-                         weights=weights, boxes=boxes, entropy=torch.stack(entropies), nested=picks,
+                         weights=weights, boxes=boxes, entropy_of=lambda: torch.stack(entropies), nested=picks,
                          distill=torch.stack(distill) if distill else None, features=per_slide if gated else None)
