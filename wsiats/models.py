@@ -53,9 +53,9 @@ def _normalized_nhwc(images: Tensor) -> Tensor:
     temporaries of the view's size. The same values to float rounding."""
     x = torch.empty(images.shape, dtype=torch.float32, device=images.device,
                     memory_format=torch.channels_last).copy_(images)
-    scale = (1.0 / 255.0 if images.dtype == torch.uint8 else 1.0) / torch.tensor(_STD, device=x.device)
-    shift = torch.tensor(_MEAN, device=x.device) / torch.tensor(_STD, device=x.device)
-    return x.mul_(scale.view(1, 3, 1, 1)).sub_(shift.view(1, 3, 1, 1))
+    std = torch.tensor(_STD, device=x.device).view(1, 3, 1, 1)
+    scale = (1.0 / 255.0 if images.dtype == torch.uint8 else 1.0) / std
+    return x.mul_(scale).sub_(torch.tensor(_MEAN, device=x.device).view(1, 3, 1, 1) / std)
 
 
 class Tanh(nn.Module):
@@ -370,8 +370,9 @@ class OnTissue(torch.nn.Module):
             return self.net(view)
         halo = self.net.receptive_field // 2
         grids = self._grids()
-        side = min(self.SIDES, key=lambda t: self._cost(int(grids[t].sum()), t, halo, h, w))
-        if self._cost(int(grids[side].sum()), side, halo, h, w) > 0.8 * h * w:
+        costs = {t: self._cost(int(grids[t].sum()), t, halo, h, w) for t in self.SIDES}
+        side = min(costs, key=costs.__getitem__)  # the first of the cheapest
+        if costs[side] > 0.8 * h * w:
             return self.net(view)
         rows, cols = np.nonzero(grids[side])
         tiles = list(zip(rows.tolist(), cols.tolist()))
