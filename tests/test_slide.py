@@ -390,6 +390,18 @@ def test_read_view_matches_area_downsample(generic_tiff: Generated) -> None:
             s.read_view(downsample=0.5)
 
 
+def test_read_view_at_a_near_integer_factor_is_block_means_with_their_geometry(tmp_path: Path) -> None:
+    """460 px at downsample 8 is a 58 px view; level 2 has 115 px, a factor of 1.983 (it was reduced by 1 and
+    the whole level resized): now it is level 2's 2 x 2 block means, and its downsample is 2 x 4 = 8, not 460 / 58."""
+    path = tmp_path / "odd.tif"
+    levels = _slides.write_generic_pyramid(path, _slides.tissue_image(460, 460, seed=5), n_levels=3, tile=64)
+    with open_slide(path) as s:
+        v = s.read_view(downsample=8.0)
+    assert levels[2].shape == (115, 115, 3) and v.image.shape == (58, 58, 3)
+    assert v.downsample == (8.0, 8.0)
+    np.testing.assert_array_equal(v.image, np.asarray(Image.fromarray(levels[2]).reduce(2)))
+
+
 def test_read_view_of_single_level_slide_is_chunked_without_seams(strip_tiff: Generated,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     img = strip_tiff.levels[0]

@@ -283,7 +283,10 @@ class Slide(abc.ABC):
         tile is decoded once per view. Each chunk is reduced by integer factors (kx, ky) = floor(source
         px per view px) with block means (PIL's reduce); a block that straddles two chunks is summed from
         both and averaged as PIL would, so there are no seams (chunked and one-shot reads give the same
-        pixels); the small intermediate is then box-resized once to the final size.
+        pixels); the small intermediate is then box-resized once to the final size. When the factor is
+        within 1% of an integer k whose blocks give the final size (2875 source px -> 1438 view px at
+        1.9993), the block means at k are the view, without a resize of the level, and its `downsample`
+        is k times the level's (the geometry of those pixels), not W0 / width.
         """
         self._check_open()
         W0, H0 = self.dimensions
@@ -314,6 +317,10 @@ class Slide(abc.ABC):
                                         f"decode level {level} whole ({lw} x {lh} px), over the {VIEW_READ_BUDGET}-"
                                         "pixel budget of a view; the slide has no coarser level to read it from")
         kx, ky = max(1, int(lw / out_w)), max(1, int(lh / out_h))
+        rx, ry = max(1, round(lw / out_w)), max(1, round(lh / out_h))
+        if (-(-lw // rx), -(-lh // ry)) == (out_w, out_h) and all(
+                abs(f / r - 1.0) <= _LEVEL_TOLERANCE for f, r in ((lw / out_w, rx), (lh / out_h, ry))):
+            kx, ky = rx, ry  # block means alone give the view (e.g. 2875 px -> 1438 at 1.9993): no resize
         cw, ch = (min(v, full) for v, full in zip(self._view_chunk(level), (lw, lh)))
         mid = np.empty((-(-lh // ky), -(-lw // kx), 3), np.uint8)
         corners = [(cx, cy) for cy in range(0, lh, ch) for cx in range(0, lw, cw)]
@@ -328,10 +335,10 @@ class Slide(abc.ABC):
 
         self._map(one, len(corners), None)
         blocks.finish(mid)
-        if mid.shape[:2] != (out_h, out_w):
-            img = Image.fromarray(mid).resize((out_w, out_h), Image.Resampling.BOX, box=(0, 0, lw / kx, lh / ky))
-            mid = np.asarray(img)
-        return View(image=np.ascontiguousarray(mid), downsample=(W0 / out_w, H0 / out_h))
+        if mid.shape[:2] == (out_h, out_w):  # a view pixel is a block of k source pixels: its exact geometry
+            return View(image=mid, downsample=(kx * W0 / lw, ky * H0 / lh))
+        img = Image.fromarray(mid).resize((out_w, out_h), Image.Resampling.BOX, box=(0, 0, lw / kx, lh / ky))
+        return View(image=np.ascontiguousarray(np.asarray(img)), downsample=(W0 / out_w, H0 / out_h))
 
     # --- helpers ----------------------------------------------------------------------------------------------
 
