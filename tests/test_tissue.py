@@ -72,6 +72,20 @@ def test_opening_equals_pil_min_max_filters() -> None:
         np.testing.assert_array_equal(_open3(mask), np.asarray(img) > 0)
 
 
+def test_median3_equals_pil_median_filter() -> None:
+    """The numpy 3x3 median gives PIL's MedianFilter(3) exactly, edges and degenerate shapes included."""
+    from PIL import Image, ImageFilter
+
+    from wsiats.tissue import _median3
+
+    rng = np.random.default_rng(1)
+    for shape in ((1, 1), (1, 6), (2, 2), (3, 7), (17, 4), (64, 65)):
+        for top in (2, 40, 256):  # few values (many ties), a saturation-like range, every byte
+            values = rng.integers(0, top, shape).astype(np.uint8)
+            want = np.asarray(Image.fromarray(values).filter(ImageFilter.MedianFilter(3)))
+            np.testing.assert_array_equal(_median3(values), want)
+
+
 @pytest.mark.parametrize("size", [200, 201])
 def test_half_resolution_mask_of_a_large_view_matches_the_full_resolution_one(size: int) -> None:
     """Views above `half_above` pixels are thresholded at half resolution: same shape, ~the same mask."""
