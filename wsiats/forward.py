@@ -224,10 +224,7 @@ def spread_cells(attention: Tensor, n: int, shape: tuple[int, int], radius: int,
     h, w = shape
     allowed = int((attention > 0).sum(dtype=torch.int32))
     pool = min(allowed, n * pool_factor)
-    if generator is None:
-        order = sampling.topk(attention, pool)[0][0]
-    else:
-        order = sampling.sample(attention, pool, False, generator=generator)[0][0]
+    order = sampling.highest_or_drawn(attention, pool, generator=generator)[0]
     rows, cols = order // w, order % w
     pointed = (attention[0, order] >= 1.0 / max(allowed, 1)).tolist()
     taken: list[int] = []
