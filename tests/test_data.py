@@ -252,6 +252,30 @@ def test_view_cache_files_are_reused_and_never_stale(tmp_path: Path, monkeypatch
     assert np.array_equal(view.image, first.image) and "unusable view cache file" in caplog.text
 
 
+def test_view_cache_file_of_a_block_mean_view_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A 460 px slide at downsample 8: `read_view` gives level 2's 2 x 2 block means with downsample 8.0, not
+    460 / 58; its cache file must still count as fitting the slide (it was rejected, and the slide read, every time)."""
+    import _slides
+
+    import wsiats.view
+
+    path = tmp_path / "odd.tif"
+    _slides.write_generic_pyramid(path, _slides.tissue_image(460, 460, seed=5), n_levels=3, tile=64)
+    items, cfg = [Item("odd", path, 1)], Config(view_downsample=8.0, view_cache=str(tmp_path / "cache"))
+    first = ViewDataset(items, cfg)[0][1]
+    assert first.downsample == (8.0, 8.0)
+
+    def no_slides(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the slide's view was read although it is cached")
+
+    monkeypatch.setattr(wsiats.view, "prepare_view", no_slides)
+    with caplog.at_level("WARNING", logger="wsiats.data"):
+        cached = ViewDataset(items, cfg)[0][1]
+    assert np.array_equal(cached.image, first.image) and cached.downsample == (8.0, 8.0)
+    assert "unusable" not in caplog.text
+
+
 def test_view_cache_budget_must_not_be_negative() -> None:
     with pytest.raises(ConfigError, match="view_cache_mb"):
         Config(view_cache_mb=-1)

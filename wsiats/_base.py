@@ -45,6 +45,9 @@ PATCH_READ_BUDGET = PIXEL_BUDGET
 _VIEW_CHUNK = 1024
 #: Levels whose downsample is within 1% of the requested one count as equal (pyramid rounding).
 _LEVEL_TOLERANCE = 0.01
+#: How far (relative) a view's downsample may lie from W0 / width: a view that `read_view` makes of block means at
+#: an integer k within `_LEVEL_TOLERANCE` of the source-to-view factor f has downsample (k / f) W0 / width.
+VIEW_DOWNSAMPLE_RTOL = _LEVEL_TOLERANCE / (1.0 - _LEVEL_TOLERANCE) + 1e-9
 #: Resolutions that image software writes by default (dpi); they say nothing about the scan.
 _DEFAULT_DPI = (72.0, 96.0)
 #: Plausible microns per pixel: 0.01 (beyond optical limits) to 100 (a 0.1x overview).
@@ -58,7 +61,7 @@ class View:
     """A low-resolution view of a whole slide."""
 
     image: np.ndarray  # (h, w, 3) uint8 RGB
-    downsample: tuple[float, float]  # level-0 pixels per view pixel, x and y: (W0 / w, H0 / h)
+    downsample: tuple[float, float]  # level-0 px per view px (x, y): W0 / w, H0 / h, or a level's times k (`read_view`)
 
 
 def patch_box(center: tuple[float, float], size: int, downsample: float) -> tuple[int, int, int, int]:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from wsiats._base import VIEW_DOWNSAMPLE_RTOL
 from wsiats.errors import LabelsError, SlideNotFoundError, WsiatsError
 from wsiats.slide import (
     SLIDE_SUFFIXES,
@@ -513,7 +514,8 @@ def _read_view_file(file: Path, identity: dict[str, np.ndarray]) -> object | Non
                 raise ValueError(f"stored for another slide or setting: {_IDENTITY_TEXT[name]} differs")
         (width, height), ds = (int(v) for v in identity["dimensions"]), float(identity["requested_downsample"])
         shape = (max(1, round(height / ds)), max(1, round(width / ds)))  # Slide.read_view's size
-        if image.shape[:2] != shape or not np.allclose(downsample, (width / shape[1], height / shape[0]), rtol=1e-9):
+        if image.shape[:2] != shape or not np.allclose(downsample, (width / shape[1], height / shape[0]),
+                                                       rtol=VIEW_DOWNSAMPLE_RTOL, atol=0):
             raise ValueError(f"a view of {image.shape[1]} x {image.shape[0]} px does not fit the slide")
         if explore is not None and (explore.dtype != np.float32 or explore.shape != mask.shape):
             raise ValueError("unexpected exploration distribution")
