@@ -10,8 +10,9 @@ crops are read and the patches are chosen among their cells, then pooled by the 
 Geometry, in level-0 pixels (d1 = `coarse_downsample`, d2 = `view_downsample`, ratio = d1 / d2):
 region (R, C), pixel (R, C) of the coarse view, is the square [C d1, (C + 1) d1) x [R d1, (R + 1) d1)
 (the coarse view's own downsample, W0 / round(W0 / d1) or for block means k times a level's, differs from d1
-by under half a region over the whole slide); its fine cell (j, k) is centred on ((C ratio + k + 0.5) d2, (R ratio + j + 0.5) d2),
-cell (R ratio + j, C ratio + k) of the fine grid, as the one-level view's cells are (`wsiats.view`).
+by under half a region over the whole slide); its fine cell (j, k) is centred on
+((C ratio + k + 0.5) d2, (R ratio + j + 0.5) d2), cell (R ratio + j, C ratio + k) of the fine grid, as the
+one-level view's cells are (`wsiats.view`).
 The crop carries a halo of `HALO` fine pixels on each side (the attention network's receptive field),
 so the fine logits of a region are those the network gives on the whole fine view, except at the
 slide's border (pixels outside the slide read as white, not replicated). A fine cell whose crop

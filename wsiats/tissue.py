@@ -64,7 +64,10 @@ def tissue_mask(image: np.ndarray, *, min_saturation: int = MIN_SATURATION, blur
     if blur > 1:
         window = max(3, (blur // 2) | 1) if half else blur
         size = window if window % 2 else window + 1  # the median filter needs an odd window
-        sat = _median3(np.asarray(sat_image)) if size == 3 else np.asarray(sat_image.filter(ImageFilter.MedianFilter(size)))
+        if size == 3:
+            sat = _median3(np.asarray(sat_image))
+        else:
+            sat = np.asarray(sat_image.filter(ImageFilter.MedianFilter(size)))
     else:
         sat = np.asarray(sat_image)
     threshold = max(otsu_threshold(sat), int(min_saturation))
