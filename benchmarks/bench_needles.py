@@ -320,19 +320,26 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    for row, rec in results["rows"].items():
-        for run in rec.get("seeds", []):
-            curve = run.get("curve")
-            if curve:
-                ax.plot([c["seconds"] / 60 for c in curve], [c["val_auc"] for c in curve],
-                        label=f"{row} seed {run['seed']}", lw=1.2)
-    ax.axhline(AUC_TARGET, color="grey", ls="--", lw=0.8)
-    ax.set_xlabel("training time (minutes, 2 CPU cores)")
-    ax.set_ylabel("validation AUC")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("needle cohort: learning curves")
-    ax.legend(fontsize=7, loc="lower right")
+    rows = [row for row in ROWS if any(run.get("curve") for run in results["rows"].get(row, {}).get("seeds", []))]
+    if not rows:
+        return
+    cols = min(3, len(rows))
+    lines = (len(rows) + cols - 1) // cols
+    fig, axes = plt.subplots(lines, cols, figsize=(3.4 * cols, 2.6 * lines), dpi=110, squeeze=False, sharey=True)
+    for ax, row in zip(axes.flat, rows):  # one panel a row of ROWS (earlier runs kept in the JSON are not drawn)
+        for run in results["rows"][row]["seeds"]:
+            curve = run.get("curve") or []
+            ax.plot([c["seconds"] / 60 for c in curve], [c["val_auc"] for c in curve], label=f"seed {run['seed']}",
+                    lw=1.2)
+        ax.axhline(AUC_TARGET, color="grey", ls="--", lw=0.8)
+        ax.set_title(row, fontsize=9)
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=6, loc="lower right")
+    for ax in axes.flat[len(rows):]:
+        ax.set_axis_off()
+    fig.supxlabel("training time (minutes, 2 CPU cores)", fontsize=9)
+    fig.supylabel("validation AUC", fontsize=9)
+    fig.suptitle("needle cohort: learning curves", fontsize=10)
     fig.tight_layout()
     with atomic_open(path, "wb") as fh:
         fig.savefig(fh, format="png")
