@@ -53,7 +53,8 @@ from _common import (  # noqa: E402 - beside this script
 
 HERE = Path(__file__).resolve().parent
 ROWS = ("new_default", "feature_norm_none", "instance_loss", "select_random", "instance_select_random",
-        "current_default", "nested", "nested_default", "nested_128", "nested_128_m16", "u_n", "dense_mil", "view_cnn")
+        "current_default", "nested", "nested_default", "nested_128", "nested_128_m16",
+        "nested_zoom0", "u_n", "dense_mil", "view_cnn")
 #: Targets of the issue.
 AUC_TARGET = 0.98
 TRAIN_MINUTES_TARGET = 20.0
@@ -83,6 +84,8 @@ ATS_ROWS: dict[str, dict[str, Any]] = {
     # hundred px is 1-2 coarse pixels at 256), with M = 8 and 16 regions
     "nested_128": {"nested": True, "coarse_downsample": 128.0, "regions": 8},
     "nested_128_m16": {"nested": True, "coarse_downsample": 128.0, "regions": 16},
+    # nested_default without the zoom: at inference one patch in each of the 4M = 32 regions read (N = 32)
+    "nested_zoom0": {"nested": True, "coarse_downsample": 256.0, "regions": 8, "zoom": 0.0},
     "u_n": {"attention": "uniform", "pooling": "ats", "candidates": 0, "zoom": 0.0, "n_patches": 10, "lr": 1e-3,
             "head_lr_scale": 1.0, "batch_size": 8},
 }
